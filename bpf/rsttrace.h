@@ -1,0 +1,68 @@
+/* rsttrace.h — the one event record shared by every BPF hook and the Python decoder.
+ *
+ * This layout is the contract between kernel and user space: tracer/events/record.py mirrors it
+ * with ctypes, and tests/unit/test_record_layout.py compiles this header with the system C compiler
+ * and checks every field's offset and size against the Python side. Change both or neither.
+ *
+ * Fields are ordered largest first so that the struct has no hidden padding.
+ */
+#ifndef RSTTRACE_H
+#define RSTTRACE_H
+
+#define RSTTRACE_COMM_LEN 16
+#define RSTTRACE_CALLERS 4
+#define RSTTRACE_NO_REASON 0xffffffffu   /* the hook gave no kernel reason */
+#define RSTTRACE_UNKNOWN 0xffffffffu     /* a u32 the hook could not read */
+
+/* What happened (rsttrace vocabulary, not a kernel enum). */
+enum rsttrace_kind {
+	RSTTRACE_RST_SENT = 1,
+	RSTTRACE_RST_RECEIVED = 2,
+	RSTTRACE_SYN_DROPPED = 3,   /* SYN dropped at tcp_conn_request: accept or SYN queue full */
+	RSTTRACE_ACK_DROPPED = 4,   /* 3rd ACK dropped: accept queue full when the child is created */
+	RSTTRACE_SYN_COOKIE = 5,    /* SYN queue full, answered with a SYN cookie */
+};
+
+/* Bits of rsttrace_event.flags. */
+#define RSTTRACE_F_SOFTIRQ      0x01  /* ran in softirq: the task on the CPU is not the culprit */
+#define RSTTRACE_F_HAVE_SOCKET  0x02  /* the hook had a socket (skaddr != 0) */
+#define RSTTRACE_F_LINGER       0x04  /* SO_LINGER was set on the socket */
+#define RSTTRACE_F_FULLSOCK     0x08  /* a full socket: unread_bytes/linger fields are meaningful */
+#define RSTTRACE_F_QUEUES       0x10  /* the queue fields below were read */
+#define RSTTRACE_F_INFERRED     0x20  /* the event is inferred (e.g. tc ingress saw a SYN meet a full queue) */
+
+struct rsttrace_event {
+	__u64 ktime_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 skaddr;           /* kernel socket address, identity only (0: no socket) */
+	__u64 sock_cookie;      /* socket cookie where the hook gives one, else 0 */
+	__u64 sock_ino;         /* inode of the owning struct socket (0: orphaned / none) */
+	__u64 linger_jiffies;   /* sk_lingertime when RSTTRACE_F_LINGER */
+	__u64 callers[RSTTRACE_CALLERS]; /* innermost kernel frames, for evidence */
+	__u32 kind;             /* enum rsttrace_kind */
+	__u32 kernel_reason;    /* raw kernel enum value (sk_rst_reason / skb_drop_reason) or RSTTRACE_NO_REASON */
+	__u32 tgid;             /* task on the CPU (meaningful only without RSTTRACE_F_SOFTIRQ) */
+	__u32 uid;
+	__u32 netns;            /* network namespace inode */
+	__s32 state;            /* TCP state of the socket, 0 if none */
+	__u32 unread_bytes;     /* rcv_nxt - copied_seq: received, never read by the application */
+	__u32 accept_qlen;      /* listener sk_ack_backlog (RSTTRACE_F_QUEUES) */
+	__u32 accept_qmax;      /* listener sk_max_ack_backlog */
+	__u32 syn_qlen;         /* listener request-queue length */
+	__u16 family;           /* AF_INET / AF_INET6 */
+	__u16 lport;            /* host byte order */
+	__u16 rport;
+	__u8 flags;             /* RSTTRACE_F_* */
+	__u8 tcp_flags;         /* flags of the segment a reply RST answered (0: none) */
+	__u8 laddr[16];         /* IPv4 in the first 4 bytes */
+	__u8 raddr[16];
+	char comm[RSTTRACE_COMM_LEN];
+};
+
+/* Per-CPU statistics slots (BPF_PERCPU_ARRAY stats). */
+enum rsttrace_stat {
+	RSTTRACE_STAT_SUBMITTED = 0,  /* records put into the ring buffer */
+	RSTTRACE_STAT_LOST = 1,       /* records that found the ring buffer full */
+	RSTTRACE_STAT_MAX = 2,
+};
+
+#endif

@@ -1,0 +1,172 @@
+"""Shared fixtures: private network namespaces, scenario runners, and a real rsttrace process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIOS = REPO / "tests" / "kernel" / "scenarios.py"
+SCHEMA = REPO / "schema" / "rsttrace-v1.schema.json"
+RSTTRACE = [sys.executable, "-m", "tracer"]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "/kernel/" in str(item.fspath):
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session")
+def root():
+    # The kernel tests are the proof that the tracer works: they must run, never skip. scripts/test
+    # and CI run as root; anywhere else this fails loudly instead of passing silently.
+    assert os.geteuid() == 0, "the kernel tests load BPF programs and create netns: run scripts/test as root"
+
+
+@pytest.fixture(scope="session")
+def validator():
+    import jsonschema
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+class Netns:
+    def __init__(self, name: str):
+        self.name = name
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        self.inode = os.stat(f"/run/netns/{name}").st_ino
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def scenario(self, name: str, addr: str, port: int, *extra: str) -> dict:
+        out = self.run("/usr/bin/python3", str(SCENARIOS), name, addr, str(port), *extra)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def sysctl(self, key: str, value) -> None:
+        self.run("sysctl", "-qw", f"{key}={value}")
+
+    def counters(self) -> dict[str, int]:
+        from tracer.enrich import counters
+        snmp = self.run("cat", "/proc/net/snmp").stdout
+        netstat = self.run("cat", "/proc/net/netstat").stdout
+        return {**counters.parse(snmp), **counters.parse(netstat)}
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@pytest.fixture
+def netns(root):
+    ns = Netns(f"rsttrace-t-{uuid.uuid4().hex[:8]}")
+    yield ns
+    ns.delete()
+
+
+@pytest.fixture
+def make_netns(root):
+    made = []
+
+    def _make():
+        ns = Netns(f"rsttrace-t-{uuid.uuid4().hex[:8]}")
+        made.append(ns)
+        return ns
+    yield _make
+    for ns in made:
+        ns.delete()
+
+
+class Tracer:
+    """rsttrace as a user runs it: a separate process, JSON lines on stdout."""
+
+    def __init__(self, args: list[str], validator=None, env=None, argv_prefix: list[str] | None = None):
+        self.args = args
+        self.validator = validator
+        self.stderr_lines: list[str] = []
+        self.proc = subprocess.Popen((argv_prefix or []) + RSTTRACE + args, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self._attached = threading.Event()
+        self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_thread.start()
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+            if "attached in" in line:
+                self._attached.set()
+
+    def wait_attached(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._attached.is_set():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"rsttrace did not attach: rc={self.proc.poll()} stderr={self.stderr_lines}")
+            time.sleep(0.02)
+
+    def stop(self, sig=signal.SIGINT, timeout: float = 30) -> list[dict]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self._stderr_thread.join(timeout=5)
+        self.returncode = self.proc.returncode
+        self.stdout = out
+        records = []
+        if "--json" in self.args:
+            for line in out.splitlines():
+                rec = json.loads(line)
+                if self.validator is not None:
+                    self.validator.validate(rec)
+                records.append(rec)
+        return records
+
+
+@pytest.fixture
+def tracer(root, validator):
+    started: list[Tracer] = []
+
+    def _start(*args: str, validate: bool = True, **kw) -> Tracer:
+        t = Tracer(list(args), validator if validate else None, **kw)
+        started.append(t)
+        t.wait_attached()
+        time.sleep(0.05)
+        return t
+    yield _start
+    for t in started:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+
+
+def events(records: list[dict], **match) -> list[dict]:
+    """Event records whose fields equal `match` (dotted keys for nested fields)."""
+    out = []
+    for rec in records:
+        if rec["type"] != "event":
+            continue
+        ok = True
+        for key, want in match.items():
+            value = rec
+            for part in key.split("__"):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value != want:
+                ok = False
+                break
+        if ok:
+            out.append(rec)
+    return out

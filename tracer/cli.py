@@ -1,0 +1,188 @@
+"""Command line: `rsttrace` (trace), `rsttrace doctor`, `rsttrace explain`."""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import click
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_USAGE, RsttraceError
+
+STARTED = time.monotonic()
+
+TRACE_EXAMPLES = """\b
+Examples:
+  sudo rsttrace --port 8100                 # who resets or drops connections on port 8100, and why
+  sudo rsttrace --json -o /var/log/rst.jsonl # every reset on the host as JSON lines, appended to a file
+  sudo rsttrace -p 80 -p 443 --reason closed_with_unread_data
+  sudo rsttrace -6 --pid 4242 --count 10     # the first 10 resets caused by process 4242, IPv6 only
+  sudo rsttrace --port 8080 --duration 60 --json | jq .explanation
+  sudo rsttrace doctor                       # what this kernel lets rsttrace see
+  rsttrace explain closed_with_unread_data   # what a reason means and what to change
+"""
+
+
+class PortType(click.ParamType):
+    name = "PORT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            value = str(value)
+        ports = []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part.isdigit() or not 1 <= int(part) <= 65535:
+                self.fail(f"{part!r} is not a TCP port (1-65535)", param, ctx)
+            ports.append(int(part))
+        return ports
+
+
+class ReasonType(click.ParamType):
+    name = "REASON"
+
+    def convert(self, value, param, ctx):
+        from .enrich.reasons import REASON_NAMES
+        if value not in REASON_NAMES:
+            self.fail(f"unknown reason {value!r} (known: {', '.join(REASON_NAMES)})", param, ctx)
+        return value
+
+
+@click.group(invoke_without_command=True, epilog=TRACE_EXAMPLES,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-p", "--port", "ports", type=PortType(), multiple=True,
+              help="Trace only connections with this local or remote port (repeatable, or comma-separated).")
+@click.option("--pid", type=click.IntRange(min=1), metavar="PID", help="Only events caused by (or on sockets owned by) this process.")
+@click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
+@click.option("--reason", "reason_filter", type=ReasonType(), multiple=True,
+              help="Only these reasons (repeatable; see `rsttrace explain`).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines (schema/rsttrace-v1.schema.json) instead of text.")
+@click.option("--plain", is_flag=True, help="Plain text lines (the default when not in the terminal UI).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Append records to FILE ('-' is stdout); one whole line per write.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
+@click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
+@click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
+@click.pass_context
+def main(ctx, ports, pid, ipv4, ipv6, reason_filter, as_json, plain, output, duration, count):
+    """Explain every TCP reset on this host: who sent it, why, and what to change.
+
+    rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
+    sent or received with a stable reason, the addresses, TCP state, network namespace and the
+    responsible process, and prints a one-line explanation with the fix. Ctrl-C stops it and
+    prints a summary; nothing stays attached in the kernel.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if ipv4 and ipv6:
+        raise click.UsageError("-4 and -6 exclude each other")
+    from .session import Options
+    options = Options(
+        ports=sorted({p for group in ports for p in group}),
+        pid=pid,
+        family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None,
+        reasons=set(reason_filter),
+        duration=duration,
+        count=count,
+    )
+    run_trace(options, as_json=as_json, output=output)
+
+
+def run_trace(options, as_json: bool, output: str | None) -> None:
+    from .session import Session, install_signal_handlers, print_summary
+    from .sinks.jsonl import JsonSink
+    from .sinks.output import LineOutput
+    from .sinks.plain import PlainSink, stderr
+
+    try:
+        out = LineOutput(output)
+    except OSError as err:
+        raise RsttraceError(f"cannot open --output {output}: {err.strerror}") from err
+    sink = JsonSink(out) if as_json else PlainSink(out)
+    session = Session(options, [sink], started_at=STARTED)
+    install_signal_handlers(session)
+    try:
+        caps = session.start()
+        cov = caps.coverage
+        hooks = ", ".join(f"{k}: {v}" for k, v in cov.hooks.items() if v)
+        blind = [k for k, v in cov.hooks.items() if not v]
+        stderr(f"rsttrace: attached in {(session.attached_at - STARTED) * 1000:.0f} ms — {hooks}")
+        if blind:
+            stderr(f"rsttrace: not visible with this build/kernel: {', '.join(blind)}")
+        for spot in cov.blind_spots:
+            stderr(f"rsttrace: blind spot: {spot}")
+        session.run()
+    finally:
+        summary = session.finish()
+        sink.close()
+    print_summary(summary)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object.")
+def doctor(as_json):
+    """What this kernel lets rsttrace see, and which hook it uses for each kind of event.
+
+    \b
+    Examples:
+      sudo rsttrace doctor
+      sudo rsttrace doctor --json | jq .coverage
+    """
+    from .doctor import run_doctor
+    sys.exit(run_doctor(as_json))
+
+
+@main.command()
+@click.argument("reason", required=False, type=ReasonType())
+def explain(reason):
+    """Explain a reason (or list them all): what the kernel did, typical causes, what to change.
+
+    \b
+    Examples:
+      rsttrace explain
+      rsttrace explain accept_queue_full
+    """
+    from .enrich.reasons import CATALOG
+    if reason is None:
+        width = max(map(len, CATALOG))
+        for r in CATALOG.values():
+            click.echo(f"{r.name:<{width}}  {r.title}")
+        return
+    r = CATALOG[reason]
+    click.echo(f"{r.name} — {r.title}")
+    click.echo(f"  events:        {', '.join(r.events)}")
+    if r.kernel_names:
+        click.echo(f"  kernel names:  {', '.join(r.kernel_names)}")
+    if r.counters:
+        click.echo(f"  counters:      {', '.join(r.counters)} (nstat -az | grep -E '{'|'.join(r.counters)}')")
+    click.echo(f"  what happened: {r.what}")
+    click.echo(f"  usual causes:  {r.causes}")
+    click.echo(f"  what to do:    {r.fix}")
+
+
+def entry() -> None:
+    """Console-script entry: one-line errors and distinct exit codes instead of tracebacks."""
+    try:
+        main.main(standalone_mode=False, prog_name="rsttrace")
+    except click.exceptions.UsageError as err:
+        print(f"rsttrace: {err.format_message()}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except RsttraceError as err:
+        print(f"rsttrace: {err.one_line()}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except BrokenPipeError:
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":   # pragma: no cover
+    entry()
+    sys.exit(EXIT_INTERNAL)

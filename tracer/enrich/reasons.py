@@ -1,0 +1,228 @@
+"""The reason catalog: one place that names every reason, maps kernel names to it, and explains it.
+
+Every output (plain lines, JSON `explanation`, the terminal UI, `rsttrace explain`) reads this
+catalog. Reason names are rsttrace's stable vocabulary; the kernel's own names (sk_rst_reason,
+skb_drop_reason, SNMP counters) are kept beside them so users can grep both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..events.decode import Event
+
+TCPHDR_SYN, TCPHDR_ACK = 0x02, 0x10
+
+
+@dataclass(frozen=True)
+class Reason:
+    name: str
+    events: tuple[str, ...]             # event kinds that carry it
+    title: str                          # a few words
+    what: str                           # what the kernel did
+    causes: str                         # typical causes
+    fix: str                            # what to check and change
+    kernel_names: tuple[str, ...] = ()  # kernel reason names that map here
+    counters: tuple[str, ...] = ()      # SNMP / netstat counters the same path bumps
+    severity: str = "warning"           # info / warning / error (colour in the UI)
+    summary: str = ""                   # one-line template, formatted with the event's fields
+
+    def one_line(self, ev: Event | None = None) -> str:
+        if ev is None or not self.summary:
+            return f"{self.title}: {self.fix}"
+        who = _who(ev)
+        try:
+            return self.summary.format(ev=ev, who=who, unread=ev.unread_bytes or 0)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return f"{self.title}: {self.fix}"
+
+
+def _who(ev: Event) -> str:
+    p = ev.process
+    if p and p.get("pid"):
+        return f"{p.get('comm') or '?'} (pid {p['pid']})"
+    return "the kernel"
+
+
+CATALOG: dict[str, Reason] = {}
+
+
+def _add(reason: Reason) -> None:
+    CATALOG[reason.name] = reason
+
+
+_add(Reason(
+    "no_listener", ("rst_sent",), "connection refused: nothing listens on that port",
+    "A SYN arrived for a port with no listening socket; the kernel answered with RST (the client sees ECONNREFUSED).",
+    "The server is down, restarting, listening on another address/port or in another network namespace; a "
+    "health check hitting the wrong port; a firewall/NAT sending traffic to the wrong place.",
+    "Check that the service runs and listens where clients connect (`ss -ltnp`), including the netns/container.",
+    ("NO_SOCKET",), ("TcpOutRsts",), "warning",
+    "nothing listens on {ev.local_addr}:{ev.local_port}: SYN from {ev.remote_addr}:{ev.remote_port} refused with RST "
+    "— check the service is up and listening there (ss -ltnp)"))
+_add(Reason(
+    "no_socket", ("rst_sent",), "segment for a connection this host does not know",
+    "A non-SYN segment arrived for which no socket exists; the kernel answered with RST.",
+    "The local side already closed and forgot the connection (process restart, conntrack/NAT timeouts, a "
+    "load balancer sending to the wrong backend), or the peer keeps using a connection after a long idle time.",
+    "Compare idle timeouts of clients, proxies and NAT; look for restarts of the local service at that moment.",
+    ("NO_SOCKET",), ("TcpOutRsts",), "warning",
+    "{ev.local_addr}:{ev.local_port} has no connection from {ev.remote_addr}:{ev.remote_port}: the segment was "
+    "answered with RST — the local side forgot it (restart, timeout) while the peer kept using it"))
+_add(Reason(
+    "closed_with_unread_data", ("rst_sent",), "closed with unread data",
+    "The application closed a socket while received data was still unread; TCP then must abort with RST "
+    "instead of FIN (RFC 2525), and the peer gets ECONNRESET / \"Connection reset by peer\" or a broken pipe.",
+    "The application gave up mid-exchange: a proxy aborting its upstream (nginx cannot buffer a large response "
+    "to its proxy temp dir: permission denied, full disk, proxy_max_temp_file_size) or a client that went "
+    "away; a server closing without reading the whole request (body too large, early error response).",
+    "Read the closing application's error log at that moment; for a proxy check proxy temp dir permissions, "
+    "proxy buffers and client_max_body_size; make servers drain requests before closing.",
+    ("TCP_ABORT_ON_CLOSE",), ("TCPAbortOnClose", "TcpOutRsts"), "error",
+    "{who} closed {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} with {unread} unread bytes, "
+    "so the kernel reset it — the application gave up mid-exchange (a proxy aborting its upstream: read its error "
+    "log, temp dir permissions, buffer and body-size limits)"))
+_add(Reason(
+    "linger_zero", ("rst_sent",), "closed with SO_LINGER {on, 0}",
+    "The application set SO_LINGER with a zero timeout and closed: an abortive close, the kernel sends RST "
+    "at once and skips TIME_WAIT.",
+    "Deliberate (load generators, some connection pools and proxies avoid TIME_WAIT this way) or a library "
+    "default; the peer sees ECONNRESET.",
+    "If the resets hurt, remove SO_LINGER {1,0} from the closing application (or its library/config).",
+    ("TCP_STATE",), ("TCPAbortOnData", "TcpOutRsts"), "warning",
+    "{who} closed {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} with SO_LINGER {{1,0}}: "
+    "an abortive close by design — remove zero linger if the peer must not see a reset"))
+_add(Reason(
+    "aborted", ("rst_sent",), "connection aborted by the local side",
+    "The socket was torn down by the local side outside close(): connect(AF_UNSPEC)/disconnect, SOCK_DESTROY "
+    "(`ss -K`), or a repair/BPF abort; the kernel sends RST.",
+    "An administrator or tool killing sockets (ss -K, conntrack tools), an application calling disconnect.",
+    "Look for `ss -K`, SOCK_DESTROY users or disconnect calls at that moment.",
+    ("TCP_STATE",), ("TcpOutRsts",), "warning",
+    "{who} aborted {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} (disconnect or ss -K)"))
+_add(Reason(
+    "data_after_close", ("rst_sent",), "data arrived after the application closed",
+    "Data arrived on a connection the application had already closed (or shut down for reading); the kernel "
+    "cannot deliver it and resets the connection.",
+    "The peer keeps sending after the local side closed: HTTP keep-alive races (server closes an idle "
+    "connection while the client sends the next request), protocols without a graceful shutdown.",
+    "Align keep-alive timeouts (server longer than client/proxy), make the peer stop sending before close.",
+    ("TCP_ABORT_ON_DATA",), ("TCPAbortOnData", "TcpOutRsts"), "warning",
+    "data from {ev.remote_addr}:{ev.remote_port} reached {ev.local_addr}:{ev.local_port} after it was closed "
+    "— keep-alive race or a peer that keeps sending; align idle timeouts"))
+_add(Reason(
+    "out_of_memory", ("rst_sent",), "aborted: too many orphans or TCP memory pressure",
+    "The kernel aborted a closed (orphaned) connection because of tcp_max_orphans or TCP memory limits.",
+    "Very many connections closing at once with unsent data; tcp_mem too small for the load.",
+    "Check `TCPAbortOnMemory`, net.ipv4.tcp_max_orphans and net.ipv4.tcp_mem; reduce lingering orphans.",
+    ("TCP_ABORT_ON_MEMORY",), ("TCPAbortOnMemory", "TcpOutRsts"), "error"))
+_add(Reason(
+    "keepalive_timeout", ("rst_sent",), "keepalive timeout",
+    "TCP keepalive probes went unanswered (or the user timeout expired); the kernel gave up and reset.",
+    "The peer vanished (host down, network path lost, NAT/firewall state expired).",
+    "Check the path to the peer and middlebox idle timeouts; tune tcp_keepalive_* / TCP_USER_TIMEOUT.",
+    ("TCP_KEEPALIVE_TIMEOUT",), ("TCPAbortOnTimeout", "TcpOutRsts"), "warning"))
+_add(Reason(
+    "fin_wait2_timeout", ("rst_sent",), "FIN_WAIT2 / linger2 timeout",
+    "The application closed, the peer never sent its FIN, and the FIN_WAIT2 timeout (tcp_fin_timeout, "
+    "TCP_LINGER2) expired or was negative: the kernel reset the connection.",
+    "A peer that never closes its side (half-open clients, stuck proxies).",
+    "Check the peer's close logic; tcp_fin_timeout / TCP_LINGER2 settings.",
+    ("TCP_ABORT_ON_LINGER",), ("TCPAbortOnLinger", "TcpOutRsts"), "warning"))
+_add(Reason(
+    "disconnect_with_data", ("rst_sent",), "disconnect with unsent data",
+    "The socket was disconnected in CLOSING/LAST_ACK with data still unsent; the kernel reset it.",
+    "Applications aborting connections during shutdown.", "Look at the closing application's shutdown path.",
+    ("TCP_DISCONNECT_WITH_DATA",), ("TcpOutRsts",), "warning"))
+_add(Reason(
+    "time_wait", ("rst_sent",), "segment for a TIME_WAIT connection",
+    "A segment arrived for a connection in TIME_WAIT that it could not accept; the kernel answered with RST.",
+    "Fast port reuse by clients, tcp_tw_reuse, NAT mapping many clients to one address.",
+    "Check client port reuse and NAT; TIME_WAIT assassination is usually harmless.",
+    ("TCP_TIMEWAIT_SOCKET",), ("TcpOutRsts",), "info"))
+_add(Reason(
+    "invalid_syn", ("rst_sent",), "invalid SYN / ACK to a listener",
+    "A listener received an ACK or SYN it could not match to a pending connection and answered RST "
+    "(with tcp_abort_on_overflow=1 this is also what an accept-queue overflow looks like).",
+    "Expired SYN cookies, a client ACKing a handshake the server forgot, accept-queue overflow with "
+    "tcp_abort_on_overflow=1.",
+    "Check ListenOverflows and tcp_abort_on_overflow; compare with SYN cookie counters.",
+    ("INVALID_SYN",), ("TcpOutRsts",), "warning"))
+_add(Reason(
+    "invalid_segment", ("rst_sent",), "invalid segment",
+    "The kernel rejected a segment (bad ACK number, PAWS, old ACK, unexpected flags) and answered with RST.",
+    "Middleboxes rewriting sequence numbers, asymmetric routing, very old duplicates, buggy stacks.",
+    "Capture the flow (tcpdump) and compare sequence numbers on both sides.",
+    ("TCP_INVALID_ACK_SEQUENCE", "TCP_RFC7323_PAWS", "TCP_TOO_OLD_ACK", "TCP_ACK_UNSENT_DATA", "TCP_FLAGS",
+     "TCP_OLD_ACK"), ("TcpOutRsts",), "warning"))
+_add(Reason(
+    "mptcp", ("rst_sent",), "MPTCP subflow reset",
+    "An MPTCP subflow was reset with an MPTCP reason code.", "MPTCP path management decisions.",
+    "See the MPTCP reason in kernel_reason.",
+    ("MPTCP_RST_EUNSPEC", "MPTCP_RST_EMPTCP", "MPTCP_RST_ERESOURCE", "MPTCP_RST_EPROHIBIT", "MPTCP_RST_EWQ2BIG",
+     "MPTCP_RST_EBADPERF", "MPTCP_RST_EMIDDLEBOX"), ("TcpOutRsts",), "info"))
+_add(Reason(
+    "peer_reset", ("rst_received",), "reset by peer",
+    "This socket received an RST: the application's next call fails with ECONNRESET (\"Connection reset by "
+    "peer\") or EPIPE.",
+    "The peer aborted: it closed with unread data, used SO_LINGER {1,0}, crashed, or had no socket (restart, "
+    "wrong port); a middlebox injected the reset.",
+    "Trace the peer too (rsttrace on that host shows its rst_sent with the reason); for loopback peers the "
+    "matching rst_sent is in this same stream.",
+    (), ("TcpEstabResets",), "warning",
+    "{who}'s connection {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} was reset by the peer "
+    "(in state {ev.state}) — look at the peer's rst_sent for the reason"))
+_add(Reason(
+    "accept_queue_full", ("syn_dropped", "ack_dropped", "rst_sent"), "accept queue full",
+    "The listener's accept queue was full (length > limit), so the kernel dropped the SYN or the handshake's "
+    "final ACK (or reset it with tcp_abort_on_overflow=1). Clients retransmit, time out or get reset.",
+    "The application accepts too slowly (too few workers, blocked event loop) or listens with a small backlog; "
+    "the limit is min(listen() backlog, net.core.somaxconn).",
+    "Raise the listen() backlog and net.core.somaxconn together, accept faster, add workers.",
+    (), ("ListenOverflows", "ListenDrops"), "error"))
+_add(Reason(
+    "syn_queue_full", ("syn_dropped",), "SYN queue full",
+    "The listener's SYN queue (half-open connections) was full and SYN cookies were off, so the SYN was dropped.",
+    "A SYN flood or a burst of clients beyond tcp_max_syn_backlog; lost final ACKs.",
+    "Enable net.ipv4.tcp_syncookies, raise tcp_max_syn_backlog and the listen backlog.",
+    (), ("TCPReqQFullDrop", "ListenDrops"), "error"))
+_add(Reason(
+    "syn_cookie", ("syn_cookie",), "SYN cookie sent",
+    "The SYN queue was full, so the kernel answered with a SYN cookie instead of keeping state.",
+    "A SYN flood or a connection burst larger than the SYN queue.",
+    "Raise the listen backlog / tcp_max_syn_backlog if the burst is legitimate.",
+    (), ("SyncookiesSent",), "warning"))
+_add(Reason(
+    "unknown", ("rst_sent", "rst_received", "syn_dropped", "ack_dropped"), "reason not known",
+    "The kernel did not say why and rsttrace could not tell from what it sees; the raw evidence is in the record.",
+    "—", "Look at kernel_reason and evidence in the JSON record.", ("NOT_SPECIFIED", "ERROR"), (), "info"))
+
+REASON_NAMES = tuple(CATALOG)
+
+
+def classify(ev: Event) -> str:
+    """rsttrace reason for an event, from what the kernel said and what the socket showed."""
+    if ev.kind == "rst_received":
+        return "peer_reset"
+    if ev.kind != "rst_sent":
+        return ev.reason if ev.reason in CATALOG else "unknown"
+    kname = ev.kernel_reason
+    if kname is None:
+        return "unknown"
+    if kname == "NO_SOCKET":
+        syn_only = ev.tcp_flags & TCPHDR_SYN and not ev.tcp_flags & TCPHDR_ACK
+        return "no_listener" if syn_only else "no_socket"
+    if kname == "TCP_STATE":
+        # tcp_close() → tcp_disconnect() for SO_LINGER {1,0}; other callers of tcp_disconnect/tcp_abort.
+        return "linger_zero" if ev.linger and ev.linger_jiffies == 0 else "aborted"
+    for reason in CATALOG.values():
+        if kname in reason.kernel_names and "rst_sent" in reason.events:
+            return reason.name
+    return "unknown"
+
+
+def explain(ev: Event) -> str:
+    return CATALOG.get(ev.reason, CATALOG["unknown"]).one_line(ev)
+
+
+def lookup(name: str) -> Reason | None:
+    return CATALOG.get(name)

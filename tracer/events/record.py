@@ -1,0 +1,58 @@
+"""The event record, read from bpf/rsttrace.h — the single definition of the kernel/user contract.
+
+The ctypes structure and the constants (kinds, flags, stat slots) are built from the C header at
+import time, so there is no second copy to keep in sync; tests/unit/test_record_layout.py compiles
+the header with the system C compiler and checks the offsets below against it.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+
+from ..paths import EVENT_HEADER
+
+_CTYPES = {
+    "__u8": ctypes.c_uint8, "__u16": ctypes.c_uint16, "__u32": ctypes.c_uint32, "__u64": ctypes.c_uint64,
+    "__s32": ctypes.c_int32, "__s64": ctypes.c_int64, "char": ctypes.c_char,
+}
+
+
+def _parse_header(text: str):
+    defines = {m.group(1): int(m.group(2), 0)
+               for m in re.finditer(r"^#define\s+(RSTTRACE_\w+)\s+(0x[0-9a-fA-F]+|\d+)u?\b", text, re.M)}
+    enums: dict[str, int] = {}
+    for body in re.findall(r"enum\s+rsttrace_\w+\s*\{(.*?)\};", text, re.S):
+        body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+        for name, value in re.findall(r"(RSTTRACE_\w+)\s*=\s*(\d+)", body):
+            enums[name] = int(value)
+    body = re.search(r"struct\s+rsttrace_event\s*\{(.*?)\};", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    fields = []
+    for ctype, name, count in re.findall(r"(\w+)\s+(\w+)(?:\[(\w+)\])?\s*;", body):
+        base = _CTYPES[ctype]
+        if count:
+            n = int(count) if count.isdigit() else defines[count]
+            base = base * n
+        fields.append((name, base))
+    return defines, enums, fields
+
+
+with open(EVENT_HEADER) as _f:
+    DEFINES, ENUMS, _FIELDS = _parse_header(_f.read())
+
+
+class RawEvent(ctypes.Structure):
+    _fields_ = _FIELDS
+
+
+KIND_NAMES = {value: name[len("RSTTRACE_"):].lower() for name, value in ENUMS.items()
+              if not name.startswith("RSTTRACE_STAT_")}
+STAT_SUBMITTED = ENUMS["RSTTRACE_STAT_SUBMITTED"]
+STAT_LOST = ENUMS["RSTTRACE_STAT_LOST"]
+NO_REASON = DEFINES["RSTTRACE_NO_REASON"]
+F_SOFTIRQ = DEFINES["RSTTRACE_F_SOFTIRQ"]
+F_HAVE_SOCKET = DEFINES["RSTTRACE_F_HAVE_SOCKET"]
+F_LINGER = DEFINES["RSTTRACE_F_LINGER"]
+F_FULLSOCK = DEFINES["RSTTRACE_F_FULLSOCK"]
+F_QUEUES = DEFINES["RSTTRACE_F_QUEUES"]
+F_INFERRED = DEFINES["RSTTRACE_F_INFERRED"]

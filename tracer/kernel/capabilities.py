@@ -1,0 +1,215 @@
+"""What this kernel offers rsttrace, found out by looking and by trying (never by version numbers).
+
+`probe()` is run at every start-up (about 50 ms) and by `rsttrace doctor`. It decides, per thing
+rsttrace wants to see, which hook will deliver it — the "coverage" that is printed at start and
+recorded in the JSON stream — and what this kernel cannot show.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+
+from . import bpfsys
+from .btf import VMLINUX_BTF, BTFError, KernelBTF
+from .offsets import resolve_offsets
+from .kallsyms import SOFTIRQ_ENTRY_FUNCTIONS, function_ranges
+from .tracefs import TracefsError, TracepointFormat, read_format, tracefs_root
+
+# Capability bits (include/uapi/linux/capability.h)
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+
+
+@dataclass
+class Check:
+    name: str          # what was checked
+    ok: bool
+    detail: str        # what was found
+    uses: str = ""     # what rsttrace does with it / instead
+
+
+@dataclass
+class Coverage:
+    """Which hook rsttrace uses for each kind of event, and what it cannot see."""
+    hooks: dict[str, str | None] = field(default_factory=dict)      # event kind -> hook or None
+    notes: dict[str, str] = field(default_factory=dict)             # event kind -> how / why not
+    blind_spots: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "hooks": {kind: {"hook": hook, "note": self.notes.get(kind, "")} for kind, hook in self.hooks.items()},
+            "blind_spots": list(self.blind_spots),
+        }
+
+
+@dataclass
+class Capabilities:
+    kernel: str
+    euid: int
+    effective_caps: int
+    btf: bool = False
+    btf_error: str = ""
+    tracefs: str | None = None
+    tracefs_error: str = ""
+    send_reset: TracepointFormat | None = None
+    receive_reset: TracepointFormat | None = None
+    prog_load: dict[str, int] = field(default_factory=dict)   # program type -> errno (0 = loads)
+    kprobe_pmu: bool = False
+    ringbuf: bool = False
+    offsets: dict[str, int] = field(default_factory=dict)   # OFF_* macros from BTF
+    softirq_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lockdown: str | None = None
+    bcc_version: str | None = None
+    kernel_headers: bool = False
+    checks: list[Check] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=Coverage)
+
+    def has_cap(self, bit: int) -> bool:
+        return bool(self.effective_caps >> bit & 1)
+
+    @property
+    def can_bpf(self) -> bool:
+        return self.has_cap(CAP_SYS_ADMIN) or (self.has_cap(CAP_BPF) and self.has_cap(CAP_PERFMON))
+
+    @property
+    def rst_reason(self) -> bool:
+        return bool(self.send_reset and self.send_reset.has("reason"))
+
+    @property
+    def fentry(self) -> bool:
+        return self.prog_load.get("fentry") == 0
+
+    @property
+    def tracepoints(self) -> bool:
+        return self.prog_load.get("tracepoint") == 0
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _bcc_version() -> str | None:
+    try:
+        from bcc.version import __version__
+        return __version__
+    except Exception:
+        return None
+
+
+def _lockdown() -> str | None:
+    try:
+        with open("/sys/kernel/security/lockdown") as f:
+            text = f.read()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return None
+
+
+def probe(mount_tracefs: bool = True) -> Capabilities:
+    caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=_effective_caps())
+    caps.bcc_version = _bcc_version()
+    caps.lockdown = _lockdown()
+    caps.kernel_headers = os.path.isdir(f"/lib/modules/{caps.kernel}/build/include")
+
+    fentry_target = 0
+    try:
+        with KernelBTF() as btf:
+            caps.btf = True
+            fentry_target = btf.find_function("tcp_conn_request")
+            caps.offsets = resolve_offsets(btf)
+    except BTFError as err:
+        caps.btf_error = str(err)
+
+    try:
+        caps.tracefs = tracefs_root(mount=mount_tracefs and caps.euid == 0)
+        caps.send_reset = read_format(caps.tracefs, "tcp", "tcp_send_reset")
+        caps.receive_reset = read_format(caps.tracefs, "tcp", "tcp_receive_reset")
+        caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \
+            os.path.exists(os.path.join(caps.tracefs, "kprobe_events"))
+    except TracefsError as err:
+        caps.tracefs_error = str(err)
+        caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type")
+
+    caps.prog_load["tracepoint"] = bpfsys.probe_prog_load(bpfsys.PROG_TYPE_TRACEPOINT)
+    caps.prog_load["raw_tracepoint"] = bpfsys.probe_prog_load(bpfsys.PROG_TYPE_RAW_TRACEPOINT)
+    caps.prog_load["kprobe"] = bpfsys.probe_prog_load(bpfsys.PROG_TYPE_KPROBE)
+    caps.prog_load["tc"] = bpfsys.probe_prog_load(bpfsys.PROG_TYPE_SCHED_CLS)
+    if fentry_target > 0:
+        caps.prog_load["fentry"] = bpfsys.probe_prog_load(
+            bpfsys.PROG_TYPE_TRACING, bpfsys.BPF_TRACE_FENTRY, fentry_target)
+    caps.ringbuf = bpfsys.probe_ringbuf() == 0
+    try:
+        caps.softirq_ranges = function_ranges(SOFTIRQ_ENTRY_FUNCTIONS)
+    except OSError:
+        caps.softirq_ranges = {}
+
+    _fill_checks(caps)
+    _fill_coverage(caps)
+    return caps
+
+
+def _fill_checks(caps: Capabilities) -> None:
+    c = caps.checks
+    priv = "root" if caps.euid == 0 else f"uid {caps.euid}"
+    c.append(Check("privileges", caps.can_bpf, f"{priv}, CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN: "
+                   f"{'yes' if caps.can_bpf else 'no'}", "needed to load BPF programs"))
+    c.append(Check("BTF", caps.btf, VMLINUX_BTF if caps.btf else caps.btf_error,
+                   "struct offsets for every kernel field read"))
+    c.append(Check("kernel headers", True,
+                   "present (unused)" if caps.kernel_headers else "none installed",
+                   "not needed: bcc compiles against rsttrace's own header-free tree"))
+    c.append(Check("tracefs", caps.tracefs is not None, caps.tracefs or caps.tracefs_error,
+                   "tracepoint formats (fields, enum names)"))
+    sr = caps.send_reset
+    c.append(Check("tracepoint tcp:tcp_send_reset", sr is not None,
+                   ("with reason (Linux 6.10+)" if caps.rst_reason else "present, no reason field") if sr else "missing",
+                   "RSTs sent"))
+    c.append(Check("tracepoint tcp:tcp_receive_reset", caps.receive_reset is not None,
+                   "present" if caps.receive_reset else "missing", "RSTs received"))
+    for name, what in (("tracepoint", "tracepoint programs"), ("raw_tracepoint", "raw tracepoint programs"),
+                       ("tc", "tc (SCHED_CLS) programs")):
+        err = caps.prog_load.get(name, -1)
+        c.append(Check(what, err == 0, bpfsys.describe(err) if err >= 0 else "not tried"))
+    kp_err = caps.prog_load.get("kprobe", -1)
+    kprobes = caps.kprobe_pmu and kp_err == 0
+    c.append(Check("kprobes", kprobes,
+                   "available" if kprobes else ("not built into this kernel (no kprobe PMU, no kprobe_events)"
+                                                if not caps.kprobe_pmu else f"load: {bpfsys.describe(kp_err)}")))
+    fe = caps.prog_load.get("fentry")
+    c.append(Check("fentry/fexit", fe == 0, "not tried (no BTF)" if fe is None else
+                   ("loads" if fe == 0 else f"load refused: {bpfsys.describe(fe)}")))
+    c.append(Check("BPF ring buffer", caps.ringbuf, "available" if caps.ringbuf else "missing (Linux < 5.8)",
+                   "event transport with loss counting"))
+    c.append(Check("softirq context detection", bool(caps.softirq_ranges),
+                   ", ".join(sorted(caps.softirq_ranges)) or "kernel symbols hidden (kptr_restrict)",
+                   "never blame the task a softirq interrupted"))
+    c.append(Check("lockdown", caps.lockdown in (None, "none", "integrity"), caps.lockdown or "unknown",
+                   "bpf_probe_read_kernel needs lockdown below 'confidentiality'"))
+    c.append(Check("bcc", caps.bcc_version is not None, caps.bcc_version or "python3-bpfcc not installed"))
+
+
+def _fill_coverage(caps: Capabilities) -> None:
+    cov = caps.coverage
+    if caps.send_reset is not None:
+        cov.hooks["rst_sent"] = "tracepoint:tcp:tcp_send_reset"
+        cov.notes["rst_sent"] = ("kernel reason from the tracepoint" if caps.rst_reason else
+                                 "no kernel reason on this kernel: reason inferred from socket state")
+        if not caps.rst_reason:
+            cov.blind_spots.append("RSTs sent with no socket (closed port) are invisible to tcp_send_reset before 6.10")
+    else:
+        cov.hooks["rst_sent"] = None
+        cov.notes["rst_sent"] = "tracepoint tcp:tcp_send_reset missing"
+    if caps.receive_reset is not None:
+        cov.hooks["rst_received"] = "tracepoint:tcp:tcp_receive_reset"
+    else:
+        cov.hooks["rst_received"] = None
+        cov.notes["rst_received"] = "tracepoint tcp:tcp_receive_reset missing"
+    for kind in ("syn_dropped", "ack_dropped", "syn_cookie"):
+        cov.hooks.setdefault(kind, None)
+        cov.notes.setdefault(kind, "listen-queue hooks not loaded in this build")
+    if not caps.softirq_ranges:
+        cov.blind_spots.append("softirq context cannot be detected: process attribution falls back to socket owners")

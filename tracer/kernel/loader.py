@@ -1,0 +1,152 @@
+"""Compile and attach rsttrace's BPF programs with bcc — header-free, offsets from BTF.
+
+The loader turns the capability probe and the user's filters into feature macros, compiles
+bpf/rst.bpf.c against bpf/kernel-headers (never /lib/modules), attaches, and hands the ring
+buffer to the caller. It never formats output.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import BPFRefusedError, UnsupportedKernelError
+from ..paths import BPF_DIR, KERNEL_HEADERS_DIR
+from .capabilities import Capabilities
+
+RINGBUF_PAGES = 256    # 1 MiB: ~6000 records of 168 bytes in flight before anything is lost
+
+
+@dataclass
+class Filters:
+    ports: list[int] = field(default_factory=list)
+    pid: int | None = None
+    family: int | None = None          # socket.AF_INET / AF_INET6
+
+
+def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int]) -> list[str]:
+    flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}"]
+    flags += [f"-D{k}={v}" for k, v in offsets.items()]
+    if caps.rst_reason:
+        flags.append("-DHAVE_RST_REASON")
+    if caps.receive_reset is not None and caps.receive_reset.has("sock_cookie"):
+        flags.append("-DHAVE_RECEIVE_RESET_COOKIE")
+    if filters.ports:
+        flags.append("-DFILTER_PORTS")
+    if filters.pid is not None:
+        flags.append(f"-DFILTER_PID={filters.pid}")
+    if filters.family is not None:
+        flags.append(f"-DFILTER_FAMILY={filters.family}")
+    ranges = sorted(caps.softirq_ranges.values())
+    for i in range(2):
+        lo, hi = ranges[i] if i < len(ranges) else (0, 0)
+        flags += [f"-DSOFTIRQ_LO{i}={lo}ULL", f"-DSOFTIRQ_HI{i}={hi}ULL"]
+    return flags
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """bcc/clang print warnings straight to fd 2; keep them for the error message instead."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull, io.StringIO():
+        try:
+            tmp = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError:
+            tmp = os.dup(devnull.fileno())
+        os.dup2(tmp, 2)
+        captured = {"text": ""}
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            try:
+                os.lseek(tmp, 0, os.SEEK_SET)
+                captured["text"] = os.read(tmp, 65536).decode(errors="replace")
+            except OSError:
+                pass
+            os.close(tmp)
+
+
+class RstProgram:
+    """The loaded and attached tracepoint programs of bpf/rst.bpf.c."""
+
+    SOURCE = "rst.bpf.c"
+
+    def __init__(self, caps: Capabilities, filters: Filters):
+        if caps.send_reset is None or caps.receive_reset is None:
+            raise UnsupportedKernelError("tracepoints tcp:tcp_send_reset/tcp_receive_reset are missing",
+                                         "rsttrace needs Linux 4.16+ with CONFIG_TRACEPOINTS")
+        if not caps.offsets:
+            raise UnsupportedKernelError(caps.btf_error or "kernel BTF lacks a field rsttrace reads",
+                                         "rsttrace needs a kernel with CONFIG_DEBUG_INFO_BTF=y")
+        self.offsets = caps.offsets
+        self.cflags = build_cflags(caps, filters, self.offsets)
+        os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
+        from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
+        self._BPF = BPF
+        failure = None
+        with _quiet_stderr() as captured:
+            try:
+                self.bpf = BPF(src_file=str(BPF_DIR / self.SOURCE).encode(), cflags=self.cflags)
+            except Exception as err:   # bcc raises bare Exception for compile, load and attach failures
+                failure = err
+        if failure is not None:
+            log = captured["text"]
+            if "error:" in log and "bpf: " not in log.lower():
+                # A compile error is rsttrace's bug on this kernel, not a refusal: show clang's words.
+                raise RuntimeError(f"compiling {self.SOURCE} failed:\n{log}") from failure
+            raise BPFRefusedError(
+                f"the kernel refused rsttrace's BPF programs: {_first_error(log) or failure}",
+                "run as root with BPF allowed; see `rsttrace doctor`") from failure
+        self.rst_reason_names = caps.send_reset.symbols("reason") if caps.rst_reason else {}
+        if filters.ports:
+            table = self.bpf["port_filter"]
+            for port in filters.ports:
+                table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+
+    def open_events(self, callback: Callable[[int, int], None]) -> None:
+        """callback(data_pointer, size) for every record, during poll()."""
+        def _cb(ctx, data, size):
+            callback(data, size)
+            return 0
+        self.bpf["events"].open_ring_buffer(_cb)
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    def stats(self) -> dict[str, int]:
+        from ..events import record
+        table = self.bpf["stats"]
+        out = {}
+        for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST)):
+            out[name] = sum(table[ctypes.c_int(slot)])
+        return out
+
+    def ksym(self, addr: int) -> str:
+        return self._BPF.ksym(addr, show_offset=False).decode(errors="replace")
+
+    def close(self) -> None:
+        """Detach every program and free every map (idempotent)."""
+        bpf, self.bpf = getattr(self, "bpf", None), None
+        if bpf is not None:
+            bpf.cleanup()
+
+
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "error" in line.lower() or "failed" in line.lower() or "permission" in line.lower():
+            return line.strip()
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+AF = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}

@@ -1,0 +1,181 @@
+"""One tracing run: hook → event → enrich → sink, from attach to a clean detach.
+
+    probe kernel → load programs (filters in the kernel) → poll ring buffer → decode → classify
+    → attribute → explain → user-space filters → sinks;   losses counted → `lost` records;
+    SIGINT/SIGTERM/--duration/--count → drain, detach, flush, summary.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .enrich import counters, reasons
+from .enrich.attribution import Attributor
+from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
+from .kernel import bpfsys
+from .events.decode import Decoder, Event
+from .kernel.capabilities import Capabilities, probe
+from .kernel.loader import Filters, RstProgram
+from .sinks import records
+from .sinks.plain import stderr
+
+LOST_CHECK_INTERVAL = 0.5     # seconds between reads of the kernel's lost counter
+
+
+@dataclass
+class Options:
+    ports: list[int] = field(default_factory=list)
+    pid: int | None = None
+    family: int | None = None
+    reasons: set[str] = field(default_factory=set)       # only these rsttrace reasons (empty: all)
+    duration: float | None = None
+    count: int | None = None
+    evidence: bool = True                                # symbolize kernel callers into the records
+
+
+class Session:
+    def __init__(self, options: Options, sinks: list, started_at: float | None = None):
+        self.options = options
+        self.sinks = sinks
+        self.started_at = started_at or time.monotonic()
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.emitted = 0
+        self.lost_reported = 0
+        self._stop = False
+        self.program: RstProgram | None = None
+        self.caps: Capabilities | None = None
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> Capabilities:
+        if os.geteuid() != 0 and not _has_bpf_caps():
+            raise NotRootError("rsttrace must run as root (it loads BPF programs)", "run it with sudo")
+        caps = probe()
+        if not caps.btf:
+            raise UnsupportedKernelError(caps.btf_error, "rsttrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+        if caps.tracefs is None:
+            raise UnsupportedKernelError(caps.tracefs_error)
+        refused = caps.prog_load.get("tracepoint", 0)
+        if refused:
+            raise BPFRefusedError(f"the kernel refuses to load BPF tracepoint programs: {bpfsys.describe(refused)}",
+                                  "a seccomp profile, LSM or kernel.unprivileged_bpf_disabled may block bpf(2); "
+                                  "see `rsttrace doctor`")
+        self.caps = caps
+        self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family))
+        self.decoder = Decoder(self.program.rst_reason_names)
+        self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
+        self.program.open_events(self._on_record)
+        self.counters_before = counters.read()
+        self.attached_at = time.monotonic()
+        cov = caps.coverage.as_dict()
+        self._emit(records.coverage_record(cov, caps.kernel, self._filter_dict(),
+                                           (self.attached_at - self.started_at) * 1000))
+        return caps
+
+    def _filter_dict(self) -> dict:
+        o = self.options
+        fam = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}.get(o.family) if o.family else None
+        return {"ports": o.ports, "pid": o.pid, "family": fam, "reasons": sorted(o.reasons)}
+
+    # -- per event -------------------------------------------------------------------------
+    def _on_record(self, data: int, size: int) -> None:
+        ev = self.decoder.decode(ctypes.string_at(data, size))
+        self.handle(ev)
+
+    def handle(self, ev: Event) -> None:
+        ev.reason = reasons.classify(ev)
+        if self.options.reasons and ev.reason not in self.options.reasons:
+            return
+        self.attributor.attribute(ev)
+        if self.options.pid is not None and ev.softirq:
+            # The kernel could not judge softirq events by pid; judge them by the socket owner here.
+            if not ev.process or ev.process.get("pid") != self.options.pid:
+                return
+        ev.explanation = reasons.explain(ev)
+        self.counts[(ev.kind, ev.reason)] += 1
+        symbolize = self.program.ksym if self.options.evidence and self.program else None
+        self._emit(records.event_record(ev, symbolize))
+        self.emitted += 1
+        if self.options.count is not None and self.emitted >= self.options.count:
+            self._stop = True
+
+    def _emit(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.emit(record)
+
+    # -- loop ------------------------------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        deadline = self.attached_at + self.options.duration if self.options.duration else None
+        next_lost_check = 0.0
+        while not self._stop:
+            timeout_ms = 100
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                timeout_ms = max(1, min(timeout_ms, int(left * 1000)))
+            self.program.poll(timeout_ms)
+            now = time.monotonic()
+            if now >= next_lost_check:
+                self._report_losses()
+                next_lost_check = now + LOST_CHECK_INTERVAL
+
+    def _report_losses(self) -> None:
+        lost = self.program.stats()["lost"]
+        if lost > self.lost_reported:
+            self._emit(records.lost_record(lost - self.lost_reported, lost))
+            self.lost_reported = lost
+
+    # -- stop ------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Drain what is still in the ring buffer, detach everything, emit the summary."""
+        summary = None
+        if self.program is not None:
+            try:
+                if not (self.options.count is not None and self.emitted >= self.options.count):
+                    self.program.drain()
+                self._report_losses()
+                stats = self.program.stats()
+            finally:
+                self.program.close()
+            after = counters.read()
+            by_kind: dict[str, dict[str, int]] = {}
+            for (kind, reason), n in sorted(self.counts.items()):
+                by_kind.setdefault(kind, {})[reason] = n
+            summary = records.summary_record(
+                by_kind, stats["lost"], stats["submitted"], time.monotonic() - self.attached_at,
+                {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)})
+            self._emit(summary)
+        return summary or {}
+
+
+def _has_bpf_caps() -> bool:
+    from .kernel.capabilities import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, _effective_caps
+    caps = _effective_caps()
+    return bool(caps >> CAP_SYS_ADMIN & 1 or (caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1))
+
+
+def install_signal_handlers(session: Session) -> None:
+    signal.signal(signal.SIGINT, session.request_stop)
+    signal.signal(signal.SIGTERM, session.request_stop)
+
+
+def print_summary(summary: dict, out=stderr) -> None:
+    if not summary:
+        return
+    total = sum(sum(r.values()) for r in summary["events"].values())
+    out(f"rsttrace: {total} events in {summary['duration_s']:.1f}s, lost {summary['lost']}")
+    for kind, by_reason in summary["events"].items():
+        for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1]):
+            out(f"  {n:>8}  {kind:<13} {reason}")
+    delta = summary["kernel_counters"]["delta"]
+    moved = {k: v for k, v in delta.items() if v}
+    if moved:
+        out("  kernel counters (rsttrace's netns): " + ", ".join(f"{k} +{v}" for k, v in moved.items()))

@@ -1,0 +1,51 @@
+"""Plain lines: one readable line per event, for terminals without the UI and for pipes."""
+from __future__ import annotations
+
+import sys
+
+from .output import LineOutput
+
+
+def _endpoint(ep: dict, family: str) -> str:
+    return f"[{ep['addr']}]:{ep['port']}" if family == "ipv6" else f"{ep['addr']}:{ep['port']}"
+
+
+def format_event(rec: dict) -> str:
+    kr = f" [{rec['kernel_reason']}]" if rec.get("kernel_reason") else ""
+    proc = rec.get("process")
+    who = f" {proc['comm']}/{proc['pid']}" if proc and proc.get("pid") else " -"
+    state = f" {rec['state']}" if rec.get("state") else ""
+    extra = ""
+    sock = rec.get("socket") or {}
+    if rec["reason"] == "closed_with_unread_data" and sock.get("unread_bytes") is not None:
+        extra = f" unread={sock['unread_bytes']}"
+    q = rec.get("queues")
+    if q and q.get("accept_qlen") is not None:
+        extra += f" acceptq={q['accept_qlen']}/{q.get('accept_qmax')}"
+    netns = rec["netns"]["name"] or rec["netns"]["inode"]
+    arrow = "<" if rec["event"] == "rst_received" else ">"
+    return (f"{rec['time'][11:26]} {rec['event']:<12} {rec['reason']}{kr} "
+            f"{_endpoint(rec['local'], rec['family'])} {arrow} {_endpoint(rec['remote'], rec['family'])}"
+            f"{state} netns={netns}{who}{extra} | {rec['explanation']}")
+
+
+class PlainSink:
+    def __init__(self, output: LineOutput):
+        self.output = output
+
+    def emit(self, record: dict) -> None:
+        kind = record["type"]
+        if kind == "event":
+            self.output.write_line(format_event(record))
+        elif kind == "lost":
+            # Losses go where the events go, so that nobody reads a stream with holes unawares.
+            self.output.write_line(f"{record['time'][11:26]} LOST {record['lost']} events "
+                                   f"(total {record['total_lost']}): ring buffer full")
+        # coverage and summary are printed to stderr by the session
+
+    def close(self) -> None:
+        self.output.close()
+
+
+def stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

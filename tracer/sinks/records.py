@@ -1,0 +1,76 @@
+"""Records: the versioned shape every output shares (schema/rsttrace-v1.schema.json).
+
+The JSON is the schema; plain lines and the terminal UI are views of these same dicts. Sinks get
+dicts from here and know nothing about BPF.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from ..events.decode import Event
+
+SCHEMA = "rsttrace/1"
+
+
+def rfc3339(ns: int) -> str:
+    """UTC, microsecond precision: 2026-11-22T09:43:46.123456Z."""
+    secs, rem = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem // 1000:06d}Z"
+
+
+def base(record_type: str, ns: int | None = None) -> dict[str, Any]:
+    return {"schema": SCHEMA, "type": record_type, "time": rfc3339(ns if ns is not None else time.time_ns())}
+
+
+def event_record(ev: Event, symbolize: Callable[[int], str] | None = None) -> dict[str, Any]:
+    rec = base("event", ev.time_ns)
+    rec.update({
+        "ktime_ns": ev.ktime_ns,
+        "event": ev.kind,
+        "reason": ev.reason,
+        "kernel_reason": ev.kernel_reason,
+        "inferred": ev.inferred,
+        "family": ev.family,
+        "local": {"addr": ev.local_addr, "port": ev.local_port},
+        "remote": {"addr": ev.remote_addr, "port": ev.remote_port},
+        "state": ev.state,
+        "netns": {"inode": ev.netns, "name": ev.netns_name},
+        "context": "softirq" if ev.softirq else "process",
+        "process": ev.process,
+        "socket": {
+            "inode": ev.sock_ino or None,
+            "cookie": ev.sock_cookie or None,
+            "unread_bytes": ev.unread_bytes,
+            "linger": ev.linger,
+        },
+        "queues": ev.queues,
+        "explanation": ev.explanation,
+        "evidence": {
+            "callers": [symbolize(a) for a in ev.callers] if symbolize else [],
+            "tcp_flags": ev.tcp_flag_names,
+            "task_on_cpu": {"pid": ev.task_pid, "comm": ev.task_comm},
+        },
+    })
+    return rec
+
+
+def coverage_record(coverage: dict, kernel: str, filters: dict, startup_ms: float) -> dict[str, Any]:
+    rec = base("coverage")
+    rec.update({"kernel": kernel, "filters": filters, "startup_ms": round(startup_ms, 1), **coverage})
+    return rec
+
+
+def lost_record(lost: int, total_lost: int) -> dict[str, Any]:
+    rec = base("lost")
+    rec.update({"lost": lost, "total_lost": total_lost,
+                "note": "the BPF ring buffer was full: these events were counted in the kernel but not delivered"})
+    return rec
+
+
+def summary_record(counts: dict[str, dict[str, int]], lost: int, submitted: int, duration_s: float,
+                   kernel_counters: dict[str, Any]) -> dict[str, Any]:
+    rec = base("summary")
+    rec.update({"duration_s": round(duration_s, 3), "events": counts, "delivered": submitted, "lost": lost,
+                "kernel_counters": kernel_counters})
+    return rec
