@@ -58,6 +58,19 @@ struct rsttrace_event {
 	char comm[RSTTRACE_COMM_LEN];
 };
 
+/* Key of the exact per-CPU counts map: enough of the event for user space to name the reason
+ * (tracer/enrich/reasons.py classify()) without the record itself. */
+#define RSTTRACE_COUNT_KEYS 4096
+struct rsttrace_count_key {
+	__u32 kind;
+	__u32 kernel_reason;
+	__u16 lport;
+	__u8 tcp_flags;
+	__u8 flags;             /* RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED */
+	__u8 linger_zero;
+	__u8 pad[3];
+};
+
 /* Per-CPU statistics slots (BPF_PERCPU_ARRAY stats). */
 enum rsttrace_stat {
 	RSTTRACE_STAT_SUBMITTED = 0,  /* records put into the ring buffer */

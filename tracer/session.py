@@ -143,6 +143,7 @@ class Session:
                     self.program.drain()
                 self._report_losses()
                 stats = self.program.stats()
+                exact = self.program.exact_counts()
             finally:
                 self.program.close()
             after = counters.read()
@@ -151,9 +152,24 @@ class Session:
                 by_kind.setdefault(kind, {})[reason] = n
             summary = records.summary_record(
                 by_kind, stats["lost"], stats["submitted"], time.monotonic() - self.attached_at,
-                {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)})
+                {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)},
+                self.kernel_counts(exact))
             self._emit(summary)
         return summary or {}
+
+
+    def kernel_counts(self, exact) -> dict[str, dict[str, int]]:
+        """Exact in-kernel counts per event kind and rsttrace reason (before any user-space filter)."""
+        from .events.record import KIND_NAMES, NO_REASON
+        out: dict[str, dict[str, int]] = {}
+        names = self.program.rst_reason_names
+        for key, n in exact:
+            kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
+            kreason = None if key.kernel_reason == NO_REASON else names.get(key.kernel_reason)
+            reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero))
+            out.setdefault(kind, {}).setdefault(reason, 0)
+            out[kind][reason] += n
+        return out
 
 
 def _has_bpf_caps() -> bool:

@@ -47,6 +47,10 @@ def test_connect_to_closed_port_reports_no_listener_and_blames_nobody(netns, tra
     assert received["local"]["port"] == facts["client_port"]
     assert received["process"]["pid"] == facts["client_pid"]
     assert_matches_kernel_count(records, netns, before, after)
+    # The kernel-side exact counts (kept even when records are lost) agree with the records.
+    summary = records[-1]
+    assert summary["type"] == "summary"
+    assert summary["exact_counts"] == {"rst_sent": {"no_listener": 1}, "rst_received": {"peer_reset": 1}}
 
 
 @pytest.mark.parametrize("addr", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])

@@ -201,21 +201,25 @@ REASON_NAMES = tuple(CATALOG)
 
 def classify(ev: Event) -> str:
     """rsttrace reason for an event, from what the kernel said and what the socket showed."""
-    if ev.kind == "rst_received":
-        return "peer_reset"
-    if ev.kind != "rst_sent":
+    if ev.kind not in ("rst_sent", "rst_received"):
         return ev.reason if ev.reason in CATALOG else "unknown"
-    kname = ev.kernel_reason
-    if kname is None:
+    return classify_fields(ev.kind, ev.kernel_reason, ev.tcp_flags, ev.linger and ev.linger_jiffies == 0)
+
+
+def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger_zero: bool) -> str:
+    """The same decision from the few fields the kernel's exact-count keys keep."""
+    if kind == "rst_received":
+        return "peer_reset"
+    if kind != "rst_sent" or kernel_reason is None:
         return "unknown"
-    if kname == "NO_SOCKET":
-        syn_only = ev.tcp_flags & TCPHDR_SYN and not ev.tcp_flags & TCPHDR_ACK
+    if kernel_reason == "NO_SOCKET":
+        syn_only = tcp_flags & TCPHDR_SYN and not tcp_flags & TCPHDR_ACK
         return "no_listener" if syn_only else "no_socket"
-    if kname == "TCP_STATE":
+    if kernel_reason == "TCP_STATE":
         # tcp_close() → tcp_disconnect() for SO_LINGER {1,0}; other callers of tcp_disconnect/tcp_abort.
-        return "linger_zero" if ev.linger and ev.linger_jiffies == 0 else "aborted"
+        return "linger_zero" if linger_zero else "aborted"
     for reason in CATALOG.values():
-        if kname in reason.kernel_names and "rst_sent" in reason.events:
+        if kernel_reason in reason.kernel_names and "rst_sent" in reason.events:
             return reason.name
     return "unknown"
 

@@ -25,24 +25,31 @@ def _parse_header(text: str):
         body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
         for name, value in re.findall(r"(RSTTRACE_\w+)\s*=\s*(\d+)", body):
             enums[name] = int(value)
-    body = re.search(r"struct\s+rsttrace_event\s*\{(.*?)\};", text, re.S).group(1)
-    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
-    fields = []
-    for ctype, name, count in re.findall(r"(\w+)\s+(\w+)(?:\[(\w+)\])?\s*;", body):
-        base = _CTYPES[ctype]
-        if count:
-            n = int(count) if count.isdigit() else defines[count]
-            base = base * n
-        fields.append((name, base))
-    return defines, enums, fields
+    structs = {}
+    for struct_name, body in re.findall(r"struct\s+(rsttrace_\w+)\s*\{(.*?)\};", text, re.S):
+        body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+        fields = []
+        for ctype, name, count in re.findall(r"(\w+)\s+(\w+)(?:\[(\w+)\])?\s*;", body):
+            base = _CTYPES[ctype]
+            if count:
+                base = base * (int(count) if count.isdigit() else defines[count])
+            fields.append((name, base))
+        structs[struct_name] = fields
+    return defines, enums, structs
 
 
 with open(EVENT_HEADER) as _f:
-    DEFINES, ENUMS, _FIELDS = _parse_header(_f.read())
+    DEFINES, ENUMS, STRUCTS = _parse_header(_f.read())
 
 
 class RawEvent(ctypes.Structure):
-    _fields_ = _FIELDS
+    """struct rsttrace_event"""
+    _fields_ = STRUCTS["rsttrace_event"]
+
+
+class CountKey(ctypes.Structure):
+    """struct rsttrace_count_key"""
+    _fields_ = STRUCTS["rsttrace_count_key"]
 
 
 KIND_NAMES = {value: name[len("RSTTRACE_"):].lower() for name, value in ENUMS.items()

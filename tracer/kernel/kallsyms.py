@@ -1,7 +1,7 @@
 """Kernel text symbols from /proc/kallsyms: the address ranges of the softirq entry functions.
 
 A BPF program tells softirq context from process context by looking for one of these functions on
-its kernel stack (see walk_stack() in bpf/rst.bpf.c). Addresses are hidden (all zero) unless
+its kernel stack (see walk_stack() in bpf/common.bpf.c). Addresses are hidden (all zero) unless
 kptr_restrict allows root to see them; then context detection is reported as unavailable.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compile and attach rsttrace's BPF programs with bcc — header-free, offsets from BTF.
 
 The loader turns the capability probe and the user's filters into feature macros, compiles
-bpf/rst.bpf.c against bpf/kernel-headers (never /lib/modules), attaches, and hands the ring
+bpf/common.bpf.c + bpf/*.bpf.c against bpf/kernel-headers (never /lib/modules), attaches, and hands the ring
 buffer to the caller. It never formats output.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import BPFRefusedError, UnsupportedKernelError
+from ..events import record
 from ..paths import BPF_DIR, KERNEL_HEADERS_DIR
 from .capabilities import Capabilities
 
@@ -74,10 +75,25 @@ def _quiet_stderr():
             os.close(tmp)
 
 
-class RstProgram:
-    """The loaded and attached tracepoint programs of bpf/rst.bpf.c."""
+def compose_source(hook_files: list[str]) -> str:
+    """One compilation unit: the shared maps/helpers (common.bpf.c), then each hook file.
 
-    SOURCE = "rst.bpf.c"
+    bcc rewrites its syntax (TRACEPOINT_PROBE args, `map.lookup()` methods) only in the main
+    source, never in #included files, so the files are pasted together — without #line markers,
+    which would hide them from the rewriter too. Only plain C (rsttrace.h) is #included.
+    """
+    parts = []
+    for name in ["common.bpf.c", *hook_files]:
+        parts.append(f"/* ---- {name} ---- */\n")
+        parts.append((BPF_DIR / name).read_text())
+    return "".join(parts)
+
+
+class RstProgram:
+    """The loaded and attached BPF programs: bpf/common.bpf.c + the hook files."""
+
+    HOOK_FILES = ["rst.bpf.c"]
+    SOURCE = " + ".join(HOOK_FILES)
 
     def __init__(self, caps: Capabilities, filters: Filters):
         if caps.send_reset is None or caps.receive_reset is None:
@@ -94,7 +110,7 @@ class RstProgram:
         failure = None
         with _quiet_stderr() as captured:
             try:
-                self.bpf = BPF(src_file=str(BPF_DIR / self.SOURCE).encode(), cflags=self.cflags)
+                self.bpf = BPF(text=compose_source(self.HOOK_FILES).encode(), cflags=self.cflags)
             except Exception as err:   # bcc raises bare Exception for compile, load and attach failures
                 failure = err
         if failure is not None:
@@ -102,9 +118,11 @@ class RstProgram:
             if "error:" in log and "bpf: " not in log.lower():
                 # A compile error is rsttrace's bug on this kernel, not a refusal: show clang's words.
                 raise RuntimeError(f"compiling {self.SOURCE} failed:\n{log}") from failure
+            if os.environ.get("RSTTRACE_DEBUG"):
+                sys.stderr.write(log)
             raise BPFRefusedError(
                 f"the kernel refused rsttrace's BPF programs: {_first_error(log) or failure}",
-                "run as root with BPF allowed; see `rsttrace doctor`") from failure
+                "see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log") from failure
         self.rst_reason_names = caps.send_reset.symbols("reason") if caps.rst_reason else {}
         if filters.ports:
             table = self.bpf["port_filter"]
@@ -125,11 +143,19 @@ class RstProgram:
         self.bpf.ring_buffer_consume()
 
     def stats(self) -> dict[str, int]:
-        from ..events import record
         table = self.bpf["stats"]
         out = {}
         for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST)):
             out[name] = sum(table[ctypes.c_int(slot)])
+        return out
+
+    def exact_counts(self) -> list[tuple[record.CountKey, int]]:
+        """The kernel's exact per-key counts (every event that passed the filters, delivered or not)."""
+        table = self.bpf["counts"]
+        out = []
+        for key, per_cpu in table.items():
+            k = record.CountKey.from_buffer_copy(bytes(key))
+            out.append((k, sum(per_cpu)))
         return out
 
     def ksym(self, addr: int) -> str:

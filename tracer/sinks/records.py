@@ -69,8 +69,10 @@ def lost_record(lost: int, total_lost: int) -> dict[str, Any]:
 
 
 def summary_record(counts: dict[str, dict[str, int]], lost: int, submitted: int, duration_s: float,
-                   kernel_counters: dict[str, Any]) -> dict[str, Any]:
+                   kernel_counters: dict[str, Any], exact: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """counts: events emitted (after user-space filters); exact: every event the BPF programs saw,
+    counted in the kernel, whether or not its record was delivered."""
     rec = base("summary")
-    rec.update({"duration_s": round(duration_s, 3), "events": counts, "delivered": submitted, "lost": lost,
-                "kernel_counters": kernel_counters})
+    rec.update({"duration_s": round(duration_s, 3), "events": counts, "exact_counts": exact,
+                "delivered": submitted, "lost": lost, "kernel_counters": kernel_counters})
     return rec
