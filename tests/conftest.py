@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = REPO / "tests" / "kernel" / "scenarios.py"
+SCENARIOS = REPO / "scripts" / "repro" / "resets.py"
 SCHEMA = REPO / "schema" / "rsttrace-v1.schema.json"
 RSTTRACE = [sys.executable, "-m", "tracer"]
 

@@ -1,6 +1,6 @@
 """Real resets in private network namespaces, traced by a real rsttrace process.
 
-Each test reproduces an incident with real sockets (tests/kernel/scenarios.py), lets rsttrace's
+Each test reproduces an incident with real sockets (scripts/repro/resets.py), lets rsttrace's
 BPF programs report it, and checks the report — reason, addresses, ports, state, process — and
 that rsttrace saw exactly as many RSTs as the kernel counted (TcpOutRsts in that netns).
 """

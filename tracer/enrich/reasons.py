@@ -40,7 +40,7 @@ def _who(ev: Event) -> str:
     p = ev.process
     if p and p.get("pid"):
         return f"{p.get('comm') or '?'} (pid {p['pid']})"
-    return "the kernel"
+    return "an unresolved process"  # softirq event whose socket has no (remaining) owner
 
 
 CATALOG: dict[str, Reason] = {}
@@ -57,7 +57,7 @@ _add(Reason(
     "health check hitting the wrong port; a firewall/NAT sending traffic to the wrong place.",
     "Check that the service runs and listens where clients connect (`ss -ltnp`), including the netns/container.",
     ("NO_SOCKET",), ("TcpOutRsts",), "warning",
-    "nothing listens on {ev.local_addr}:{ev.local_port}: SYN from {ev.remote_addr}:{ev.remote_port} refused with RST "
+    "nothing listens on {ev.local}: SYN from {ev.remote} refused with RST "
     "— check the service is up and listening there (ss -ltnp)"))
 _add(Reason(
     "no_socket", ("rst_sent",), "segment for a connection this host does not know",
@@ -66,7 +66,7 @@ _add(Reason(
     "load balancer sending to the wrong backend), or the peer keeps using a connection after a long idle time.",
     "Compare idle timeouts of clients, proxies and NAT; look for restarts of the local service at that moment.",
     ("NO_SOCKET",), ("TcpOutRsts",), "warning",
-    "{ev.local_addr}:{ev.local_port} has no connection from {ev.remote_addr}:{ev.remote_port}: the segment was "
+    "{ev.local} has no connection from {ev.remote}: the segment was "
     "answered with RST — the local side forgot it (restart, timeout) while the peer kept using it"))
 _add(Reason(
     "closed_with_unread_data", ("rst_sent",), "closed with unread data",
@@ -78,7 +78,7 @@ _add(Reason(
     "Read the closing application's error log at that moment; for a proxy check proxy temp dir permissions, "
     "proxy buffers and client_max_body_size; make servers drain requests before closing.",
     ("TCP_ABORT_ON_CLOSE",), ("TCPAbortOnClose", "TcpOutRsts"), "error",
-    "{who} closed {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} with {unread} unread bytes, "
+    "{who} closed {ev.local} ↔ {ev.remote} with {unread} unread bytes, "
     "so the kernel reset it — the application gave up mid-exchange (a proxy aborting its upstream: read its error "
     "log, temp dir permissions, buffer and body-size limits)"))
 _add(Reason(
@@ -89,7 +89,7 @@ _add(Reason(
     "default; the peer sees ECONNRESET.",
     "If the resets hurt, remove SO_LINGER {1,0} from the closing application (or its library/config).",
     ("TCP_STATE",), ("TCPAbortOnData", "TcpOutRsts"), "warning",
-    "{who} closed {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} with SO_LINGER {{1,0}}: "
+    "{who} closed {ev.local} ↔ {ev.remote} with SO_LINGER {{1,0}}: "
     "an abortive close by design — remove zero linger if the peer must not see a reset"))
 _add(Reason(
     "aborted", ("rst_sent",), "connection aborted by the local side",
@@ -98,7 +98,7 @@ _add(Reason(
     "An administrator or tool killing sockets (ss -K, conntrack tools), an application calling disconnect.",
     "Look for `ss -K`, SOCK_DESTROY users or disconnect calls at that moment.",
     ("TCP_STATE",), ("TcpOutRsts",), "warning",
-    "{who} aborted {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} (disconnect or ss -K)"))
+    "{who} aborted {ev.local} ↔ {ev.remote} (disconnect or ss -K)"))
 _add(Reason(
     "data_after_close", ("rst_sent",), "data arrived after the application closed",
     "Data arrived on a connection the application had already closed (or shut down for reading); the kernel "
@@ -107,7 +107,7 @@ _add(Reason(
     "connection while the client sends the next request), protocols without a graceful shutdown.",
     "Align keep-alive timeouts (server longer than client/proxy), make the peer stop sending before close.",
     ("TCP_ABORT_ON_DATA",), ("TCPAbortOnData", "TcpOutRsts"), "warning",
-    "data from {ev.remote_addr}:{ev.remote_port} reached {ev.local_addr}:{ev.local_port} after it was closed "
+    "data from {ev.remote} reached {ev.local} after it was closed "
     "— keep-alive race or a peer that keeps sending; align idle timeouts"))
 _add(Reason(
     "out_of_memory", ("rst_sent",), "aborted: too many orphans or TCP memory pressure",
@@ -169,7 +169,7 @@ _add(Reason(
     "Trace the peer too (rsttrace on that host shows its rst_sent with the reason); for loopback peers the "
     "matching rst_sent is in this same stream.",
     (), ("TcpEstabResets",), "warning",
-    "{who}'s connection {ev.local_addr}:{ev.local_port} ↔ {ev.remote_addr}:{ev.remote_port} was reset by the peer "
+    "{who}'s connection {ev.local} ↔ {ev.remote} was reset by the peer "
     "(in state {ev.state}) — look at the peer's rst_sent for the reason"))
 _add(Reason(
     "accept_queue_full", ("syn_dropped", "ack_dropped", "rst_sent"), "accept queue full",

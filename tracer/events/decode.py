@@ -16,6 +16,10 @@ TCP_STATES = {
 TCP_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"))
 
 
+def endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 @dataclass
 class Event:
     kind: str                      # rst_sent, rst_received, syn_dropped, ack_dropped, syn_cookie
@@ -49,6 +53,14 @@ class Event:
     netns_name: str | None = None
     explanation: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def local(self) -> str:
+        return endpoint(self.local_addr, self.local_port)
+
+    @property
+    def remote(self) -> str:
+        return endpoint(self.remote_addr, self.remote_port)
 
     @property
     def tcp_flag_names(self) -> list[str]:

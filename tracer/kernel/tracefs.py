@@ -47,10 +47,28 @@ class TracepointFormat:
 
         The kernel prints its own enum names there, so rsttrace never carries a numbering table.
         """
-        m = re.search(r"__print_symbolic\(REC->%s,(.*?)\)\s*(?:,|$)" % re.escape(field_name), self.print_fmt, re.S)
-        if not m:
+        start = self.print_fmt.find(f"__print_symbolic(REC->{field_name},")
+        if start < 0:
             return {}
-        return {int(v, 0): n for v, n in re.findall(r'\{\s*(-?(?:0x)?[0-9a-fA-F]+)\s*,\s*"([^"]+)"\s*\}', m.group(1))}
+        body = _balanced(self.print_fmt, start + len("__print_symbolic"))
+        return {int(v, 0): n for v, n in re.findall(r'\{\s*(-?(?:0x)?[0-9a-fA-F]+)\s*,\s*"([^"]+)"\s*\}', body)}
+
+
+def _balanced(text: str, open_paren: int) -> str:
+    """The text inside the parentheses that open at `open_paren` (quotes respected)."""
+    depth, i, quoted = 0, open_paren, False
+    while i < len(text):
+        ch = text[i]
+        if ch == '"' and text[i - 1] != "\\":
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+            if depth == 0:
+                return text[open_paren + 1:i]
+        i += 1
+    return text[open_paren + 1:]
 
 
 _FIELD_RE = re.compile(r"field:(?P<decl>[^;]+);\s*offset:\d+;\s*size:\d+;")

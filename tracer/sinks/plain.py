@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import sys
 
+from ..events.decode import endpoint
 from .output import LineOutput
 
 
 def _endpoint(ep: dict, family: str) -> str:
-    return f"[{ep['addr']}]:{ep['port']}" if family == "ipv6" else f"{ep['addr']}:{ep['port']}"
+    return endpoint(ep["addr"], ep["port"])
 
 
 def format_event(rec: dict) -> str:

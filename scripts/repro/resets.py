@@ -3,9 +3,9 @@
 Each scenario prints one JSON line of facts (pids, ports, errors seen) for the test to compare with
 what rsttrace reported. Bounded: every socket has a timeout, nothing loops without a limit.
 
-    python3 scenarios.py closed_port    ADDR PORT
-    python3 scenarios.py unread_close   ADDR PORT [NBYTES]
-    python3 scenarios.py linger_zero    ADDR PORT
+    python3 resets.py closed_port    ADDR PORT
+    python3 resets.py unread_close   ADDR PORT [NBYTES]
+    python3 resets.py linger_zero    ADDR PORT
 """
 from __future__ import annotations
 

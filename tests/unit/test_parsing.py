@@ -1,0 +1,63 @@
+"""Parsers of kernel text: tracepoint formats, SNMP counters, kallsyms, BTF member offsets."""
+from __future__ import annotations
+
+import pytest
+
+from tracer.enrich import counters
+from tracer.kernel.btf import BTFError, KernelBTF
+from tracer.kernel.kallsyms import function_ranges
+from tracer.kernel.tracefs import parse_format
+from tests_paths import DATA
+
+
+def test_send_reset_format_fields_and_reason_names():
+    fmt = parse_format("tcp", "tcp_send_reset", (DATA / "tcp_send_reset-6.18.format").read_text())
+    assert {"skbaddr", "skaddr", "state", "reason", "saddr", "daddr"} <= set(fmt.fields)
+    assert not any(f.startswith("common_") for f in fmt.fields)
+    names = fmt.symbols("reason")
+    assert names[1] == "NO_SOCKET" and names[11] == "TCP_ABORT_ON_CLOSE"
+    # state's symbols are macro names, not numbers: nothing to learn there (and never the reason's list)
+    assert fmt.symbols("state") == {}
+
+def test_receive_reset_format_has_cookie():
+    fmt = parse_format("tcp", "tcp_receive_reset", (DATA / "tcp_receive_reset-6.18.format").read_text())
+    assert fmt.has("sock_cookie") and fmt.has("saddr_v6") and not fmt.has("reason")
+
+
+def test_snmp_counters_parse():
+    text = "Tcp: RtoAlgorithm OutRsts\nTcp: 1 42\nTcpExt: ListenOverflows ListenDrops\nTcpExt: 7 9\n"
+    assert counters.parse(text) == {"TcpRtoAlgorithm": 1, "TcpOutRsts": 42, "TcpExtListenOverflows": 7,
+                                    "TcpExtListenDrops": 9}
+    assert counters.delta({"TcpOutRsts": 40}, {"TcpOutRsts": 42}, names=("TcpOutRsts",)) == {"TcpOutRsts": 2}
+
+
+def test_kallsyms_range_ends_at_next_symbol(tmp_path):
+    f = tmp_path / "kallsyms"
+    f.write_text("ffffffff81000000 T _text\nffffffff81369570 t handle_softirqs\n"
+                 "ffffffff81369570 t handle_softirqs_alias\nffffffff81369810 T other\n")
+    assert function_ranges(("handle_softirqs", "__do_softirq"), str(f)) == {
+        "handle_softirqs": (0xffffffff81369570, 0xffffffff81369810)}
+
+
+def test_kallsyms_hidden_addresses_mean_no_ranges(tmp_path):
+    f = tmp_path / "kallsyms"
+    f.write_text("0000000000000000 T _text\n0000000000000000 t handle_softirqs\n0000000000000000 T other\n")
+    assert function_ranges(("handle_softirqs",), str(f)) == {}
+
+
+def test_btf_offsets_walk_anonymous_members():
+    # Values from the running kernel's BTF; the members sit inside anonymous unions/structs.
+    with KernelBTF() as btf:
+        assert btf.member("sock", "__sk_common.skc_net").size == 8
+        assert btf.member("sk_buff", "head").size == 8
+        assert btf.member("net", "ns.inum").size == 4
+        assert btf.enum("sock_flags")["SOCK_DEAD"] == 0
+        with pytest.raises(BTFError):
+            btf.member("sock", "no_such_member")
+        with pytest.raises(BTFError):
+            btf.member("no_such_struct_rsttrace", "x")
+
+
+def test_missing_btf_file_is_a_clear_error(tmp_path):
+    with pytest.raises(BTFError, match="CONFIG_DEBUG_INFO_BTF"):
+        KernelBTF(str(tmp_path / "vmlinux"))
