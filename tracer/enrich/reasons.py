@@ -6,7 +6,7 @@ skb_drop_reason, SNMP counters) are kept beside them so users can grep both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..events.decode import Event
 
@@ -25,6 +25,7 @@ class Reason:
     counters: tuple[str, ...] = ()      # SNMP / netstat counters the same path bumps
     severity: str = "warning"           # info / warning / error (colour in the UI)
     summary: str = ""                   # one-line template, formatted with the event's fields
+    checks: tuple[str, ...] = ()        # how to see it for yourself: commands, settings, logs
 
     def one_line(self, ev: Event | None = None) -> str:
         if ev is None or not self.summary:
@@ -195,6 +196,61 @@ _add(Reason(
     "unknown", ("rst_sent", "rst_received", "syn_dropped", "ack_dropped"), "reason not known",
     "The kernel did not say why and rsttrace could not tell from what it sees; the raw evidence is in the record.",
     "—", "Look at kernel_reason and evidence in the JSON record.", ("NOT_SPECIFIED", "ERROR"), (), "info"))
+
+
+
+def _checks(name: str, *checks: str) -> None:
+    CATALOG[name] = replace(CATALOG[name], checks=checks)
+
+
+# How to confirm each diagnosis by hand (`rsttrace explain`, the screen's final advice). PORT, PID and
+# NETNS stand for the values in the event.
+_checks("no_listener",
+        "ss -ltnp 'sport = :PORT' — in the netns the clients reach (ip netns exec NETNS ss -ltnp, or "
+        "nsenter -t PID -n ss -ltnp for a container)",
+        "nstat -az TcpOutRsts — moves with every RST the host sends")
+_checks("closed_with_unread_data",
+        "the closing process's error log at that second; nginx: grep -E 'Permission denied|proxy_temp|"
+        "upstream prematurely' /var/log/nginx/error.log",
+        "proxy temp dir owned by the worker user? ls -ld /var/cache/nginx/proxy_temp; ps -o user= -C nginx",
+        "nginx: proxy_buffers, proxy_buffer_size, proxy_max_temp_file_size, client_max_body_size",
+        "nstat -az TcpExtTCPAbortOnClose — the kernel counts these aborts")
+_checks("linger_zero",
+        "strace -f -e trace=setsockopt -p PID 2>&1 | grep SO_LINGER — who sets {1, 0}",
+        "nstat -az TcpExtTCPAbortOnData (the kernel counts a zero-linger close here)")
+_checks("data_after_close",
+        "idle/keep-alive timeouts on both sides: the server's must be longer than every client's and proxy's "
+        "(nginx keepalive_timeout vs upstream keepalive_timeout, HTTP client pool idle time)",
+        "nstat -az TcpExtTCPAbortOnData")
+_checks("out_of_memory",
+        "cat /proc/net/sockstat — orphan and mem against the limits below",
+        "sysctl net.ipv4.tcp_max_orphans net.ipv4.tcp_mem",
+        "nstat -az TcpExtTCPAbortOnMemory")
+_checks("keepalive_timeout",
+        "sysctl net.ipv4.tcp_keepalive_time net.ipv4.tcp_keepalive_intvl net.ipv4.tcp_keepalive_probes",
+        "ss -tno 'dport = :PORT' — timer:(keepalive,...) shows the probes in flight",
+        "NAT/firewall/load-balancer idle timeouts on the path; nstat -az TcpExtTCPAbortOnTimeout")
+_checks("fin_wait2_timeout",
+        "sysctl net.ipv4.tcp_fin_timeout; ss -tno state fin-wait-2",
+        "nstat -az TcpExtTCPAbortOnLinger")
+_checks("peer_reset",
+        "run rsttrace on the peer: its rst_sent carries the reason",
+        "nstat -az TcpEstabResets")
+_checks("accept_queue_full",
+        "ss -ltn 'sport = :PORT' — for a listener Recv-Q is the accept queue now and Send-Q its limit; the "
+        "limit is min(listen() backlog, net.core.somaxconn) and the queue overflows when Recv-Q > Send-Q",
+        "sysctl net.core.somaxconn (per netns) and the backlog the server passes to listen() (nginx listen "
+        "... backlog=N, Java ServerSocket/Tomcat acceptCount, gunicorn --backlog, Go: somaxconn)",
+        "sysctl net.ipv4.tcp_abort_on_overflow — 0 (default): the SYN or final ACK is dropped and clients "
+        "retransmit or time out; 1: clients get an RST",
+        "nstat -az TcpExtListenOverflows TcpExtListenDrops")
+_checks("syn_queue_full",
+        "sysctl net.ipv4.tcp_max_syn_backlog net.ipv4.tcp_syncookies",
+        "ss -ltn 'sport = :PORT'; ss -tn state syn-recv 'sport = :PORT' | wc -l — half-open connections",
+        "nstat -az TcpExtTCPReqQFullDrop TcpExtListenDrops")
+_checks("syn_cookie",
+        "nstat -az TcpExtSyncookiesSent TcpExtSyncookiesRecv TcpExtSyncookiesFailed",
+        "sysctl net.ipv4.tcp_max_syn_backlog; the listen() backlog also caps the SYN queue")
 
 REASON_NAMES = tuple(CATALOG)
 
