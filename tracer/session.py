@@ -66,7 +66,7 @@ class Session:
                                   "see `rsttrace doctor`")
         self.caps = caps
         self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family))
-        self.decoder = Decoder(self.program.rst_reason_names)
+        self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.program.open_events(self._on_record)
         self.counters_before = counters.read()
@@ -160,13 +160,15 @@ class Session:
 
     def kernel_counts(self, exact) -> dict[str, dict[str, int]]:
         """Exact in-kernel counts per event kind and rsttrace reason (before any user-space filter)."""
-        from .events.record import KIND_NAMES, NO_REASON
+        from .events.record import F_ORPHAN, KIND_NAMES, NO_REASON, VERDICT_NAMES
         out: dict[str, dict[str, int]] = {}
-        names = self.program.rst_reason_names
         for key, n in exact:
             kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
+            names = self.program.reason_names.get(kind, {})
             kreason = None if key.kernel_reason == NO_REASON else names.get(key.kernel_reason)
-            reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero))
+            reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero),
+                                             VERDICT_NAMES.get(key.verdict, "none"), bool(key.queue_full),
+                                             bool(key.flags & F_ORPHAN))
             out.setdefault(kind, {}).setdefault(reason, 0)
             out[kind][reason] += n
         return out
