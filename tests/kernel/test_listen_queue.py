@@ -167,3 +167,30 @@ def test_syn_flood_reconciles_with_cookie_and_queue_counters(netns, tracer, sync
         assert len([r for r in dropped if r["reason"] == "syn_queue_full"]) == delta(before, after, "TcpExtTCPReqQFullDrop")
         assert len(dropped) == delta(before, after, "TcpExtListenDrops")
         assert "tcp_syncookies=0" in dropped[0]["explanation"]
+
+
+def test_listener_started_before_rsttrace_is_learned_and_reconciled(netns, tracer):
+    # The listener predates rsttrace: it never passes through inet_sock_set_state while traced.
+    server = Background(netns, "server", "127.0.0.1", str(PORT), "5", "30")
+    t = tracer("--json", "--port", str(PORT))
+    before = netns.counters()
+    netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "60", "2.5")
+    after = netns.counters()
+    time.sleep(2.5)                       # let the sampler publish a `listeners` record
+    records = t.stop()
+    server.stop()
+
+    drops = listener_events(records, netns)
+    assert len(drops) == delta(before, after, "TcpExtListenOverflows") > 0
+    assert all(d["queues"]["backlog"] is None for d in drops)          # listen() happened before us
+    assert drops[0]["queues"]["binding_limit"] == "listen_backlog"     # 5 < somaxconn: the app's backlog binds
+    assert drops[0]["process"]["pid"] == server.facts["server_pid"]
+    rows = [row for rec in records if rec["type"] == "listeners" for row in rec["listeners"]
+            if row["netns"]["inode"] == netns.inode]
+    assert rows and rows[-1]["local"]["port"] == PORT
+    assert (rows[-1]["accept_qlen"], rows[-1]["accept_qmax"]) == (6, 5)
+    assert rows[-1]["drops"] >= len(drops) and rows[-1]["process"]["pid"] == server.facts["server_pid"]
+    [final] = [r for r in records if r["type"] == "reconciliation"][-1:]
+    [ours] = [n for n in final["netns"] if n["inode"] == netns.inode]
+    assert ours["rsttrace"]["syn_dropped"] == ours["kernel"]["TcpExtListenDrops"]
+    assert ours["coverage_pct"]["listen_drops"] == 100.0
