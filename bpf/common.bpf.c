@@ -13,9 +13,14 @@
 
 #define AF_INET 2
 #define AF_INET6 10
+#define IPPROTO_TCP 6
 #define TCP_TIME_WAIT 6
+#define TCP_LISTEN 10
 #define TCP_NEW_SYN_RECV 12
 #define STACK_DEPTH 48
+#define TCPHDR_SYN 0x02
+#define TCPHDR_RST 0x04
+#define TCPHDR_ACK 0x10
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, RSTTRACE_STAT_MAX);
@@ -23,6 +28,23 @@ BPF_HASH(port_filter, __u16, __u8, 1024);
 /* Exact counts per (kind, kernel reason, local port, ...), kept in the kernel whether or not the
  * record reaches user space: the truth when the ring buffer overflows or output is rate-limited. */
 BPF_PERCPU_HASH(counts, struct rsttrace_count_key, __u64, RSTTRACE_COUNT_KEYS);
+
+/* Listening sockets by (netns, local port): filled from listen() (inet_sock_set_state) and from
+ * tracepoints that name a listener (sk_data_ready on a queued child, kfree_skb's rx_sk), so that a
+ * packet can be matched to the listener it is headed for. One entry per (netns, port): with
+ * SO_REUSEPORT groups or per-address listeners on one port, the last one seen stands for all. */
+struct listener_key {
+	__u64 net;              /* struct net * */
+	__u16 port;             /* host byte order */
+	__u16 pad16;
+	__u32 pad32;
+};
+struct listener_val {
+	__u64 sk;
+	__s32 backlog;          /* listen() argument, -1 if the listener predates rsttrace */
+	__u32 pad;
+};
+BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
 
 struct stack_scratch {
 	__u64 ip[STACK_DEPTH];
@@ -59,8 +81,10 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	key.kernel_reason = e->kernel_reason;
 	key.lport = e->lport;
 	key.tcp_flags = e->tcp_flags;
-	key.flags = e->flags & (RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED);
+	key.flags = e->flags & (RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN);
 	key.linger_zero = (e->flags & RSTTRACE_F_LINGER) && e->linger_jiffies == 0;
+	key.verdict = e->verdict;
+	key.queue_full = (e->flags & RSTTRACE_F_QUEUES) && e->accept_qlen > e->accept_qmax;
 	__u64 one = 1, *n = counts.lookup(&key);
 	if (n)
 		*n += 1;
@@ -160,6 +184,58 @@ static __always_inline __u8 tcp_flags_of_skb(void *skb)
 	return flags;
 }
 
+static __always_inline void *net_of_sock(void *sk)
+{
+	void *net = 0;
+	bpf_probe_read_kernel(&net, sizeof(net), sk + OFF_SOCK_NET);
+	return net;
+}
+
+/* The netns sysctls that decide a listener's fate (all per network namespace). */
+static __always_inline void read_net_sysctls(void *net, struct rsttrace_event *e)
+{
+	if (!net)
+		return;
+	bpf_probe_read_kernel(&e->somaxconn, sizeof(e->somaxconn), net + OFF_NET_SOMAXCONN);
+	bpf_probe_read_kernel(&e->max_syn_backlog, sizeof(e->max_syn_backlog), net + OFF_NET_MAX_SYN_BACKLOG);
+	bpf_probe_read_kernel(&e->syncookies, sizeof(e->syncookies), net + OFF_NET_SYNCOOKIES);
+	bpf_probe_read_kernel(&e->abort_on_overflow, sizeof(e->abort_on_overflow), net + OFF_NET_ABORT_ON_OVERFLOW);
+}
+
+/* A listener's queues at this moment: accept queue (sk_ack_backlog / sk_max_ack_backlog, which
+ * is min(listen() backlog, somaxconn)) and SYN queue (icsk_accept_queue.qlen). */
+static __always_inline void read_listener(void *sk, struct rsttrace_event *e)
+{
+	bpf_probe_read_kernel(&e->accept_qlen, sizeof(e->accept_qlen), sk + OFF_SOCK_ACK_BACKLOG);
+	bpf_probe_read_kernel(&e->accept_qmax, sizeof(e->accept_qmax), sk + OFF_SOCK_MAX_ACK_BACKLOG);
+	bpf_probe_read_kernel(&e->syn_qlen, sizeof(e->syn_qlen), sk + OFF_ICSK_SYN_QLEN);
+	read_net_sysctls(net_of_sock(sk), e);
+	e->flags |= RSTTRACE_F_QUEUES;
+	e->listen_backlog = -1;
+	__u16 port = 0;
+	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
+	struct listener_key key = {};
+	key.net = (__u64)net_of_sock(sk);
+	key.port = port;
+	struct listener_val *known = listeners.lookup(&key);
+	if (known && known->sk == (__u64)sk)
+		e->listen_backlog = known->backlog;
+}
+
+/* Remember a listener met on the way (one that existed before rsttrace started). */
+static __always_inline void learn_listener(void *sk)
+{
+	struct listener_key key = {};
+	__u16 port = 0;
+	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
+	key.net = (__u64)net_of_sock(sk);
+	key.port = port;
+	struct listener_val val = {};
+	val.sk = (__u64)sk;
+	val.backlog = -1;
+	listeners.insert(&key, &val);    /* never overwrites an entry made at listen() */
+}
+
 /* Socket details that make a reason concrete: owner inode, unread bytes, SO_LINGER.
  * Only full sockets have these fields; request and TIME_WAIT minisocks are smaller structs. */
 static __always_inline void read_socket(void *sk, struct rsttrace_event *e)
@@ -175,6 +251,8 @@ static __always_inline void read_socket(void *sk, struct rsttrace_event *e)
 	bpf_probe_read_kernel(&socket, sizeof(socket), sk + OFF_SOCK_SOCKET);
 	if (socket)   /* struct socket_alloc { struct socket socket; struct inode vfs_inode; } */
 		bpf_probe_read_kernel(&e->sock_ino, sizeof(e->sock_ino), socket + OFF_SOCKET_ALLOC_INODE + OFF_INODE_INO);
+	else
+		e->flags |= RSTTRACE_F_ORPHAN;
 
 	__u32 rcv_nxt = 0, copied_seq = 0;
 	bpf_probe_read_kernel(&rcv_nxt, sizeof(rcv_nxt), sk + OFF_TCP_RCV_NXT);
@@ -203,4 +281,62 @@ static __always_inline int pid_wanted(struct rsttrace_event *e)
 		return 0;
 #endif
 	return 1;
+}
+
+/* IP and TCP header of a received segment: addresses (local = destination), ports, flags. */
+struct segment {
+	__u16 family;
+	__u16 sport;
+	__u16 dport;
+	__u8 flags;
+	__u8 ok;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+static __always_inline void parse_segment(void *skb, int transport_known, struct segment *seg)
+{
+	unsigned char *head = 0;
+	__u16 nh = 0, th = 0;
+	__u8 vihl = 0, proto = 0;
+	bpf_probe_read_kernel(&head, sizeof(head), skb + OFF_SKB_HEAD);
+	bpf_probe_read_kernel(&nh, sizeof(nh), skb + OFF_SKB_NETWORK_HEADER);
+	if (!head)
+		return;
+	bpf_probe_read_kernel(&vihl, 1, head + nh);
+	if ((vihl >> 4) == 4) {
+		bpf_probe_read_kernel(&proto, 1, head + nh + 9);
+		th = nh + (vihl & 0xf) * 4;
+		seg->family = AF_INET;
+		bpf_probe_read_kernel(seg->saddr, 4, head + nh + 12);
+		bpf_probe_read_kernel(seg->daddr, 4, head + nh + 16);
+	} else if ((vihl >> 4) == 6) {
+		bpf_probe_read_kernel(&proto, 1, head + nh + 6);   /* extension headers are not followed */
+		th = nh + 40;
+		seg->family = AF_INET6;
+		bpf_probe_read_kernel(seg->saddr, 16, head + nh + 8);
+		bpf_probe_read_kernel(seg->daddr, 16, head + nh + 24);
+	} else {
+		return;
+	}
+	if (proto != IPPROTO_TCP)
+		return;
+	if (transport_known)
+		bpf_probe_read_kernel(&th, sizeof(th), skb + OFF_SKB_TRANSPORT_HEADER);
+	__u16 ports[2] = {};
+	bpf_probe_read_kernel(ports, sizeof(ports), head + th);
+	bpf_probe_read_kernel(&seg->flags, 1, head + th + 13);
+	seg->sport = __builtin_bswap16(ports[0]);
+	seg->dport = __builtin_bswap16(ports[1]);
+	seg->ok = 1;
+}
+
+static __always_inline void fill_from_segment(struct rsttrace_event *e, struct segment *seg)
+{
+	e->family = seg->family;
+	e->lport = seg->dport;
+	e->rport = seg->sport;
+	e->tcp_flags = seg->flags;
+	__builtin_memcpy(e->laddr, seg->daddr, 16);
+	__builtin_memcpy(e->raddr, seg->saddr, 16);
 }

@@ -67,8 +67,21 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 		return 0;
 	void *sk = (void *)args->skaddr;
 	void *skb = (void *)args->skbaddr;
-	if (sk)
+	if (sk) {
 		read_socket(sk, e);
+		/* A listener answering the 3rd ACK with RST (tcp_abort_on_overflow=1 gives INVALID_SYN):
+		 * its queues tell whether this was an accept-queue overflow. */
+		if (e->state == TCP_LISTEN) {
+			read_listener(sk, e);
+			/* The tracepoint took the addresses from the listener (remote 0.0.0.0:0); the
+			 * segment being answered has the real ones. */
+			struct segment seg = {};
+			if (skb)
+				parse_segment(skb, 1, &seg);
+			if (seg.ok)
+				fill_from_segment(e, &seg);
+		}
+	}
 	if (skb) {   /* a reply: remember what it answered; without a socket the netns comes from the device */
 		e->tcp_flags = tcp_flags_of_skb(skb);
 		if (!sk)

@@ -23,13 +23,23 @@ enum rsttrace_kind {
 	RSTTRACE_SYN_COOKIE = 5,    /* SYN queue full, answered with a SYN cookie */
 };
 
+/* A listener's decision on a SYN, replayed from tcp_conn_request() with the queue state the SYN met. */
+enum rsttrace_verdict {
+	RSTTRACE_VERDICT_NONE = 0,
+	RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL = 1,  /* sk_acceptq_is_full(): ListenOverflows */
+	RSTTRACE_VERDICT_SYN_QUEUE_FULL = 2,     /* request queue full, syncookies off: TCPReqQFullDrop */
+	RSTTRACE_VERDICT_SYN_BACKLOG_RESERVE = 3,/* last quarter of tcp_max_syn_backlog kept for proven peers */
+	RSTTRACE_VERDICT_SYN_COOKIE = 4,         /* request queue full (or syncookies=2): SyncookiesSent */
+};
+
 /* Bits of rsttrace_event.flags. */
 #define RSTTRACE_F_SOFTIRQ      0x01  /* ran in softirq: the task on the CPU is not the culprit */
 #define RSTTRACE_F_HAVE_SOCKET  0x02  /* the hook had a socket (skaddr != 0) */
 #define RSTTRACE_F_LINGER       0x04  /* SO_LINGER was set on the socket */
 #define RSTTRACE_F_FULLSOCK     0x08  /* a full socket: unread_bytes/linger fields are meaningful */
 #define RSTTRACE_F_QUEUES       0x10  /* the queue fields below were read */
-#define RSTTRACE_F_INFERRED     0x20  /* the event is inferred (e.g. tc ingress saw a SYN meet a full queue) */
+#define RSTTRACE_F_INFERRED     0x20  /* inferred: rsttrace replayed the kernel's test on the state it read */
+#define RSTTRACE_F_ORPHAN       0x40  /* a full socket with no struct socket: never accept()ed, or closed */
 
 struct rsttrace_event {
 	__u64 ktime_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -47,12 +57,19 @@ struct rsttrace_event {
 	__u32 unread_bytes;     /* rcv_nxt - copied_seq: received, never read by the application */
 	__u32 accept_qlen;      /* listener sk_ack_backlog (RSTTRACE_F_QUEUES) */
 	__u32 accept_qmax;      /* listener sk_max_ack_backlog */
-	__u32 syn_qlen;         /* listener request-queue length */
+	__u32 syn_qlen;         /* listener request-queue (SYN queue) length */
+	__u32 somaxconn;        /* net.core.somaxconn of the listener's netns (RSTTRACE_F_QUEUES) */
+	__u32 max_syn_backlog;  /* net.ipv4.tcp_max_syn_backlog of that netns */
+	__s32 listen_backlog;   /* the backlog argument given to listen(), -1 if not seen */
 	__u16 family;           /* AF_INET / AF_INET6 */
 	__u16 lport;            /* host byte order */
 	__u16 rport;
 	__u8 flags;             /* RSTTRACE_F_* */
-	__u8 tcp_flags;         /* flags of the segment a reply RST answered (0: none) */
+	__u8 tcp_flags;         /* flags of the segment a reply RST answered / a drop concerned (0: none) */
+	__u8 syncookies;        /* net.ipv4.tcp_syncookies of that netns */
+	__u8 abort_on_overflow; /* net.ipv4.tcp_abort_on_overflow of that netns */
+	__u8 verdict;           /* enum rsttrace_verdict: what the listener decided for a SYN */
+	__u8 pad;
 	__u8 laddr[16];         /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[RSTTRACE_COMM_LEN];
@@ -66,9 +83,11 @@ struct rsttrace_count_key {
 	__u32 kernel_reason;
 	__u16 lport;
 	__u8 tcp_flags;
-	__u8 flags;             /* RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED */
+	__u8 flags;             /* RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN */
 	__u8 linger_zero;
-	__u8 pad[3];
+	__u8 verdict;           /* enum rsttrace_verdict */
+	__u8 queue_full;        /* listener accept queue over its limit (accept_qlen > accept_qmax) */
+	__u8 pad;
 };
 
 /* Per-CPU statistics slots (BPF_PERCPU_ARRAY stats). */

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .enrich import counters, reasons
 from .enrich.attribution import Attributor
+from .enrich.listeners import ListenerSampler
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
 from .events.decode import Decoder, Event
@@ -25,6 +26,8 @@ from .sinks import records
 from .sinks.plain import stderr
 
 LOST_CHECK_INTERVAL = 0.5     # seconds between reads of the kernel's lost counter
+LISTENERS_INTERVAL = 2.0      # seconds between `listeners` records
+RECONCILE_INTERVAL = 10.0     # seconds between `reconciliation` records (and one at exit)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class Session:
         self.sinks = sinks
         self.started_at = started_at or time.monotonic()
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.netns_counts: dict[int, Counter[str]] = {}     # netns inode → event kind → count
+        self.listen_backlogs: dict[tuple[int, int], int] = {}  # (netns, port) → listen() backlog seen
+        self.sampler: ListenerSampler | None = None
         self.emitted = 0
         self.lost_reported = 0
         self._stop = False
@@ -66,10 +72,14 @@ class Session:
                                   "see `rsttrace doctor`")
         self.caps = caps
         self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family))
-        self.decoder = Decoder(self.program.rst_reason_names)
+        self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.program.open_events(self._on_record)
         self.counters_before = counters.read()
+        if caps.listen_hooks:
+            self.sampler = ListenerSampler(self.options.ports)
+            self.sampler.add_known_namespaces()
+            self.sampler.start()
         self.attached_at = time.monotonic()
         cov = caps.coverage.as_dict()
         self._emit(records.coverage_record(cov, caps.kernel, self._filter_dict(),
@@ -88,9 +98,15 @@ class Session:
 
     def handle(self, ev: Event) -> None:
         ev.reason = reasons.classify(ev)
+        self.netns_counts.setdefault(ev.netns, Counter())[ev.kind] += 1
         if self.options.reasons and ev.reason not in self.options.reasons:
             return
         self.attributor.attribute(ev)
+        if self.sampler is not None:
+            if ev.netns not in self.sampler.netns and ev.process and ev.process.get("pid"):
+                self.sampler.watch_pid(ev.process["pid"])
+            if ev.queues and ev.queues.get("backlog") is not None:
+                self.listen_backlogs[(ev.netns, ev.local_port)] = ev.queues["backlog"]
         if self.options.pid is not None and ev.softirq:
             # The kernel could not judge softirq events by pid; judge them by the socket owner here.
             if not ev.process or ev.process.get("pid") != self.options.pid:
@@ -114,6 +130,8 @@ class Session:
     def run(self) -> None:
         deadline = self.attached_at + self.options.duration if self.options.duration else None
         next_lost_check = 0.0
+        next_listeners = time.monotonic() + LISTENERS_INTERVAL
+        next_reconcile = time.monotonic() + RECONCILE_INTERVAL
         while not self._stop:
             timeout_ms = 100
             if deadline is not None:
@@ -126,6 +144,33 @@ class Session:
             if now >= next_lost_check:
                 self._report_losses()
                 next_lost_check = now + LOST_CHECK_INTERVAL
+            if self.sampler is not None and now >= next_listeners:
+                self._emit(self.listeners_record())
+                next_listeners = now + LISTENERS_INTERVAL
+            if self.sampler is not None and now >= next_reconcile:
+                self._emit(self.reconciliation_record())
+                next_reconcile = now + RECONCILE_INTERVAL
+
+    def listeners_record(self) -> dict:
+        rows = self.sampler.snapshot(self._listener_owner)
+        for row in rows:
+            backlog = self.listen_backlogs.get((row["netns"]["inode"], row["local"]["port"]))
+            if backlog is not None and row["somaxconn"] is not None:
+                row["backlog"] = backlog
+                row["binding_limit"] = "somaxconn" if backlog > row["somaxconn"] else "listen_backlog"
+        return records.listeners_record(rows)
+
+    def _listener_owner(self, inode: int) -> dict | None:
+        for pid in self.attributor.sockets.owners(inode, time.monotonic_ns()):
+            info = self.attributor.sockets.info(pid)
+            if info:
+                info["source"] = "listener_owner"
+                return info
+        return None
+
+    def reconciliation_record(self) -> dict:
+        seen = {inode: dict(c) for inode, c in self.netns_counts.items()}
+        return records.reconciliation_record(self.sampler.reconciliation(seen))
 
     def _report_losses(self) -> None:
         lost = self.program.stats()["lost"]
@@ -146,6 +191,13 @@ class Session:
                 exact = self.program.exact_counts()
             finally:
                 self.program.close()
+            reconciliation = None
+            if self.sampler is not None:
+                self.sampler.stop()
+                self.sampler.sample_once()
+                final = self.reconciliation_record()
+                self._emit(final)
+                reconciliation = final["netns"]
             after = counters.read()
             by_kind: dict[str, dict[str, int]] = {}
             for (kind, reason), n in sorted(self.counts.items()):
@@ -153,20 +205,22 @@ class Session:
             summary = records.summary_record(
                 by_kind, stats["lost"], stats["submitted"], time.monotonic() - self.attached_at,
                 {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)},
-                self.kernel_counts(exact))
+                self.kernel_counts(exact), reconciliation)
             self._emit(summary)
         return summary or {}
 
 
     def kernel_counts(self, exact) -> dict[str, dict[str, int]]:
         """Exact in-kernel counts per event kind and rsttrace reason (before any user-space filter)."""
-        from .events.record import KIND_NAMES, NO_REASON
+        from .events.record import F_ORPHAN, KIND_NAMES, NO_REASON, VERDICT_NAMES
         out: dict[str, dict[str, int]] = {}
-        names = self.program.rst_reason_names
         for key, n in exact:
             kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
+            names = self.program.reason_names.get(kind, {})
             kreason = None if key.kernel_reason == NO_REASON else names.get(key.kernel_reason)
-            reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero))
+            reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero),
+                                             VERDICT_NAMES.get(key.verdict, "none"), bool(key.queue_full),
+                                             bool(key.flags & F_ORPHAN))
             out.setdefault(kind, {}).setdefault(reason, 0)
             out[kind][reason] += n
         return out
@@ -195,3 +249,11 @@ def print_summary(summary: dict, out=stderr) -> None:
     moved = {k: v for k, v in delta.items() if v}
     if moved:
         out("  kernel counters (rsttrace's netns): " + ", ".join(f"{k} +{v}" for k, v in moved.items()))
+    for ns in summary.get("reconciliation") or []:
+        k, ours = ns["kernel"], ns["rsttrace"]
+        listen = ours.get("syn_dropped", 0) + ours.get("ack_dropped", 0)
+        if not (k.get("TcpOutRsts") or k.get("TcpExtListenDrops") or ours):
+            continue
+        name = ns["name"] or ns["inode"]
+        out(f"  netns {name}: RSTs sent {ours.get('rst_sent', 0)} seen / {k.get('TcpOutRsts', 0)} counted (TcpOutRsts); "
+            f"listen drops {listen} seen / {k.get('TcpExtListenDrops', 0)} counted (ListenDrops)")

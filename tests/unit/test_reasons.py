@@ -18,6 +18,7 @@ SYN, ACK, RST = 0x02, 0x10, 0x04
     ("TCP_ABORT_ON_CLOSE", 0, True, "closed_with_unread_data"),   # unread data wins over linger (tcp_close order)
     ("TCP_STATE", 0, True, "linger_zero"),
     ("TCP_STATE", 0, False, "aborted"),
+    ("TCP_STATE", 0, "orphan", "listener_closed"),
     ("TCP_ABORT_ON_DATA", 0, False, "data_after_close"),
     ("TCP_ABORT_ON_MEMORY", 0, False, "out_of_memory"),
     ("TCP_KEEPALIVE_TIMEOUT", 0, False, "keepalive_timeout"),
@@ -32,7 +33,23 @@ SYN, ACK, RST = 0x02, 0x10, 0x04
     (None, 0, False, "unknown"),
 ])
 def test_kernel_reason_maps_to_stable_reason(kernel_reason, flags, linger_zero, expected):
-    assert reasons.classify_fields("rst_sent", kernel_reason, flags, linger_zero) == expected
+    orphan = linger_zero == "orphan"
+    linger_zero = linger_zero is True
+    assert reasons.classify_fields("rst_sent", kernel_reason, flags, linger_zero, orphan=orphan) == expected
+
+
+@pytest.mark.parametrize("kind,kernel_reason,verdict,queue_full,expected", [
+    ("syn_dropped", None, "accept_queue_full", True, "accept_queue_full"),
+    ("syn_dropped", None, "syn_queue_full", False, "syn_queue_full"),
+    ("syn_dropped", None, "syn_backlog_reserve", False, "syn_queue_full"),
+    ("syn_cookie", None, "syn_cookie", False, "syn_cookie"),
+    ("ack_dropped", "TCP_LISTEN_OVERFLOW", "none", True, "accept_queue_full"),
+    # tcp_abort_on_overflow=1: the RST's kernel reason says INVALID_SYN, the listener's queue says overflow
+    ("rst_sent", "INVALID_SYN", "none", True, "accept_queue_full"),
+    ("rst_sent", "INVALID_SYN", "none", False, "invalid_syn"),
+])
+def test_listen_queue_decisions_map_to_reasons(kind, kernel_reason, verdict, queue_full, expected):
+    assert reasons.classify_fields(kind, kernel_reason, 0, False, verdict, queue_full) == expected
 
 
 def test_received_reset_is_peer_reset():

@@ -47,3 +47,4 @@ def test_count_key_matches_the_c_header(tmp_path):
 def test_constants_come_from_the_header():
     assert record.KIND_NAMES == {1: "rst_sent", 2: "rst_received", 3: "syn_dropped", 4: "ack_dropped", 5: "syn_cookie"}
     assert record.F_SOFTIRQ == 1 and record.NO_REASON == 0xFFFFFFFF
+    assert record.VERDICT_NAMES[1] == "accept_queue_full" and record.VERDICT_NAMES[4] == "syn_cookie"

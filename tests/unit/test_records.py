@@ -22,7 +22,7 @@ def sample_event(**kw) -> Event:
                local_addr="::1", local_port=8080, remote_addr="::1", remote_port=51234, state="CLOSE",
                netns=4026531833, kernel_reason="TCP_ABORT_ON_CLOSE", softirq=False, task_pid=42,
                task_comm="nginx", task_uid=33, skaddr=1, sock_cookie=0, sock_ino=77, unread_bytes=4096,
-               linger=False, linger_jiffies=0, tcp_flags=0, callers=[1, 2])
+               linger=False, linger_jiffies=0, orphan=False, tcp_flags=0, callers=[1, 2])
     for k, v in kw.items():
         setattr(ev, k, v)
     ev.reason = reasons.classify(ev)

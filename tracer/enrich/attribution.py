@@ -37,12 +37,18 @@ def process_info(pid: int) -> dict | None:
 
 
 class SocketOwners:
-    """socket inode → owning pids, from /proc/*/fd links. Rebuilt on a miss, at most every `min_interval` s."""
+    """socket inode → owning pids, from /proc/*/fd links.
 
-    def __init__(self, min_interval: float = 0.25):
-        self.min_interval = min_interval
+    An index built at time T holds every socket that had a file descriptor at T. So a miss is worth
+    a rebuild only when the index predates the event (the socket may be newer than the index); a
+    socket missing from an index built after its event is gone or was never accept()ed. Rebuilds
+    are still capped at `max_per_s` so that a storm of unknown sockets cannot pin a CPU."""
+
+    def __init__(self, max_per_s: float = 20.0):
+        self.min_gap_ns = int(1e9 / max_per_s)
         self._index: dict[int, list[int]] = {}
-        self._built_at = 0.0
+        self._built_ns = 0
+        self._info: dict[int, dict] = {}     # pid → last known process info (kept after exit)
         self.rebuilds = 0
 
     def _rebuild(self) -> None:
@@ -64,17 +70,29 @@ class SocketOwners:
                 if target.startswith("socket:["):
                     index.setdefault(int(target[8:-1]), []).append(int(entry.name))
         self._index = index
-        self._built_at = time.monotonic()
+        self._built_ns = time.monotonic_ns()
         self.rebuilds += 1
 
-    def owners(self, inode: int) -> list[int]:
+    def owners(self, inode: int, event_ns: int = 0) -> list[int]:
+        """Pids holding socket `inode`; `event_ns` (CLOCK_MONOTONIC) is when the kernel saw it."""
         if not inode:
             return []
         pids = self._index.get(inode)
-        if pids is None and time.monotonic() - self._built_at >= self.min_interval:
+        now = time.monotonic_ns()
+        if pids is None and self._built_ns <= event_ns and now - self._built_ns >= self.min_gap_ns:
             self._rebuild()
             pids = self._index.get(inode)
         return sorted(set(pids or []))
+
+    def info(self, pid: int) -> dict | None:
+        """Process info, remembered: a process that exits right after its socket's event is still named."""
+        current = process_info(pid)
+        if current:
+            self._info[pid] = current
+            if len(self._info) > 4096:
+                self._info.pop(next(iter(self._info)))
+        cached = self._info.get(pid)
+        return dict(cached) if cached else None
 
 
 class NetnsNames:
@@ -113,15 +131,20 @@ class Attributor:
         self.sockets = SocketOwners()
         self.netns = NetnsNames()
 
+    LISTENER_EVENTS = ("syn_dropped", "ack_dropped", "syn_cookie")
+
     def attribute(self, ev: Event) -> None:
         ev.netns_name = self.netns.name(ev.netns)
-        if self.context_known and not ev.softirq:
+        listener_event = ev.kind in self.LISTENER_EVENTS or (ev.queues is not None and ev.state == "LISTEN")
+        if self.context_known and not ev.softirq and not listener_event:
             ev.process = {"pid": ev.task_pid, "comm": ev.task_comm, "uid": ev.task_uid, "source": "task"}
             return
-        for pid in self.sockets.owners(ev.sock_ino):
-            info = process_info(pid)
+        # A listener's drop is the listening process's problem, whoever was on the CPU.
+        source = "listener_owner" if listener_event else "socket_owner"
+        for pid in self.sockets.owners(ev.sock_ino, ev.ktime_ns):
+            info = self.sockets.info(pid)
             if info:
-                info["source"] = "socket_owner"
+                info["source"] = source
                 ev.process = info
                 return
         ev.process = None

@@ -101,6 +101,17 @@ _add(Reason(
     ("TCP_STATE",), ("TcpOutRsts",), "warning",
     "{who} aborted {ev.local} ↔ {ev.remote} (disconnect or ss -K)"))
 _add(Reason(
+    "listener_closed", ("rst_sent",), "listener closed with connections still queued",
+    "The listening socket was closed (server stop, restart, crash) while completed connections waited in its "
+    "accept queue; the kernel reset each of them (inet_csk_listen_stop).",
+    "A server restart or crash under load; a process that listens but never accepts; a hot reload that closes "
+    "the old listener before handing over its queue.",
+    "Drain before stopping (stop accepting new connections, then accept what is queued), use SO_REUSEPORT "
+    "or socket hand-over for reloads; look for crashes of the listening process at that moment.",
+    ("TCP_STATE",), ("TcpOutRsts",), "error",
+    "the listener on {ev.local} closed while {ev.remote}'s connection waited in its accept queue (never "
+    "accept()ed): the kernel reset it — drain the queue before stopping or restarting the server"))
+_add(Reason(
     "data_after_close", ("rst_sent",), "data arrived after the application closed",
     "Data arrived on a connection the application had already closed (or shut down for reading); the kernel "
     "cannot deliver it and resets the connection.",
@@ -257,23 +268,39 @@ REASON_NAMES = tuple(CATALOG)
 
 def classify(ev: Event) -> str:
     """rsttrace reason for an event, from what the kernel said and what the socket showed."""
-    if ev.kind not in ("rst_sent", "rst_received"):
-        return ev.reason if ev.reason in CATALOG else "unknown"
-    return classify_fields(ev.kind, ev.kernel_reason, ev.tcp_flags, ev.linger and ev.linger_jiffies == 0)
+    queue_full = bool(ev.queues and ev.queues["accept_qlen"] > ev.queues["accept_qmax"])
+    return classify_fields(ev.kind, ev.kernel_reason, ev.tcp_flags, ev.linger and ev.linger_jiffies == 0,
+                           ev.verdict, queue_full, ev.orphan)
 
 
-def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger_zero: bool) -> str:
+VERDICT_REASONS = {"accept_queue_full": "accept_queue_full", "syn_queue_full": "syn_queue_full",
+                   "syn_backlog_reserve": "syn_queue_full", "syn_cookie": "syn_cookie"}
+
+
+def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger_zero: bool,
+                    verdict: str = "none", queue_full: bool = False, orphan: bool = False) -> str:
     """The same decision from the few fields the kernel's exact-count keys keep."""
     if kind == "rst_received":
         return "peer_reset"
+    if kind in ("syn_dropped", "syn_cookie"):
+        return VERDICT_REASONS.get(verdict, "unknown")
+    if kind == "ack_dropped":
+        return "accept_queue_full" if kernel_reason == "TCP_LISTEN_OVERFLOW" else "unknown"
     if kind != "rst_sent" or kernel_reason is None:
         return "unknown"
+    if kernel_reason == "INVALID_SYN" and queue_full:
+        # tcp_abort_on_overflow=1: the listener resets the 3rd ACK it cannot queue; the kernel's own
+        # reason (INVALID_SYN) says nothing of the overflow, the listener's queue does.
+        return "accept_queue_full"
     if kernel_reason == "NO_SOCKET":
         syn_only = tcp_flags & TCPHDR_SYN and not tcp_flags & TCPHDR_ACK
         return "no_listener" if syn_only else "no_socket"
     if kernel_reason == "TCP_STATE":
-        # tcp_close() → tcp_disconnect() for SO_LINGER {1,0}; other callers of tcp_disconnect/tcp_abort.
-        return "linger_zero" if linger_zero else "aborted"
+        # tcp_close() → tcp_disconnect() for SO_LINGER {1,0}; a child never accept()ed has no struct
+        # socket: inet_csk_listen_stop() disconnects those when their listener closes.
+        if linger_zero:
+            return "linger_zero"
+        return "listener_closed" if orphan else "aborted"
     for reason in CATALOG.values():
         if kernel_reason in reason.kernel_names and "rst_sent" in reason.events:
             return reason.name
@@ -281,7 +308,41 @@ def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger
 
 
 def explain(ev: Event) -> str:
+    if ev.queues and ev.reason in ("accept_queue_full", "syn_queue_full", "syn_cookie"):
+        return explain_queue(ev)
     return CATALOG.get(ev.reason, CATALOG["unknown"]).one_line(ev)
+
+
+def explain_queue(ev: Event) -> str:
+    """Name the limit that binds: the listen() backlog, somaxconn, or the SYN-queue rules."""
+    q = ev.queues
+    sc = q["sysctls"]
+    owner = _who(ev) if ev.process else "the listener"
+    what = {"syn_dropped": "SYN dropped", "ack_dropped": "final ACK dropped", "rst_sent": "final ACK answered with RST",
+            "syn_cookie": "SYN answered with a cookie"}.get(ev.kind, ev.kind)
+    asked = f"listen({q['backlog']})" if q["backlog"] is not None else "listen(?)"
+    if ev.reason == "accept_queue_full":
+        if q["binding_limit"] == "somaxconn":
+            limit = (f"net.core.somaxconn {sc['somaxconn']} caps {asked}: raise somaxconn (in that netns) and "
+                     f"the backlog together, and accept faster")
+        else:
+            limit = (f"the limit is min({asked}, somaxconn {sc['somaxconn']}) = {q['accept_qmax']} — the application "
+                     f"passes a small backlog; raise it and accept faster (more workers)")
+        tail = ""
+        if ev.kind == "ack_dropped" and not sc["tcp_abort_on_overflow"]:
+            tail = "; the client believes it is connected and will retransmit"
+        return (f"{what} on {ev.local} from {ev.remote}: accept queue of {owner} full "
+                f"({q['accept_qlen']}/{q['accept_qmax']}); {limit}{tail}")
+    if ev.reason == "syn_cookie":
+        return (f"{what} on {ev.local} from {ev.remote}: SYN queue full ({q['syn_qlen']}/{q['syn_qmax']}) — a SYN "
+                f"flood or a burst above the backlog {q['accept_qmax']}; raise the listen() backlog if legitimate")
+    if ev.verdict == "syn_backlog_reserve":
+        return (f"{what} on {ev.local} from {ev.remote}: syncookies off and the SYN queue ({q['syn_qlen']}) is in "
+                f"the last quarter of tcp_max_syn_backlog {sc['tcp_max_syn_backlog']}, kept for known peers — "
+                f"enable net.ipv4.tcp_syncookies or raise tcp_max_syn_backlog")
+    return (f"{what} on {ev.local} from {ev.remote}: SYN queue full ({q['syn_qlen']}/{q['syn_qmax']}) and "
+            f"tcp_syncookies={sc['tcp_syncookies']} — enable net.ipv4.tcp_syncookies, raise the listen() backlog "
+            f"(now {q['accept_qmax']}) and tcp_max_syn_backlog")
 
 
 def lookup(name: str) -> Reason | None:

@@ -43,10 +43,12 @@ class Event:
     unread_bytes: int | None
     linger: bool
     linger_jiffies: int
+    orphan: bool                   # full socket without a struct socket: never accepted, or already closed
     tcp_flags: int
     callers: list[int]
     queues: dict[str, Any] | None = None
     inferred: bool = False
+    verdict: str = "none"          # listener's decision on a SYN (rsttrace_verdict), "none" otherwise
     # Filled by enrichment:
     reason: str = "unknown"
     process: dict[str, Any] | None = None
@@ -70,8 +72,8 @@ class Event:
 class Decoder:
     """Turns RawEvent bytes into Events. Kernel enum numbering comes from the running kernel."""
 
-    def __init__(self, rst_reason_names: dict[int, str]):
-        self.rst_reason_names = rst_reason_names
+    def __init__(self, reason_names: dict[str, dict[int, str]]):
+        self.reason_names = reason_names      # event kind -> kernel enum value -> kernel name
         self._resync_clock()
 
     def _resync_clock(self) -> None:
@@ -98,7 +100,7 @@ class Decoder:
         if raw.kernel_reason == record.NO_REASON:
             kreason = None
         else:
-            kreason = self.rst_reason_names.get(raw.kernel_reason, f"REASON_{raw.kernel_reason}")
+            kreason = self.reason_names.get(kind, {}).get(raw.kernel_reason, f"REASON_{raw.kernel_reason}")
         fullsock = bool(raw.flags & record.F_FULLSOCK)
         return Event(
             kind=kind,
@@ -122,7 +124,35 @@ class Decoder:
             unread_bytes=raw.unread_bytes if fullsock else None,
             linger=bool(raw.flags & record.F_LINGER),
             linger_jiffies=raw.linger_jiffies,
+            orphan=bool(raw.flags & record.F_ORPHAN),
             tcp_flags=raw.tcp_flags,
             callers=[a for a in raw.callers if a],
             inferred=bool(raw.flags & record.F_INFERRED),
+            queues=queues_of(raw) if raw.flags & record.F_QUEUES else None,
+            verdict=record.VERDICT_NAMES.get(raw.verdict, "none"),
         )
+
+
+def queues_of(raw: record.RawEvent) -> dict[str, Any]:
+    """The listener's queues and the netns sysctls at the moment of the event."""
+    backlog = raw.listen_backlog if raw.listen_backlog >= 0 else None
+    if backlog is not None:
+        binding = "somaxconn" if backlog > raw.somaxconn else "listen_backlog"
+    else:   # only min(backlog, somaxconn) is known: equal to somaxconn means somaxconn capped it (or tied)
+        binding = "somaxconn" if raw.accept_qmax == raw.somaxconn else "listen_backlog"
+    return {
+        "accept_qlen": raw.accept_qlen,
+        "accept_qmax": raw.accept_qmax,
+        "syn_qlen": raw.syn_qlen,
+        # The request (SYN) queue is full at the accept-queue limit; tcp_max_syn_backlog adds a reserve
+        # rule when syncookies are off.
+        "syn_qmax": raw.accept_qmax,
+        "backlog": backlog,
+        "binding_limit": binding,
+        "sysctls": {
+            "somaxconn": raw.somaxconn,
+            "tcp_max_syn_backlog": raw.max_syn_backlog,
+            "tcp_syncookies": raw.syncookies,
+            "tcp_abort_on_overflow": raw.abort_on_overflow,
+        },
+    }

@@ -20,11 +20,10 @@ _CTYPES = {
 def _parse_header(text: str):
     defines = {m.group(1): int(m.group(2), 0)
                for m in re.finditer(r"^#define\s+(RSTTRACE_\w+)\s+(0x[0-9a-fA-F]+|\d+)u?\b", text, re.M)}
-    enums: dict[str, int] = {}
-    for body in re.findall(r"enum\s+rsttrace_\w+\s*\{(.*?)\};", text, re.S):
+    enums: dict[str, dict[str, int]] = {}
+    for enum_name, body in re.findall(r"enum\s+(rsttrace_\w+)\s*\{(.*?)\};", text, re.S):
         body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
-        for name, value in re.findall(r"(RSTTRACE_\w+)\s*=\s*(\d+)", body):
-            enums[name] = int(value)
+        enums[enum_name] = {name: int(value) for name, value in re.findall(r"(RSTTRACE_\w+)\s*=\s*(\d+)", body)}
     structs = {}
     for struct_name, body in re.findall(r"struct\s+(rsttrace_\w+)\s*\{(.*?)\};", text, re.S):
         body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
@@ -52,10 +51,10 @@ class CountKey(ctypes.Structure):
     _fields_ = STRUCTS["rsttrace_count_key"]
 
 
-KIND_NAMES = {value: name[len("RSTTRACE_"):].lower() for name, value in ENUMS.items()
-              if not name.startswith("RSTTRACE_STAT_")}
-STAT_SUBMITTED = ENUMS["RSTTRACE_STAT_SUBMITTED"]
-STAT_LOST = ENUMS["RSTTRACE_STAT_LOST"]
+KIND_NAMES = {value: name[len("RSTTRACE_"):].lower() for name, value in ENUMS["rsttrace_kind"].items()}
+VERDICT_NAMES = {value: name[len("RSTTRACE_VERDICT_"):].lower() for name, value in ENUMS["rsttrace_verdict"].items()}
+STAT_SUBMITTED = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_SUBMITTED"]
+STAT_LOST = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_LOST"]
 NO_REASON = DEFINES["RSTTRACE_NO_REASON"]
 F_SOFTIRQ = DEFINES["RSTTRACE_F_SOFTIRQ"]
 F_HAVE_SOCKET = DEFINES["RSTTRACE_F_HAVE_SOCKET"]
@@ -63,3 +62,4 @@ F_LINGER = DEFINES["RSTTRACE_F_LINGER"]
 F_FULLSOCK = DEFINES["RSTTRACE_F_FULLSOCK"]
 F_QUEUES = DEFINES["RSTTRACE_F_QUEUES"]
 F_INFERRED = DEFINES["RSTTRACE_F_INFERRED"]
+F_ORPHAN = DEFINES["RSTTRACE_F_ORPHAN"]

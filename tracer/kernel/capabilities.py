@@ -53,6 +53,11 @@ class Capabilities:
     tracefs_error: str = ""
     send_reset: TracepointFormat | None = None
     receive_reset: TracepointFormat | None = None
+    set_state: TracepointFormat | None = None        # sock:inet_sock_set_state
+    data_ready: TracepointFormat | None = None       # sock:sk_data_ready
+    kfree_skb: TracepointFormat | None = None        # skb:kfree_skb
+    enter_listen: TracepointFormat | None = None     # syscalls:sys_enter_listen
+    netif_receive_skb: bool = False                  # net:netif_receive_skb (raw tracepoint)
     prog_load: dict[str, int] = field(default_factory=dict)   # program type -> errno (0 = loads)
     kprobe_pmu: bool = False
     ringbuf: bool = False
@@ -74,6 +79,32 @@ class Capabilities:
     @property
     def rst_reason(self) -> bool:
         return bool(self.send_reset and self.send_reset.has("reason"))
+
+    @property
+    def listen_overflow_reason(self) -> int | None:
+        """skb_drop_reason value of TCP_LISTEN_OVERFLOW, if kfree_skb can report it (6.3+)."""
+        if not self.kfree_skb or not self.kfree_skb.has("rx_sk"):
+            return None
+        for value, name in self.kfree_skb.symbols("reason").items():
+            if name == "TCP_LISTEN_OVERFLOW":
+                return value
+        return None
+
+    @property
+    def listen_hooks(self) -> bool:
+        """Can the listen-queue hooks (bpf/listen.bpf.c) run here?"""
+        return (self.set_state is not None and self.netif_receive_skb
+                and self.prog_load.get("raw_tracepoint") == 0 and "OFF_ICSK_SYN_QLEN" in self.offsets)
+
+    @property
+    def synq_full_gt(self) -> bool:
+        """inet_csk_reqsk_queue_is_full() compares with > since 6.13 (>= before). Not visible in BTF or
+        tracefs, so this one decision follows the version; the VM test tier checks the older rule."""
+        try:
+            major, minor = (int(x) for x in self.kernel.split(".")[:2])
+        except ValueError:
+            return True
+        return (major, minor) >= (6, 13)
 
     @property
     def fentry(self) -> bool:
@@ -128,6 +159,11 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.tracefs = tracefs_root(mount=mount_tracefs and caps.euid == 0)
         caps.send_reset = read_format(caps.tracefs, "tcp", "tcp_send_reset")
         caps.receive_reset = read_format(caps.tracefs, "tcp", "tcp_receive_reset")
+        caps.set_state = read_format(caps.tracefs, "sock", "inet_sock_set_state")
+        caps.data_ready = read_format(caps.tracefs, "sock", "sk_data_ready")
+        caps.kfree_skb = read_format(caps.tracefs, "skb", "kfree_skb")
+        caps.enter_listen = read_format(caps.tracefs, "syscalls", "sys_enter_listen")
+        caps.netif_receive_skb = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "netif_receive_skb"))
         caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \
             os.path.exists(os.path.join(caps.tracefs, "kprobe_events"))
     except TracefsError as err:
@@ -208,8 +244,32 @@ def _fill_coverage(caps: Capabilities) -> None:
     else:
         cov.hooks["rst_received"] = None
         cov.notes["rst_received"] = "tracepoint tcp:tcp_receive_reset missing"
-    for kind in ("syn_dropped", "ack_dropped", "syn_cookie"):
-        cov.hooks.setdefault(kind, None)
-        cov.notes.setdefault(kind, "listen-queue hooks not loaded in this build")
+    if caps.listen_hooks:
+        syn_hook = "raw_tracepoint:net:netif_receive_skb"
+        syn_note = ("inferred: each SYN to a known listener is checked against the listener's queues and the "
+                    "netns sysctls with tcp_conn_request()'s own tests (the kernel drops these SYNs without "
+                    "a tracepoint)")
+        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = syn_hook
+        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = syn_note
+        if caps.data_ready is None:
+            cov.blind_spots.append("listeners that existed before rsttrace started are known only after an "
+                                   "ACK-time overflow (no sock:sk_data_ready on this kernel)")
+        else:
+            cov.blind_spots.append("a listener that existed before rsttrace started is known from its next queued "
+                                   "connection (sk_data_ready) or 3rd-ACK overflow; SYN drops before that are "
+                                   "only counted by the kernel")
+        if caps.enter_listen is None:
+            cov.blind_spots.append("the backlog passed to listen() is unknown (no syscalls:sys_enter_listen); only "
+                                   "min(backlog, somaxconn) is")
+    else:
+        for kind in ("syn_dropped", "syn_cookie"):
+            cov.hooks[kind] = None
+            cov.notes[kind] = "needs sock:inet_sock_set_state, net:netif_receive_skb and raw tracepoint programs"
+    if caps.listen_hooks and caps.listen_overflow_reason is not None:
+        cov.hooks["ack_dropped"] = "tracepoint:skb:kfree_skb"
+        cov.notes["ack_dropped"] = "kernel drop reason TCP_LISTEN_OVERFLOW"
+    else:
+        cov.hooks["ack_dropped"] = None
+        cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb on this kernel (6.3+)"
     if not caps.softirq_ranges:
         cov.blind_spots.append("softirq context cannot be detected: process attribution falls back to socket owners")

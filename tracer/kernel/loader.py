@@ -43,6 +43,15 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int]) 
         flags.append(f"-DFILTER_PID={filters.pid}")
     if filters.family is not None:
         flags.append(f"-DFILTER_FAMILY={filters.family}")
+    if caps.listen_hooks:
+        if caps.enter_listen is not None:
+            flags.append("-DHAVE_SYS_ENTER_LISTEN")
+        if caps.data_ready is not None:
+            flags.append("-DHAVE_SK_DATA_READY")
+        if caps.listen_overflow_reason is not None:
+            flags.append(f"-DLISTEN_OVERFLOW_REASON={caps.listen_overflow_reason}")
+        if caps.synq_full_gt:
+            flags.append("-DSYNQ_FULL_GT")
     ranges = sorted(caps.softirq_ranges.values())
     for i in range(2):
         lo, hi = ranges[i] if i < len(ranges) else (0, 0)
@@ -92,8 +101,11 @@ def compose_source(hook_files: list[str]) -> str:
 class RstProgram:
     """The loaded and attached BPF programs: bpf/common.bpf.c + the hook files."""
 
-    HOOK_FILES = ["rst.bpf.c"]
-    SOURCE = " + ".join(HOOK_FILES)
+    def hook_files(self, caps: Capabilities) -> list[str]:
+        files = ["rst.bpf.c"]
+        if caps.listen_hooks:
+            files.append("listen.bpf.c")
+        return files
 
     def __init__(self, caps: Capabilities, filters: Filters):
         if caps.send_reset is None or caps.receive_reset is None:
@@ -104,26 +116,31 @@ class RstProgram:
                                          "rsttrace needs a kernel with CONFIG_DEBUG_INFO_BTF=y")
         self.offsets = caps.offsets
         self.cflags = build_cflags(caps, filters, self.offsets)
+        self.files = self.hook_files(caps)
         os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         self._BPF = BPF
         failure = None
         with _quiet_stderr() as captured:
             try:
-                self.bpf = BPF(text=compose_source(self.HOOK_FILES).encode(), cflags=self.cflags)
+                self.bpf = BPF(text=compose_source(self.files).encode(), cflags=self.cflags)
             except Exception as err:   # bcc raises bare Exception for compile, load and attach failures
                 failure = err
         if failure is not None:
             log = captured["text"]
             if "error:" in log and "bpf: " not in log.lower():
                 # A compile error is rsttrace's bug on this kernel, not a refusal: show clang's words.
-                raise RuntimeError(f"compiling {self.SOURCE} failed:\n{log}") from failure
+                raise RuntimeError(f"compiling {' + '.join(self.files)} failed:\n{log}") from failure
             if os.environ.get("RSTTRACE_DEBUG"):
                 sys.stderr.write(log)
             raise BPFRefusedError(
                 f"the kernel refused rsttrace's BPF programs: {_first_error(log) or failure}",
                 "see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log") from failure
-        self.rst_reason_names = caps.send_reset.symbols("reason") if caps.rst_reason else {}
+        # Kernel enum numbering differs between kernels: names come from the tracepoint formats.
+        self.reason_names = {
+            "rst_sent": caps.send_reset.symbols("reason") if caps.rst_reason else {},
+            "ack_dropped": caps.kfree_skb.symbols("reason") if caps.kfree_skb else {},
+        }
         if filters.ports:
             table = self.bpf["port_filter"]
             for port in filters.ports:

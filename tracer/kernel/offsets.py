@@ -1,7 +1,7 @@
 """Every kernel struct field rsttrace's BPF programs read, resolved from BTF into OFF_* macros."""
 from __future__ import annotations
 
-from .btf import KernelBTF
+from .btf import BTFError, KernelBTF
 
 # (macro, struct, member path) — every kernel field the programs read.
 OFFSETS = (
@@ -19,12 +19,31 @@ OFFSETS = (
     ("OFF_INODE_INO", "inode", "i_ino"),
     ("OFF_TCP_RCV_NXT", "tcp_sock", "rcv_nxt"),
     ("OFF_TCP_COPIED_SEQ", "tcp_sock", "copied_seq"),
+    ("OFF_SOCK_NUM", "sock", "__sk_common.skc_num"),
+    ("OFF_SOCK_ACK_BACKLOG", "sock", "sk_ack_backlog"),
+    ("OFF_SOCK_MAX_ACK_BACKLOG", "sock", "sk_max_ack_backlog"),
+    ("OFF_ICSK_SYN_QLEN", "inet_connection_sock", "icsk_accept_queue.qlen"),
+    ("OFF_NET_SOMAXCONN", "net", "core.sysctl_somaxconn"),
+    ("OFF_NET_MAX_SYN_BACKLOG", "net", "ipv4.sysctl_max_syn_backlog"),
+    ("OFF_NET_SYNCOOKIES", "net", "ipv4.sysctl_tcp_syncookies"),
+    ("OFF_NET_ABORT_ON_OVERFLOW", "net", "ipv4.sysctl_tcp_abort_on_overflow"),
+    ("OFF_SKB_NETWORK_HEADER", "sk_buff", "network_header"),
 )
+
+# Fields read with a fixed width in the C code: a kernel that changed their type must be refused,
+# not read wrongly.
+SIZES = {"OFF_SOCK_ACK_BACKLOG": 4, "OFF_SOCK_MAX_ACK_BACKLOG": 4, "OFF_ICSK_SYN_QLEN": 4, "OFF_NET_SOMAXCONN": 4,
+         "OFF_NET_MAX_SYN_BACKLOG": 4, "OFF_NET_SYNCOOKIES": 1, "OFF_NET_ABORT_ON_OVERFLOW": 1, "OFF_SOCK_NUM": 2,
+         "OFF_SKB_NETWORK_HEADER": 2, "OFF_SKB_TRANSPORT_HEADER": 2, "OFF_TCP_RCV_NXT": 4, "OFF_TCP_COPIED_SEQ": 4}
 
 
 def resolve_offsets(btf: KernelBTF) -> dict[str, int]:
     macros = {}
     for macro, struct, path in OFFSETS:
-        macros[macro] = btf.member(struct, path).offset
+        member = btf.member(struct, path)
+        want = SIZES.get(macro)
+        if want is not None and member.size != want:
+            raise BTFError(f"{struct}.{path} is {member.size} bytes on this kernel, rsttrace reads {want}")
+        macros[macro] = member.offset
     macros["SOCK_LINGER_BIT"] = btf.enum("sock_flags")["SOCK_LINGER"]
     return macros

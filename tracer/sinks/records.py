@@ -69,10 +69,28 @@ def lost_record(lost: int, total_lost: int) -> dict[str, Any]:
 
 
 def summary_record(counts: dict[str, dict[str, int]], lost: int, submitted: int, duration_s: float,
-                   kernel_counters: dict[str, Any], exact: dict[str, dict[str, int]]) -> dict[str, Any]:
+                   kernel_counters: dict[str, Any], exact: dict[str, dict[str, int]],
+                   reconciliation: list[dict] | None = None) -> dict[str, Any]:
     """counts: events emitted (after user-space filters); exact: every event the BPF programs saw,
     counted in the kernel, whether or not its record was delivered."""
     rec = base("summary")
     rec.update({"duration_s": round(duration_s, 3), "events": counts, "exact_counts": exact,
-                "delivered": submitted, "lost": lost, "kernel_counters": kernel_counters})
+                "delivered": submitted, "lost": lost, "kernel_counters": kernel_counters,
+                "reconciliation": reconciliation})
+    return rec
+
+
+def listeners_record(rows: list[dict]) -> dict[str, Any]:
+    """Listeners on the traced ports with their queues, as inet_diag reports them now."""
+    rec = base("listeners")
+    rec["listeners"] = rows
+    return rec
+
+
+def reconciliation_record(per_netns: list[dict]) -> dict[str, Any]:
+    """rsttrace's counts per netns beside the kernel's counter deltas since rsttrace started."""
+    rec = base("reconciliation")
+    rec["netns"] = per_netns
+    rec["note"] = ("kernel counters cover every port of the netns: with --port filters coverage below 100% "
+                   "is expected; a netns first met in an event is counted from that moment")
     return rec

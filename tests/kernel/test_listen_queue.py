@@ -1,0 +1,196 @@
+"""The burst that overflowed the accept queue, and SYN floods, in private network namespaces.
+
+Every test reproduces the incident with real sockets (scripts/repro/burst.py), runs a real
+rsttrace, and reconciles what rsttrace reported with what the kernel counted in that netns
+(ListenOverflows, ListenDrops, TCPReqQFullDrop, SyncookiesSent).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, events
+
+BURST = str(REPO / "scripts" / "repro" / "burst.py")
+PORT = 8100
+
+
+def delta(before, after, name):
+    return after[name] - before[name]
+
+
+def listener_events(records, ns):
+    return [r for r in events(records, netns__inode=ns.inode) if r["event"] in ("syn_dropped", "ack_dropped", "syn_cookie")]
+
+
+class Background:
+    """A process inside the netns (server, stuck clients), reading one JSON line of facts."""
+
+    def __init__(self, ns, *argv):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "/usr/bin/python3", BURST, *argv],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.facts = json.loads(self.proc.stdout.readline())
+
+    def send(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out, _ = self.proc.communicate(timeout=30)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def test_burst_on_backlog_5_reports_each_syn_drop_with_queue_6_of_5(netns, tracer):
+    t = tracer("--json", "--port", str(PORT))
+    before = netns.counters()
+    facts = json.loads(netns.run("/usr/bin/python3", BURST, "burst", "127.0.0.1", str(PORT), "5", "200").stdout)
+    after = netns.counters()
+    records = t.stop()
+
+    drops = listener_events(records, netns)
+    overflows = delta(before, after, "TcpExtListenOverflows")
+    assert overflows > 0 and facts["outcome"]["connected"] == 6      # 5 + 1: the kernel's "> backlog" test
+    assert len(drops) == overflows, f"rsttrace {len(drops)} vs ListenOverflows {overflows}"
+    assert delta(before, after, "TcpExtListenDrops") == overflows
+    for d in drops:
+        assert (d["event"], d["reason"]) == ("syn_dropped", "accept_queue_full")
+        assert d["inferred"] is True and d["kernel_reason"] is None
+        assert d["local"] == {"addr": "127.0.0.1", "port": PORT}
+        q = d["queues"]
+        assert (q["accept_qlen"], q["accept_qmax"], q["backlog"], q["binding_limit"]) == (6, 5, 5, "listen_backlog")
+        assert q["sysctls"]["somaxconn"] == 4096
+        assert d["process"] == {"pid": facts["server_pid"], "comm": "python3", "uid": 0, "source": "listener_owner"}
+        assert d["context"] == "softirq" and d["evidence"]["task_on_cpu"]["pid"] != facts["server_pid"]
+    assert "(6/5)" in drops[0]["explanation"] and "min(listen(5), somaxconn 4096) = 5" in drops[0]["explanation"]
+    # The server then exits with 6 connections never accepted: each is reset, and said so.
+    closed = events(records, event="rst_sent", netns__inode=netns.inode)
+    assert [r["reason"] for r in closed] == ["listener_closed"] * 6
+    assert len(closed) == delta(before, after, "TcpOutRsts")
+    summary = records[-1]
+    assert summary["exact_counts"]["syn_dropped"]["accept_queue_full"] == overflows
+
+
+def test_somaxconn_that_caps_the_backlog_is_named(netns, tracer):
+    netns.sysctl("net.core.somaxconn", 3)
+    t = tracer("--json", "--port", str(PORT))
+    server = Background(netns, "server", "127.0.0.1", str(PORT), "1024", "20")
+    netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "30", "1.5")
+    server.stop()
+    records = t.stop()
+    drops = listener_events(records, netns)
+    assert drops
+    q = drops[0]["queues"]
+    assert (q["accept_qlen"], q["accept_qmax"], q["backlog"], q["binding_limit"]) == (4, 3, 1024, "somaxconn")
+    assert "net.core.somaxconn 3 caps listen(1024)" in drops[0]["explanation"]
+
+
+def drop_final_acks(ns, sports: str) -> None:
+    """Lose the handshake's final ACK (and anything after it) of clients on `sports`, at the listener."""
+    ns.run("nft", "add table inet rsttrace_test")
+    ns.run("nft", "add chain inet rsttrace_test in { type filter hook input priority 0 ; }")
+    ns.run("nft", f"add rule inet rsttrace_test in tcp dport {PORT} tcp sport {sports} tcp flags & (syn|ack) == ack drop")
+
+
+@pytest.mark.parametrize("abort_on_overflow", [0, 1])
+def test_final_ack_meeting_a_full_accept_queue(netns, tracer, abort_on_overflow):
+    netns.sysctl("net.ipv4.tcp_abort_on_overflow", abort_on_overflow)
+    t = tracer("--json", "--port", str(PORT))
+    server = Background(netns, "server", "127.0.0.1", str(PORT), "4", "30")
+    drop_final_acks(netns, "40000-40001")
+    stuck = Background(netns, "stuck", "127.0.0.1", str(PORT), "2")       # handshakes left half-done
+    assert stuck.facts["connected"] == 2
+    before = netns.counters()
+    netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "5", "1.5")   # queue: 5/4
+    netns.run("nft", "delete table inet rsttrace_test")
+    outcome = stuck.send("go")["outcome"]    # their next segment completes the handshake: no room
+    after = netns.counters()
+    server.stop()
+    records = t.stop()
+
+    acks = events(records, event="ack_dropped", netns__inode=netns.inode)
+    assert acks, "no 3rd-ACK overflow reported"
+    for a in acks:
+        assert a["reason"] == "accept_queue_full" and a["kernel_reason"] == "TCP_LISTEN_OVERFLOW"
+        assert a["inferred"] is False
+        assert a["remote"]["port"] in (40000, 40001)
+        assert (a["queues"]["accept_qlen"], a["queues"]["accept_qmax"]) == (5, 4)
+        assert a["queues"]["sysctls"]["tcp_abort_on_overflow"] == abort_on_overflow
+        assert a["process"]["pid"] == server.facts["server_pid"]
+    # Nothing overflowed before `before` (the stuck clients' SYNs found room): every listener event
+    # is one the kernel counted in the window, SYN-time or ACK-time.
+    assert len(listener_events(records, netns)) == delta(before, after, "TcpExtListenOverflows")
+    if abort_on_overflow:
+        resets = [r for r in events(records, event="rst_sent", netns__inode=netns.inode) if r["remote"]["port"] in (40000, 40001)]
+        assert resets and all(r["reason"] == "accept_queue_full" and r["kernel_reason"] == "INVALID_SYN" for r in resets)
+        assert "final ACK answered with RST" in resets[0]["explanation"]
+        assert outcome.get("ECONNRESET") == 2
+    else:
+        assert "ECONNRESET" not in outcome     # silent: the clients think they are connected
+
+
+def drop_syn_acks(ns) -> None:
+    """Raw SYNs have no socket behind them: without this the netns' own stack would answer the
+    SYN-ACKs with RSTs and empty the SYN queue."""
+    ns.run("nft", "add table inet rsttrace_test")
+    ns.run("nft", "add chain inet rsttrace_test in { type filter hook input priority 0 ; }")
+    ns.run("nft", f"add rule inet rsttrace_test in tcp sport {PORT} tcp flags & (syn|ack) == syn|ack drop")
+
+
+@pytest.mark.parametrize("syncookies", [1, 0])
+def test_syn_flood_reconciles_with_cookie_and_queue_counters(netns, tracer, syncookies):
+    netns.sysctl("net.ipv4.tcp_syncookies", syncookies)
+    drop_syn_acks(netns)
+    t = tracer("--json", "--port", str(PORT))
+    server = Background(netns, "server", "127.0.0.1", str(PORT), "16", "20")
+    before = netns.counters()
+    netns.run("/usr/bin/python3", BURST, "synflood", "127.0.0.1", str(PORT), "100")
+    time.sleep(0.3)
+    after = netns.counters()
+    server.stop()
+    records = t.stop()
+
+    ours = listener_events(records, netns)
+    if syncookies:
+        cookies = [r for r in ours if r["event"] == "syn_cookie"]
+        assert delta(before, after, "TcpExtSyncookiesSent") > 0
+        assert len(cookies) == delta(before, after, "TcpExtSyncookiesSent")
+        assert all(r["reason"] == "syn_cookie" and r["queues"]["syn_qlen"] >= 16 for r in cookies)
+    else:
+        dropped = [r for r in ours if r["event"] == "syn_dropped"]
+        assert delta(before, after, "TcpExtTCPReqQFullDrop") > 0
+        assert len([r for r in dropped if r["reason"] == "syn_queue_full"]) == delta(before, after, "TcpExtTCPReqQFullDrop")
+        assert len(dropped) == delta(before, after, "TcpExtListenDrops")
+        assert "tcp_syncookies=0" in dropped[0]["explanation"]
+
+
+def test_listener_started_before_rsttrace_is_learned_and_reconciled(netns, tracer):
+    # The listener predates rsttrace: it never passes through inet_sock_set_state while traced.
+    server = Background(netns, "server", "127.0.0.1", str(PORT), "5", "30")
+    t = tracer("--json", "--port", str(PORT))
+    before = netns.counters()
+    netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "60", "2.5")
+    after = netns.counters()
+    time.sleep(2.5)                       # let the sampler publish a `listeners` record
+    records = t.stop()
+    server.stop()
+
+    drops = listener_events(records, netns)
+    assert len(drops) == delta(before, after, "TcpExtListenOverflows") > 0
+    assert all(d["queues"]["backlog"] is None for d in drops)          # listen() happened before us
+    assert drops[0]["queues"]["binding_limit"] == "listen_backlog"     # 5 < somaxconn: the app's backlog binds
+    assert drops[0]["process"]["pid"] == server.facts["server_pid"]
+    rows = [row for rec in records if rec["type"] == "listeners" for row in rec["listeners"]
+            if row["netns"]["inode"] == netns.inode]
+    assert rows and rows[-1]["local"]["port"] == PORT
+    assert (rows[-1]["accept_qlen"], rows[-1]["accept_qmax"]) == (6, 5)
+    assert rows[-1]["drops"] >= len(drops) and rows[-1]["process"]["pid"] == server.facts["server_pid"]
+    [final] = [r for r in records if r["type"] == "reconciliation"][-1:]
+    [ours] = [n for n in final["netns"] if n["inode"] == netns.inode]
+    assert ours["rsttrace"]["syn_dropped"] == ours["kernel"]["TcpExtListenDrops"]
+    assert ours["coverage_pct"]["listen_drops"] == 100.0

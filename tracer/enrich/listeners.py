@@ -1,0 +1,283 @@
+"""Listener sampler: every listener on the traced ports, in every known network namespace, with its
+accept queue and drop counter as the kernel reports them (inet_diag), plus the netns counters that
+rsttrace's own event counts are reconciled with.
+
+This runs beside the event pipeline, without BPF: it is also what still counts drops that no per-event
+hook could see (a listener that predates rsttrace and never queued a connection since).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import counters
+
+CLONE_NEWNET = 0x40000000
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+TCP_LISTEN = 10
+INET_DIAG_SKMEMINFO = 7
+SK_MEMINFO_DROPS = 8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Kernel counters that listen-queue and reset events reconcile with.
+RECONCILE = {
+    "rst_sent": ("TcpOutRsts",),
+    "listen_drops": ("TcpExtListenDrops",),
+    "listen_overflows": ("TcpExtListenOverflows",),
+    "syn_queue_full": ("TcpExtTCPReqQFullDrop",),
+    "syn_cookie": ("TcpExtSyncookiesSent",),
+}
+
+
+@dataclass
+class Listener:
+    family: str
+    addr: str
+    port: int
+    accept_qlen: int
+    accept_qmax: int
+    inode: int
+    drops: int
+
+
+@dataclass
+class NetnsState:
+    inode: int
+    name: str | None
+    ns_path: str
+    diag: socket.socket | None = None
+    baseline: dict[str, int] = field(default_factory=dict)
+    latest: dict[str, int] = field(default_factory=dict)
+    somaxconn: int | None = None
+    listeners: list[Listener] = field(default_factory=list)
+    prev_drops: dict[tuple, tuple[int, float]] = field(default_factory=dict)
+    drop_rates: dict[tuple, float] = field(default_factory=dict)
+
+
+def _setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
+def _diag_request(family: int) -> bytes:
+    # struct inet_diag_req_v2 + struct inet_diag_sockid (zeroed: all sockets)
+    req = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 1 << TCP_LISTEN)
+    req += b"\0" * 48
+    return struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req
+
+
+def dump_listeners(sock: socket.socket, ports: set[int] | None) -> list[Listener]:
+    """TCP listeners of the socket's netns (IPv4 and IPv6) via inet_diag."""
+    out = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        sock.send(_diag_request(family))
+        done = False
+        while not done:
+            data = sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, msg_type = struct.unpack_from("=IH", data, off)
+                if length < 16:
+                    done = True
+                    break
+                if msg_type in (NLMSG_DONE, NLMSG_ERROR):
+                    done = True
+                    break
+                msg = data[off + 16:off + length]
+                listener = _parse_diag_msg(msg)
+                if listener and (not ports or listener.port in ports):
+                    out.append(listener)
+                off += (length + 3) & ~3
+    return out
+
+
+def _parse_diag_msg(msg: bytes) -> Listener | None:
+    if len(msg) < 72:
+        return None
+    fam, state = msg[0], msg[1]
+    sport = struct.unpack_from("!H", msg, 4)[0]
+    src = msg[8:24]
+    rqueue, wqueue, _uid, inode = struct.unpack_from("=IIII", msg, 56)
+    addr = socket.inet_ntop(socket.AF_INET6 if fam == socket.AF_INET6 else socket.AF_INET,
+                            src if fam == socket.AF_INET6 else src[:4])
+    drops = 0
+    off = 72
+    while off + 4 <= len(msg):
+        rta_len, rta_type = struct.unpack_from("=HH", msg, off)
+        if rta_len < 4:
+            break
+        if rta_type == INET_DIAG_SKMEMINFO and rta_len >= 4 + 4 * (SK_MEMINFO_DROPS + 1):
+            drops = struct.unpack_from("=I", msg, off + 4 + 4 * SK_MEMINFO_DROPS)[0]
+        off += (rta_len + 3) & ~3
+    if state != TCP_LISTEN:
+        return None
+    return Listener("ipv6" if fam == socket.AF_INET6 else "ipv4", addr, sport, rqueue, wqueue, inode, drops)
+
+
+class ListenerSampler:
+    """Samples listeners and netns counters from its own thread (setns() affects only that thread)."""
+
+    def __init__(self, ports: list[int], interval: float = 0.5):
+        self.ports = set(ports)
+        self.interval = interval
+        self.netns: dict[int, NetnsState] = {}
+        self._lock = threading.Lock()
+        self._wanted: dict[int, tuple[str | None, str]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._own_ns = "/proc/thread-self/ns/net"
+        self.errors: list[str] = []
+
+    # -- which namespaces ------------------------------------------------------------------
+    def add_known_namespaces(self) -> None:
+        """The host's netns and every `ip netns` name: baselines taken now, at start."""
+        self.watch_path("/proc/1/ns/net", "host")
+        try:
+            for entry in os.scandir("/run/netns"):
+                self.watch_path(entry.path, entry.name)
+        except OSError:
+            pass
+
+    def watch_path(self, path: str, name: str | None) -> None:
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return
+        with self._lock:
+            self._wanted.setdefault(inode, (name, path))
+
+    def watch_pid(self, pid: int) -> None:
+        """A netns met in an event: reach it through a process that lives in it."""
+        self.watch_path(f"/proc/{pid}/ns/net", None)
+
+    # -- thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.sample_once()              # baselines before the first event can be counted
+        self._thread = threading.Thread(target=self._run, name="rsttrace-listeners", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        for st in self.netns.values():
+            if st.diag:
+                st.diag.close()
+
+    def _run(self) -> None:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while not self._stop.wait(self.interval):
+                self._sample(home)
+        finally:
+            os.close(home)
+
+    def sample_once(self) -> None:
+        """One synchronous sample from a short-lived thread (used at start and at exit)."""
+        def work():
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._sample(home)
+            finally:
+                os.close(home)
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        t.join(timeout=10)
+
+    def _sample(self, home_fd: int) -> None:
+        with self._lock:
+            wanted = dict(self._wanted)
+        for inode, (name, path) in wanted.items():
+            try:
+                _setns(path)
+                st = self.netns.get(inode)
+                if st is None:
+                    st = NetnsState(inode, name, path)
+                    st.diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+                    st.baseline = counters.read("/proc/thread-self/net")
+                    self.netns[inode] = st
+                st.latest = counters.read("/proc/thread-self/net")
+                try:
+                    with open("/proc/sys/net/core/somaxconn") as f:
+                        st.somaxconn = int(f.read())
+                except OSError:
+                    pass
+                listeners = dump_listeners(st.diag, self.ports)
+                now = time.monotonic()
+                for lst in listeners:
+                    key = (lst.addr, lst.port, lst.inode)
+                    prev = st.prev_drops.get(key)
+                    if prev and now > prev[1]:
+                        st.drop_rates[key] = (lst.drops - prev[0]) / (now - prev[1])
+                    st.prev_drops[key] = (lst.drops, now)
+                st.listeners = listeners
+            except OSError as err:
+                if len(self.errors) < 20:
+                    self.errors.append(str(err))
+                with self._lock:
+                    self._wanted.pop(inode, None)     # the netns is gone (or unreachable)
+            finally:
+                _libc.setns(home_fd, CLONE_NEWNET)
+
+    # -- views -----------------------------------------------------------------------------
+    def snapshot(self, owner_of) -> list[dict]:
+        """Listener rows for the `listeners` record; owner_of(inode) → process dict or None."""
+        rows = []
+        for st in list(self.netns.values()):
+            for lst in st.listeners:
+                somaxconn = st.somaxconn
+                binding = None
+                if somaxconn is not None:
+                    binding = "somaxconn" if lst.accept_qmax == somaxconn else "listen_backlog"
+                rows.append({
+                    "netns": {"inode": st.inode, "name": st.name},
+                    "local": {"addr": lst.addr, "port": lst.port},
+                    "process": owner_of(lst.inode),
+                    "accept_qlen": lst.accept_qlen,
+                    "accept_qmax": lst.accept_qmax,
+                    "backlog": None,
+                    "somaxconn": somaxconn,
+                    "binding_limit": binding,
+                    "syn_qlen": None,
+                    "syn_qmax": lst.accept_qmax,
+                    "drops": lst.drops,
+                    "drops_per_s": round(st.drop_rates.get((lst.addr, lst.port, lst.inode), 0.0), 2),
+                })
+        return rows
+
+    def reconciliation(self, seen: dict[int, dict[str, int]]) -> list[dict]:
+        """Per netns: what rsttrace reported (seen: netns inode → counts by key) vs the kernel's deltas."""
+        out = []
+        for st in list(self.netns.values()):
+            kernel = counters.delta(st.baseline, st.latest, counters.INTERESTING)
+            ours = seen.get(st.inode, {})
+            listen_seen = ours.get("syn_dropped", 0) + ours.get("ack_dropped", 0)
+            out.append({
+                "inode": st.inode,
+                "name": st.name,
+                "rsttrace": dict(ours),
+                "kernel": kernel,
+                "coverage_pct": {
+                    "rst_sent": _pct(ours.get("rst_sent", 0), kernel.get("TcpOutRsts", 0)),
+                    "listen_drops": _pct(listen_seen, kernel.get("TcpExtListenDrops", 0)),
+                    "syn_cookie": _pct(ours.get("syn_cookie", 0), kernel.get("TcpExtSyncookiesSent", 0)),
+                },
+            })
+        return out
+
+
+def _pct(ours: int, kernel: int) -> float | None:
+    return round(100.0 * ours / kernel, 1) if kernel else None
