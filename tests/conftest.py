@@ -118,6 +118,9 @@ class Tracer:
     def stop(self, sig=signal.SIGINT, timeout: float = 30) -> list[dict]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        # stderr belongs to the reader thread: communicate() must not race it for the last lines (the
+        # summary), or they go missing from stderr_lines.
+        self.proc.stderr = None
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import REPO
 
+BURST = REPO / "scripts" / "repro" / "burst.py"
+
 # A port of its own: screen counts cover every netns, so a run of another suite on the host (8100)
 # must not show up in them.
 PORT = 20000 + os.getpid() % 10000
@@ -105,16 +107,31 @@ def is_red(line: str) -> bool:
     return False
 
 
+def start_rsttrace(tmux: Tmux) -> set[int]:
+    """rsttrace on the terminal, as a person starts it; returns the ids of the BPF programs it holds."""
+    tmux.start(f"env -u NO_COLOR -u COLUMNS -u LINES {sys.executable} -m tracer --port {PORT}; "
+               "echo EXIT=$?; sleep 600")
+    tmux.wait_for(lambda s: "latest events" in s and "attached in" in s, "the live screen")
+    ours = bpf_prog_ids_held_by(child_of(int(tmux.display("#{pane_pid}"))))
+    assert len(ours) >= 2, "rsttrace holds no BPF programs?"
+    assert tmux.display("#{alternate_on}") == "1"          # the screen lives on the alternate screen
+    return ours
+
+
+def stop_with_ctrl_c(tmux: Tmux, ours: set[int]) -> str:
+    tmux.tmux("send-keys", "-t", "main", "C-c")
+    final = tmux.wait_for(lambda s: "EXIT=" in s, "rsttrace exiting", timeout=60)
+    assert "EXIT=0" in final
+    assert tmux.display("#{alternate_on}") == "0" and tmux.display("#{cursor_flag}") == "1"   # terminal restored
+    assert "latest events" not in final                            # the live screen is gone, not left behind
+    assert not (loaded_bpf_prog_ids() & ours), "BPF programs left in the kernel after Ctrl-C"
+    return final
+
+
 def test_proxy_abort_and_refused_connect_on_the_live_screen_then_ctrl_c_summary(netns, tmux):
     # The first seed incident in miniature (a server closing with 1000 unread bytes: what nginx does to
     # its upstream when it cannot buffer a response) plus a connect to a closed port, seen on the screen.
-    env = "env -u NO_COLOR -u COLUMNS -u LINES"
-    tmux.start(f"{env} {sys.executable} -m tracer --port {PORT}; echo EXIT=$?; sleep 600")
-    tmux.wait_for(lambda s: "latest events" in s and "attached in" in s, "the live screen")
-    rsttrace_pid = child_of(int(tmux.display("#{pane_pid}")))
-    ours = bpf_prog_ids_held_by(rsttrace_pid)
-    assert len(ours) >= 2, "rsttrace holds no BPF programs?"
-    assert tmux.display("#{alternate_on}") == "1"          # the screen lives on the alternate screen
+    ours = start_rsttrace(tmux)
 
     before = netns.counters()
     unread = netns.scenario("unread_close", "127.0.0.1", PORT, "1000")
@@ -145,11 +162,7 @@ def test_proxy_abort_and_refused_connect_on_the_live_screen_then_ctrl_c_summary(
     red = [ln for ln in tmux.screen(escapes=True).splitlines() if "closed_with_unread_data" in ln]
     assert len(red) == 2 and all(is_red(ln) for ln in red)
 
-    tmux.tmux("send-keys", "-t", "main", "C-c")
-    final = tmux.wait_for(lambda s: "EXIT=" in s, "rsttrace exiting", timeout=60)
-    assert "EXIT=0" in final
-    assert tmux.display("#{alternate_on}") == "0" and tmux.display("#{cursor_flag}") == "1"   # terminal restored
-    assert "latest events" not in final                            # the live screen is gone, not left behind
+    final = stop_with_ctrl_c(tmux, ours)
     assert re.search(r"rsttrace: 4 events in [\d.]+s, lost 0", final), final
     top = final[final.index("Top reasons"):final.index("Top listeners")]
     assert re.search(r"1\s+✖ closed_with_unread_data\s+rst_sent\s+closed with unread data", top)
@@ -158,7 +171,42 @@ def test_proxy_abort_and_refused_connect_on_the_live_screen_then_ctrl_c_summary(
     advice = " ".join(final[final.index("Advice"):].split())
     assert "closed_with_unread_data: Read the closing application's error log" in advice
     assert "rsttrace's programs counted 4 events in the kernel, 4 were delivered, 0 lost" in advice
-    assert not (loaded_bpf_prog_ids() & ours), "BPF programs left in the kernel after Ctrl-C"
+
+
+def test_accept_queue_burst_fills_the_listener_gauge_on_the_live_screen(netns, tmux):
+    # The second seed incident: a server that listens with backlog 5 and never accepts, 60 clients at once.
+    ours = start_rsttrace(tmux)
+    server = subprocess.Popen(["ip", "netns", "exec", netns.name, "/usr/bin/python3", str(BURST), "server",
+                               "127.0.0.1", str(PORT), "5", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = json.loads(server.stdout.readline())["server_pid"]
+        before = netns.counters()
+        clients = json.loads(netns.run("/usr/bin/python3", str(BURST), "clients", "127.0.0.1", str(PORT), "60",
+                                       "3").stdout)
+        after = netns.counters()
+        overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
+        assert overflows > 0 and clients["outcome"]["connected"] == 6     # 5 + 1: the kernel's "> backlog" test
+
+        gauge = re.compile(rf"127\.0\.0\.1:{PORT}\s+{netns.name}\s+python3/{server_pid}\s+█{{16}} 6/5 FULL\s+"
+                           r"5 = backlog \(somaxconn 4096\)")
+        screen = tmux.wait_for(lambda s: gauge.search(s) is not None
+                               and reason_count(s, "accept_queue_full", "syn_dropped") == overflows,
+                               f"the full accept queue and {overflows} drops (TcpExtListenOverflows)")
+        assert re.search(rf"syn_dropped\s+accept_queue_full\s+127\.0\.0\.1:{PORT}\s+↔\s+127\.0\.0\.1:\d+\s+"
+                         rf"LISTEN\s+{netns.name}\s+python3/{server_pid}\s+accept q 6/5", screen), screen
+        red = [ln for ln in tmux.screen(escapes=True).splitlines() if "6/5 FULL" in ln]
+        assert red and all(is_red(ln) for ln in red)
+        final = stop_with_ctrl_c(tmux, ours)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert re.search(rf"{overflows}\s+✖ accept_queue_full\s+syn_dropped\s+accept queue full", final), final
+    flat = " ".join(final.split())
+    assert (f"127.0.0.1:{PORT} (netns {netns.name}) python3/{server_pid}: accept queue peak 6/5" in flat)
+    assert (f"127.0.0.1:{PORT} (netns {netns.name}): the accept queue is capped by the listen() backlog (5); "
+            "raise it in the server (somaxconn is 4096)") in flat
+    # rsttrace saw every drop the kernel counted in that netns.
+    assert f"netns {netns.name}: coverage listen_drops 100%" in flat
 
 
 def test_piped_output_is_plain_lines_without_escape_codes(netns, tracer):

@@ -28,7 +28,7 @@ class Clock:
         return self.now
 
 
-def event(kind="rst_sent", kernel_reason="TCP_ABORT_ON_CLOSE", reason=None, local=("127.0.0.1", 8100),
+def event(kind="rst_sent", kernel_reason="TCP_ABORT_ON_CLOSE", verdict="none", local=("127.0.0.1", 8100),
           remote=("127.0.0.1", 51234), state="CLOSE", pid=4242, comm="nginx", unread=4096, queues=None, t=0,
           netns_name="web") -> dict:
     """An event record built the way the session builds it (records.event_record)."""
@@ -36,10 +36,8 @@ def event(kind="rst_sent", kernel_reason="TCP_ABORT_ON_CLOSE", reason=None, loca
                remote_addr=remote[0], remote_port=remote[1], state=state, netns=4026532000,
                kernel_reason=kernel_reason, softirq=pid is None, task_pid=pid or 0, task_comm=comm or "",
                task_uid=0, skaddr=1, sock_cookie=0, sock_ino=7, unread_bytes=unread, linger=False,
-               linger_jiffies=0, tcp_flags=0x02 if kernel_reason == "NO_SOCKET" else 0, callers=[],
-               queues=queues, netns_name=netns_name)
-    if reason:
-        ev.reason = reason
+               linger_jiffies=0, orphan=False, tcp_flags=0x02 if kind == "syn_dropped" or kernel_reason == "NO_SOCKET"
+               else 0, callers=[], queues=queues, verdict=verdict, netns_name=netns_name)
     ev.reason = reasons.classify(ev)
     ev.process = {"pid": pid, "comm": comm, "uid": 0, "source": "task"} if pid else None
     ev.explanation = reasons.explain(ev)
@@ -70,22 +68,29 @@ LISTENERS = {
     ],
 }
 
+QUIET_KERNEL = {"TcpOutRsts": 0, "TcpEstabResets": 0, "TcpExtTCPAbortOnClose": 0, "TcpExtListenOverflows": 0,
+                "TcpExtListenDrops": 0, "TcpExtSyncookiesSent": 0}
 RECONCILIATION = {
     "schema": "rsttrace/1", "type": "reconciliation", "time": "2025-11-22T09:43:48.000000Z",
-    "netns": [{"inode": 4026532000, "name": "web",
-               "rsttrace": {"rst_sent": 3, "syn_dropped": 48, "ack_dropped": 0},
-               "kernel": {"TcpOutRsts": 3, "TcpExtListenOverflows": 50},
-               "coverage_pct": 96.0}],
+    "netns": [{"inode": 4026531840, "name": "host", "rsttrace": {}, "kernel": QUIET_KERNEL,
+               "coverage_pct": {"rst_sent": None, "listen_drops": None, "syn_cookie": None}},
+              {"inode": 4026532000, "name": "web",
+               "rsttrace": {"rst_sent": 3, "rst_received": 3, "syn_dropped": 48},
+               "kernel": {**QUIET_KERNEL, "TcpOutRsts": 3, "TcpEstabResets": 3, "TcpExtListenOverflows": 50,
+                          "TcpExtListenDrops": 50},
+               "coverage_pct": {"rst_sent": 100.0, "listen_drops": 96.0, "syn_cookie": None}}],
+    "note": "kernel counters cover every port of the netns",
 }
 
 SUMMARY = {
     "schema": "rsttrace/1", "type": "summary", "time": "2025-11-22T09:44:00.000000Z", "duration_s": 14.5,
     "events": {"rst_sent": {"closed_with_unread_data": 2, "no_listener": 1}, "rst_received": {"peer_reset": 3},
-               "ack_dropped": {"accept_queue_full": 1}},
+               "syn_dropped": {"accept_queue_full": 1}},
     "exact_counts": {"rst_sent": {"closed_with_unread_data": 2, "no_listener": 1}, "rst_received": {"peer_reset": 3},
-                     "ack_dropped": {"accept_queue_full": 1}},
+                     "syn_dropped": {"accept_queue_full": 1}},
     "delivered": 7, "lost": 0,
     "kernel_counters": {"netns": "rsttrace's own", "delta": {"TcpOutRsts": 3, "TcpEstabResets": 0}},
+    "reconciliation": RECONCILIATION["netns"],
 }
 
 
@@ -102,10 +107,12 @@ def incident_events() -> list[dict]:
         event(t=3_000_000),
         event("rst_received", None, local=("127.0.0.1", 51236), remote=("127.0.0.1", 8100), state="ESTABLISHED",
               pid=5151, comm="java", unread=0, t=3_100_000),
-        event("ack_dropped", None, reason="accept_queue_full", remote=("127.0.0.1", 52000), state="LISTEN",
+        event("syn_dropped", None, verdict="accept_queue_full", remote=("127.0.0.1", 52000), state="LISTEN",
               pid=4242, comm="burst-server", unread=None, t=4_000_000,
               queues={"accept_qlen": 6, "accept_qmax": 5, "syn_qlen": 3, "syn_qmax": 256, "backlog": 5,
-                      "sysctls": {"net.core.somaxconn": 4096}}),
+                      "binding_limit": "listen_backlog",
+                      "sysctls": {"somaxconn": 4096, "tcp_max_syn_backlog": 2048, "tcp_syncookies": 1,
+                                  "tcp_abort_on_overflow": 0}}),
     ]
 
 
@@ -142,6 +149,20 @@ def test_header_shows_host_kernel_filters_hooks_and_what_this_kernel_cannot_show
     assert "hooks: rst_sent tracepoint:tcp:tcp_send_reset · rst_received tracepoint:tcp:tcp_receive_reset" in text
     assert "cannot see: syn_dropped, ack_dropped (listen-queue hooks not loaded in this build)" in text
     assert "blind spot: listeners in netns created before start are seen on their first SYN" in text
+
+
+def test_header_groups_event_kinds_by_hook_and_marks_inferred_ones():
+    cov = {**COVERAGE, "hooks": {
+        "rst_sent": {"hook": "tracepoint:tcp:tcp_send_reset", "note": "kernel reason from the tracepoint"},
+        "syn_dropped": {"hook": "raw_tracepoint:net:netif_receive_skb", "note": "inferred: each SYN to a known listener"},
+        "syn_cookie": {"hook": "raw_tracepoint:net:netif_receive_skb", "note": "inferred: each SYN to a known listener"},
+        "ack_dropped": {"hook": "tracepoint:skb:kfree_skb", "note": "kernel drop reason TCP_LISTEN_OVERFLOW"}}}
+    state = ui.UiState(clock=Clock())
+    state.apply(cov)
+    text = " ".join(draw(ui.header_panel(state, "db-7"), width=300).replace("│", " ").split())
+    assert ("hooks: rst_sent tracepoint:tcp:tcp_send_reset · syn_dropped+syn_cookie "
+            "raw_tracepoint:net:netif_receive_skb (inferred) · ack_dropped tracepoint:skb:kfree_skb") in text
+    assert "cannot see" not in text
 
 
 # -- listeners -----------------------------------------------------------------------------------
@@ -181,7 +202,7 @@ def test_reasons_are_counted_worst_first_with_rates_and_the_catalog_explanation(
     clock.now += 4
     rates, total = state.rates()
     text = draw(ui.reasons_panel(state, rates), width=300)
-    rows = [ln for ln in text.splitlines() if re.search(r"\s(rst_sent|rst_received|ack_dropped)\s", ln)]
+    rows = [ln for ln in text.splitlines() if re.search(r"\s(rst_sent|rst_received|syn_dropped)\s", ln)]
     names = [re.search(r"[✖▲·]\s+(\w+)", ln).group(1) for ln in rows]
     # errors before warnings, then by count: peer_reset (3) before no_listener (1)
     assert names == ["closed_with_unread_data", "accept_queue_full", "peer_reset", "no_listener"]
@@ -222,7 +243,7 @@ def test_event_rows_show_time_what_reason_endpoints_state_process_and_queues():
     assert re.search(r"rst_received\s+peer_reset\s+127\.0\.0\.1:51234\s+←\s+127\.0\.0\.1:8100\s+ESTABLISHED"
                      r"\s+web\s+java/5151", rows[1])
     assert re.search(r"rst_sent\s+no_listener\s+127\.0\.0\.1:9\s+→\s+127\.0\.0\.1:40000\s+-\s+web\s+-", rows[2])
-    assert re.search(r"ack_dropped\s+accept_queue_full\s+127\.0\.0\.1:8100\s+↔\s+127\.0\.0\.1:52000\s+LISTEN"
+    assert re.search(r"syn_dropped\s+accept_queue_full\s+127\.0\.0\.1:8100\s+↔\s+127\.0\.0\.1:52000\s+LISTEN"
                      r"\s+web\s+burst-server/4242\s+accept q 6/5 syn q 3/256", rows[6])
 
 
@@ -255,9 +276,13 @@ def test_losses_and_kernel_reconciliation_are_shown():
                          RECONCILIATION)
     text = draw(ui.completeness_panel(state, 2.5))
     assert "events 7 · 2.5/s · lost 12 (ring buffer full; exact counts kept in the kernel)" in text
-    assert "web: coverage 96%" in text
-    assert "rsttrace saw rst_sent 3, syn_dropped 48, ack_dropped 0" in text
-    assert "kernel counted TcpOutRsts 3, ListenOverflows 50" in text
+    flat = " ".join(text.replace("│", " ").split())
+    assert "netns web: coverage rst_sent 100% · listen_drops 96%" in flat
+    assert ("rsttrace saw rst_sent 3, rst_received 3, syn_dropped 48; kernel counted TcpOutRsts +3, "
+            "TcpEstabResets +3, ListenOverflows +50, ListenDrops +50") in flat
+    assert "host" not in flat                           # a netns where nothing moved is left out
+    assert "below 100% is expected" in flat             # the run filters by port
+    assert "bold red" in styles_of(ui.reconciliation_lines(RECONCILIATION["netns"], True)[0], "coverage")
 
 
 def test_without_reconciliation_the_panel_says_when_counters_are_compared():
@@ -270,7 +295,7 @@ def test_without_reconciliation_the_panel_says_when_counters_are_compared():
 def test_whole_screen_fits_common_terminal_sizes(size):
     width, height = size
     state = loaded_state(LISTENERS, RECONCILIATION)
-    text = draw(ui.screen(state, "db-7"), width=width, height=height)
+    text = draw(ui.screen(state, "db-7", width), width=width, height=height)
     lines = text.splitlines()
     assert len(lines) == height and all(len(ln) <= width for ln in lines)
     for title in ("rsttrace", "completeness", "listeners on traced ports", "reasons, worst first", "latest events"):
@@ -298,6 +323,7 @@ def test_final_summary_gives_top_reasons_top_listeners_and_advice():
     assert "peer_reset" in advice and "no_listener" not in advice          # three reasons of advice at most
     assert "counted 7 events in the kernel, 7 were delivered, 0 lost" in text
     assert "kernel counters (rsttrace's own netns, all ports): TcpOutRsts +3" in text
+    assert "netns web: coverage rst_sent 100% · listen_drops 96%" in text           # the exit reconciliation
 
 
 def test_listener_peak_is_kept_after_the_queue_drains():

@@ -244,6 +244,10 @@ _checks("keepalive_timeout",
 _checks("fin_wait2_timeout",
         "sysctl net.ipv4.tcp_fin_timeout; ss -tno state fin-wait-2",
         "nstat -az TcpExtTCPAbortOnLinger")
+_checks("listener_closed",
+        "ss -ltn 'sport = :PORT' before stopping the server: Recv-Q > 0 means connections wait in the accept "
+        "queue and will be reset when the listener closes",
+        "the service manager's log at that second (journalctl -u SERVICE): a restart, reload or crash")
 _checks("peer_reset",
         "run rsttrace on the peer: its rst_sent carries the reason",
         "nstat -az TcpEstabResets")

@@ -206,6 +206,9 @@ def _plain(cell: Any) -> str:
     return cell.plain if isinstance(cell, Text) else str(cell)
 
 
+HEADER_MAX_LINES = 8        # the header wraps its long lines, up to this many rows of text
+
+
 def header_panel(state: UiState, host: str) -> Panel:
     cov = state.coverage or {}
     lines = [Text.assemble(("rsttrace ", "bold"), f"{__version__} on ", (host, "bold"),
@@ -216,20 +219,41 @@ def header_panel(state: UiState, host: str) -> Panel:
         "filters: ports " + (",".join(map(str, f.get("ports") or [])) or "all")
         + f" · pid {f.get('pid') or 'any'} · {f.get('family') or 'ipv4+ipv6'}"
         + " · reasons " + (",".join(f.get("reasons") or []) or "all")))
-    hooks = cov.get("hooks") or {}
-    used = [f"{k} {v['hook']}" for k, v in hooks.items() if v.get("hook")]
-    lines.append(Text("hooks: " + (" · ".join(used) or "none")))
-    blind: dict[str, list[str]] = {}
-    for k, v in hooks.items():
-        if not v.get("hook"):
-            blind.setdefault(v.get("note") or "not available", []).append(k)
+    used: dict[str, list[str]] = {}          # hook -> event kinds it reports
+    blind: dict[str, list[str]] = {}         # why not -> event kinds not visible
+    for kind, v in (cov.get("hooks") or {}).items():
+        if v.get("hook"):
+            inferred = " (inferred)" if (v.get("note") or "").startswith("inferred") else ""
+            used.setdefault(v["hook"] + inferred, []).append(kind)
+        else:
+            blind.setdefault(v.get("note") or "not available", []).append(kind)
+    lines.append(Text("hooks: " + (" · ".join(f"{'+'.join(kinds)} {hook}" for hook, kinds in used.items())
+                                   or "none")))
     for note, kinds in blind.items():
         lines.append(Text(f"cannot see: {', '.join(kinds)} ({note})", style="yellow"))
     for spot in cov.get("blind_spots") or []:
         lines.append(Text(f"blind spot: {spot}", style="yellow"))
-    for line in lines:
-        line.no_wrap, line.overflow = True, "ellipsis"
     return Panel(Group(*lines), title="rsttrace", title_align="left", box=box.ROUNDED)
+
+
+def reconciliation_lines(per_netns: list[dict], port_filtered: bool) -> list[Any]:
+    """rsttrace's counts beside the kernel's, for each netns where anything moved."""
+    lines = []
+    active = [ns for ns in per_netns if any((ns.get("rsttrace") or {}).values())
+              or any((ns.get("kernel") or {}).values())]
+    for ns in active:
+        pct = ns.get("coverage_pct")
+        pct = pct if isinstance(pct, dict) else {"events": pct}
+        known = {k: v for k, v in pct.items() if v is not None}
+        style = "dim" if not known else "green" if all(v >= 99.5 for v in known.values()) else "bold red"
+        lines.append(Text.assemble(f"netns {_netns(ns)}: ", (
+            "coverage " + (" · ".join(f"{k} {v:.0f}%" for k, v in known.items()) or "nothing to compare"), style)))
+        ours = ", ".join(f"{k} {v}" for k, v in (ns.get("rsttrace") or {}).items() if v)
+        theirs = ", ".join(f"{k.replace('TcpExt', '')} +{v}" for k, v in (ns.get("kernel") or {}).items() if v)
+        lines.append(Padding.indent(Text(f"rsttrace saw {ours or 'nothing'}; kernel counted {theirs or 'nothing'}"), 2))
+    if active and port_filtered:
+        lines.append(Text("kernel counters cover every port: with --port, below 100% is expected", style="dim"))
+    return lines
 
 
 def completeness_panel(state: UiState, total_rate: float) -> Panel:
@@ -239,23 +263,21 @@ def completeness_panel(state: UiState, total_rate: float) -> Panel:
                            (f"lost {state.lost}", lost_style),
                            (" (ring buffer full; exact counts kept in the kernel)" if state.lost else ""))]
     rec = state.reconciliation
-    if not rec or not rec.get("netns"):
+    ported = bool(((state.coverage or {}).get("filters") or {}).get("ports"))
+    rec_lines = reconciliation_lines(rec.get("netns") or [], ported) if rec else []
+    if not rec:
         lines.append(Text("kernel counters: compared at exit (summary)", style="dim"))
-    else:
-        for ns in rec["netns"]:
-            ours = ", ".join(f"{k} {v}" for k, v in (ns.get("rsttrace") or {}).items())
-            theirs = ", ".join(f"{k.replace('TcpExt', '')} {v}" for k, v in (ns.get("kernel") or {}).items())
-            pct = ns.get("coverage_pct")
-            style = "green" if pct is not None and pct >= 99.5 else "bold red" if pct is not None else "dim"
-            lines.append(Text.assemble(f"{_netns(ns)}: ", ("coverage " + (f"{pct:.0f}%" if pct is not None else "n/a"),
-                                                           style)))
-            lines.append(Text(f"  rsttrace saw {ours or 'nothing'}"))
-            lines.append(Text(f"  kernel counted {theirs or 'nothing'}"))
+    elif not rec_lines:
+        lines.append(Text("kernel counters: nothing moved in any netns", style="dim"))
+    lines.extend(rec_lines)
     for note in list(state.notes)[-3:]:
         lines.append(Text(note, style="yellow"))
-    for line in lines:
-        line.no_wrap, line.overflow = True, "ellipsis"
     return Panel(Group(*lines), title="completeness", title_align="left", box=box.ROUNDED)
+
+
+def _height(renderable: Any, width: int) -> int:
+    """Rows `renderable` takes at `width` (measured by rendering it off-screen)."""
+    return len(Console(width=width, file=io.StringIO(), color_system=None).render_lines(renderable, pad=False))
 
 
 def gauge(qlen: int | None, qmax: int | None, width: int = 16) -> Text:
@@ -365,19 +387,23 @@ def events_table(events: Iterable[dict]) -> Any:
                     squeeze={"process": 10, "reason": 12, "event": 8, "time": 8}, row_styles=styles)
 
 
-def screen(state: UiState, host: str) -> Layout:
+def screen(state: UiState, host: str, width: int) -> Layout:
     rates, total_rate = state.rates()
     head = header_panel(state, host)
     comp = completeness_panel(state, total_rate)
-    head_h = max(len(head.renderable.renderables), len(comp.renderable.renderables)) + 2
+    # The completeness panel needs room only once there are reconciliation lines to show.
+    head_w = width * 3 // 5 if len(comp.renderable.renderables) > 2 else width * 2 // 3
+    top_h = min(max(_height(head, head_w), _height(comp, width - head_w)), HEADER_MAX_LINES + 2)
+    head.height = comp.height = top_h
+    top = Table.grid(expand=True)
+    top.add_column(width=head_w)
+    top.add_column(width=width - head_w)
+    top.add_row(head, comp)
     n_listeners = len((state.listeners or {}).get("listeners") or [])
     n_reasons = len(state.counts)
     layout = Layout()
-    top = Layout(name="top", size=head_h)
-    # The completeness panel needs room only once there are reconciliation lines to show.
-    top.split_row(Layout(head, ratio=3), Layout(comp, ratio=2 if state.reconciliation else 1))
     layout.split_column(
-        top,
+        Layout(top, size=top_h),
         Layout(listeners_panel(state), size=min(n_listeners, 6) + 3 + (n_listeners > 6) if n_listeners else 3),
         Layout(reasons_panel(state, rates), size=min(n_reasons, 8) + 3 + (n_reasons > 8) if n_reasons else 3),
         Layout(EventsView(list(state.recent)), ratio=1, minimum_size=4),
@@ -439,6 +465,9 @@ def final_summary(state: UiState, top: int = 5) -> Group:
                                        f"{s.get('delivered', 0)} were delivered, {state.lost} lost"), 2))
         out.append(Padding.indent(Text(f"kernel counters ({kc.get('netns', '?')} netns, all ports): " + (
             ", ".join(f"{k} +{v}" for k, v in moved.items()) or "no change")), 2))
+    per_netns = s.get("reconciliation") or (state.reconciliation or {}).get("netns") or []
+    ported = bool(((state.coverage or {}).get("filters") or {}).get("ports"))
+    out.extend(Padding.indent(line, 2) for line in reconciliation_lines(per_netns, ported))
     return Group(*out)
 
 
@@ -522,7 +551,7 @@ class UiSink:
     def _render(self):
         with self._lock:
             try:
-                return screen(self.state, self.host)
+                return screen(self.state, self.host, self.console.size.width)
             except Exception as err:     # a drawing bug must not kill the refresh thread mid-screen
                 return Panel(Text(f"rsttrace could not draw the screen: {err!r}", style="bold red"))
 
