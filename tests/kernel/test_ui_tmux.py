@@ -36,6 +36,7 @@ class Tmux:
 
     def start(self, command: str) -> None:
         self.tmux("new-session", "-d", "-s", "main", "-x", str(WIDTH), "-y", str(HEIGHT), "-c", str(REPO), command)
+        self.socket_path = self.display("#{socket_path}")
 
     def screen(self, escapes: bool = False) -> str:
         return self.tmux("capture-pane", "-p", "-t", "main", *(["-e"] if escapes else []))
@@ -55,6 +56,11 @@ class Tmux:
 
     def kill(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+        if getattr(self, "socket_path", None):          # tmux leaves its socket file behind
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
 
 
 @pytest.fixture

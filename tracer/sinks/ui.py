@@ -145,9 +145,12 @@ class UiState:
         return per, (self.total - sum(old.values())) / span
 
     def ordered_reasons(self) -> list[tuple[tuple[str, str], int]]:
-        """Worst first: severity, then count."""
-        return sorted(self.counts.items(),
-                      key=lambda kv: (SEVERITY_RANK.get(_reason(kv[0][1]).severity, 3), -kv[1], kv[0]))
+        return worst_first(self.counts)
+
+
+def worst_first(counts: dict[tuple[str, str], int]) -> list[tuple[tuple[str, str], int]]:
+    """(kind, reason) counts ordered by the catalog's severity, then by count."""
+    return sorted(counts.items(), key=lambda kv: (SEVERITY_RANK.get(_reason(kv[0][1]).severity, 3), -kv[1], kv[0]))
 
 
 # -- panels -----------------------------------------------------------------------------------
@@ -190,9 +193,9 @@ class FitTable:
 
     def table(self, width: int) -> Table:
         widths = self.layout(width)
-        t = Table(box=None, show_edge=False, pad_edge=False, header_style="bold", expand=True)
-        for name, w in widths.items():
-            t.add_column(name, no_wrap=True, overflow="ellipsis", max_width=w)
+        t = _table(*widths)
+        for column, w in zip(t.columns, widths.values()):
+            column.max_width = w
         idx = [self.columns.index(c) for c in widths]
         for row, style in zip(self.rows, self.row_styles):
             t.add_row(*(row[i] for i in idx), style=style)
@@ -426,8 +429,7 @@ def final_summary(state: UiState, top: int = 5) -> Group:
     duration = s.get("duration_s", state.uptime())
     out.append(Text.assemble(("rsttrace: ", "bold"), f"{total} events in {duration:.1f}s, ",
                              (f"lost {state.lost}", "bold red" if state.lost else "")))
-    ordered = sorted(by_reason.items(),
-                     key=lambda kv: (SEVERITY_RANK.get(_reason(kv[0][1]).severity, 3), -kv[1], kv[0]))
+    ordered = worst_first(by_reason)
     if ordered:
         out.append(Text("Top reasons", style="bold"))
         grid = _grid(4, numeric=True)
@@ -474,7 +476,10 @@ def final_summary(state: UiState, top: int = 5) -> Group:
 def _grid(columns: int, numeric: bool = False) -> Table:
     """Aligned, borderless rows; the last column wraps, under itself, when the line is too long."""
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(justify="right", min_width=6) if numeric else grid.add_column(no_wrap=True)
+    if numeric:
+        grid.add_column(justify="right", min_width=6)
+    else:
+        grid.add_column(no_wrap=True)
     for _ in range(columns - 2):
         grid.add_column(no_wrap=True)
     grid.add_column()
@@ -510,7 +515,7 @@ class _NoteCatcher(io.TextIOBase):
     """While the screen owns the terminal, stderr lines are kept (shown in the UI, replayed after)
     instead of being written over the screen."""
 
-    def __init__(self, notes: deque, lock: threading.Lock):
+    def __init__(self, notes: deque, lock: threading.RLock):
         self.notes, self.lock, self.buf = notes, lock, ""
 
     def writable(self) -> bool:
@@ -531,7 +536,9 @@ class UiSink:
         self.state = UiState(max_events, clock)
         self.host = host or socket.gethostname()
         self.refresh_per_second = refresh_per_second
-        self._lock = threading.Lock()
+        # Reentrant: a line written to stderr (the note catcher takes this lock) while the lock is held
+        # must not deadlock the thread that holds it.
+        self._lock = threading.RLock()
         self._live: Live | None = None
         self._stderr = None
 
