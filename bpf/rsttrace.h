@@ -40,6 +40,7 @@ enum rsttrace_verdict {
 #define RSTTRACE_F_QUEUES       0x10  /* the queue fields below were read */
 #define RSTTRACE_F_INFERRED     0x20  /* inferred: rsttrace replayed the kernel's test on the state it read */
 #define RSTTRACE_F_ORPHAN       0x40  /* a full socket with no struct socket: never accept()ed, or closed */
+#define RSTTRACE_F_UNREAD       0x80  /* unread_bytes > 0 */
 
 struct rsttrace_event {
 	__u64 ktime_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -83,11 +84,13 @@ struct rsttrace_count_key {
 	__u32 kernel_reason;
 	__u16 lport;
 	__u8 tcp_flags;
-	__u8 flags;             /* RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN */
+	__u8 flags;             /* RSTTRACE_F_LINGER | _INFERRED | _ORPHAN | _HAVE_SOCKET | _UNREAD */
 	__u8 linger_zero;
 	__u8 verdict;           /* enum rsttrace_verdict */
 	__u8 queue_full;        /* listener accept queue over its limit (accept_qlen > accept_qmax) */
-	__u8 pad;
+	__u8 state;             /* TCP state */
+	__u64 callers[2];       /* innermost two frames when the kernel gave no reason: user space
+	                         * infers the reason from them (tracer/enrich/reasons.py) */
 };
 
 /* Per-CPU statistics slots (BPF_PERCPU_ARRAY stats). */

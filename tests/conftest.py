@@ -118,14 +118,14 @@ class Tracer:
     def stop(self, sig=signal.SIGINT, timeout: float = 30) -> list[dict]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        # stderr belongs to the reader thread: communicate() must not race it for the last lines (the
-        # summary), or they go missing from stderr_lines.
-        self.proc.stderr = None
+        # stdout only: stderr belongs to the reader thread (communicate() would race it for the data)
+        killer = threading.Timer(timeout, self.proc.kill)
+        killer.start()
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+            out = self.proc.stdout.read()
+            self.proc.wait()
+        finally:
+            killer.cancel()
         self._stderr_thread.join(timeout=5)
         self.returncode = self.proc.returncode
         self.stdout = out

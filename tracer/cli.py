@@ -64,11 +64,13 @@ class ReasonType(click.ParamType):
 @click.option("--plain", is_flag=True, help="Plain text lines (the default when not in the terminal UI).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Append records to FILE ('-' is stdout); one whole line per write.")
+@click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe"]), default="auto", show_default=True,
+              help="Hook family: auto picks the best per event kind (see `rsttrace doctor`).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
-def main(ctx, ports, pid, ipv4, ipv6, reason_filter, as_json, plain, output, duration, count):
+def main(ctx, ports, pid, ipv4, ipv6, reason_filter, as_json, plain, output, backend, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -88,6 +90,7 @@ def main(ctx, ports, pid, ipv4, ipv6, reason_filter, as_json, plain, output, dur
         reasons=set(reason_filter),
         duration=duration,
         count=count,
+        backend=backend,
     )
     run_trace(options, as_json=as_json, output=output, plain=plain)
 
@@ -122,7 +125,7 @@ def run_trace(options, as_json: bool, output: str | None, plain: bool = False) -
             # The screen's header shows the coverage, and it prints its own final summary on close.
             session.run()
             return
-        cov = caps.coverage
+        cov = session.plan.coverage
         hooks = ", ".join(f"{k}: {v}" for k, v in cov.hooks.items() if v)
         blind = [k for k, v in cov.hooks.items() if not v]
         stderr(f"rsttrace: attached in {(session.attached_at - STARTED) * 1000:.0f} ms — {hooks}")

@@ -21,6 +21,7 @@ from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
 from .events.decode import Decoder, Event
 from .kernel.capabilities import Capabilities, probe
+from .kernel.hooks import plan_hooks
 from .kernel.loader import Filters, RstProgram
 from .sinks import records
 from .sinks.plain import stderr
@@ -39,6 +40,7 @@ class Options:
     duration: float | None = None
     count: int | None = None
     evidence: bool = True                                # symbolize kernel callers into the records
+    backend: str = "auto"                                # auto / tracepoint / kprobe (tracer/kernel/hooks.py)
 
 
 class Session:
@@ -71,17 +73,18 @@ class Session:
                                   "a seccomp profile, LSM or kernel.unprivileged_bpf_disabled may block bpf(2); "
                                   "see `rsttrace doctor`")
         self.caps = caps
-        self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family))
+        self.plan = plan_hooks(caps, self.options.backend)
+        self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family), self.plan)
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.program.open_events(self._on_record)
         self.counters_before = counters.read()
-        if caps.listen_hooks:
+        if any(self.plan.coverage.hooks.get(k) for k in ("syn_dropped", "ack_dropped")):
             self.sampler = ListenerSampler(self.options.ports)
             self.sampler.add_known_namespaces()
             self.sampler.start()
         self.attached_at = time.monotonic()
-        cov = caps.coverage.as_dict()
+        cov = self.plan.coverage.as_dict()
         self._emit(records.coverage_record(cov, caps.kernel, self._filter_dict(),
                                            (self.attached_at - self.started_at) * 1000))
         return caps
@@ -97,6 +100,8 @@ class Session:
         self.handle(ev)
 
     def handle(self, ev: Event) -> None:
+        if self.program is not None and (self.options.evidence or ev.kernel_reason is None):
+            ev.caller_names = [self.program.ksym(a) for a in ev.callers]
         ev.reason = reasons.classify(ev)
         self.netns_counts.setdefault(ev.netns, Counter())[ev.kind] += 1
         if self.options.reasons and ev.reason not in self.options.reasons:
@@ -113,8 +118,7 @@ class Session:
                 return
         ev.explanation = reasons.explain(ev)
         self.counts[(ev.kind, ev.reason)] += 1
-        symbolize = self.program.ksym if self.options.evidence and self.program else None
-        self._emit(records.event_record(ev, symbolize))
+        self._emit(records.event_record(ev))
         self.emitted += 1
         if self.options.count is not None and self.emitted >= self.options.count:
             self._stop = True
@@ -212,15 +216,18 @@ class Session:
 
     def kernel_counts(self, exact) -> dict[str, dict[str, int]]:
         """Exact in-kernel counts per event kind and rsttrace reason (before any user-space filter)."""
-        from .events.record import F_ORPHAN, KIND_NAMES, NO_REASON, VERDICT_NAMES
+        from .events.decode import TCP_STATES
+        from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, KIND_NAMES, NO_REASON, VERDICT_NAMES
         out: dict[str, dict[str, int]] = {}
         for key, n in exact:
             kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
             names = self.program.reason_names.get(kind, {})
             kreason = None if key.kernel_reason == NO_REASON else names.get(key.kernel_reason)
+            callers = [self.program.ksym(a) for a in key.callers if a] if kreason is None else []
             reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero),
                                              VERDICT_NAMES.get(key.verdict, "none"), bool(key.queue_full),
-                                             bool(key.flags & F_ORPHAN))
+                                             bool(key.flags & F_ORPHAN), callers, TCP_STATES.get(key.state),
+                                             1 if key.flags & F_UNREAD else 0, bool(key.flags & F_HAVE_SOCKET))
             out.setdefault(kind, {}).setdefault(reason, 0)
             out[kind][reason] += n
         return out

@@ -49,6 +49,9 @@ class SocketOwners:
         self._index: dict[int, list[int]] = {}
         self._built_ns = 0
         self._info: dict[int, dict] = {}     # pid → last known process info (kept after exit)
+        # inode → pids once resolved, kept across rebuilds: a listener's later events (say, SYNs that
+        # race its close) are still named after its process has let go of the fd.
+        self._resolved: dict[int, list[int]] = {}
         self.rebuilds = 0
 
     def _rebuild(self) -> None:
@@ -77,11 +80,15 @@ class SocketOwners:
         """Pids holding socket `inode`; `event_ns` (CLOCK_MONOTONIC) is when the kernel saw it."""
         if not inode:
             return []
-        pids = self._index.get(inode)
+        pids = self._resolved.get(inode) or self._index.get(inode)
         now = time.monotonic_ns()
         if pids is None and self._built_ns <= event_ns and now - self._built_ns >= self.min_gap_ns:
             self._rebuild()
             pids = self._index.get(inode)
+        if pids:
+            self._resolved[inode] = pids
+            if len(self._resolved) > 65536:
+                self._resolved.pop(next(iter(self._resolved)))
         return sorted(set(pids or []))
 
     def info(self, pid: int) -> dict | None:

@@ -46,6 +46,7 @@ class Event:
     orphan: bool                   # full socket without a struct socket: never accepted, or already closed
     tcp_flags: int
     callers: list[int]
+    caller_names: list[str] = field(default_factory=list)   # symbolized `callers` (filled by the session)
     queues: dict[str, Any] | None = None
     inferred: bool = False
     verdict: str = "none"          # listener's decision on a SYN (rsttrace_verdict), "none" otherwise
