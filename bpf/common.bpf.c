@@ -44,7 +44,8 @@ struct listener_key {
 struct listener_val {
 	__u64 sk;
 	__s32 backlog;          /* listen() argument, -1 if the listener predates rsttrace */
-	__u32 pad;
+	__u32 owner_tgid;       /* the process that called listen(), 0 if the listener predates rsttrace */
+	char owner_comm[RSTTRACE_COMM_LEN];
 };
 BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
 
@@ -226,8 +227,11 @@ static __always_inline void read_listener(void *sk, struct rsttrace_event *e)
 	key.net = (__u64)net_of_sock(sk);
 	key.port = port;
 	struct listener_val *known = listeners.lookup(&key);
-	if (known && known->sk == (__u64)sk)
+	if (known && known->sk == (__u64)sk) {
 		e->listen_backlog = known->backlog;
+		e->owner_tgid = known->owner_tgid;
+		__builtin_memcpy(e->owner_comm, known->owner_comm, sizeof(e->owner_comm));
+	}
 }
 
 /* Remember a listener met on the way (one that existed before rsttrace started). */

@@ -54,6 +54,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		__s32 *backlog = pending_listen.lookup(&tid);
 		if (backlog)
 			val.backlog = *backlog;
+		/* listen() runs in process context: the task is the listener's owner. Remembered here,
+		 * the owner is named even if it exits before user space reads its drops. */
+		val.owner_tgid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(val.owner_comm, sizeof(val.owner_comm));
 		listeners.update(&key, &val);
 	} else {
 		struct listener_val *val = listeners.lookup(&key);

@@ -52,6 +52,8 @@ class Session:
         self.netns_counts: dict[int, Counter[str]] = {}     # netns inode → event kind → count
         self.listen_backlogs: dict[tuple[int, int], int] = {}  # (netns, port) → listen() backlog seen
         self.sampler: ListenerSampler | None = None
+        self._resolved_listeners: set[int] = set()
+        self._batch: list[Event] = []
         self.emitted = 0
         self.lost_reported = 0
         self._stop = False
@@ -96,8 +98,18 @@ class Session:
 
     # -- per event -------------------------------------------------------------------------
     def _on_record(self, data: int, size: int) -> None:
-        ev = self.decoder.decode(ctypes.string_at(data, size))
-        self.handle(ev)
+        self._batch.append(self.decoder.decode(ctypes.string_at(data, size)))
+
+    def _process_batch(self) -> None:
+        """Enrich and emit what one poll delivered (attribution prepared once for the whole batch)."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        self.attributor.prepare(batch)
+        for ev in batch:
+            if self._stop and self.options.count is not None and self.emitted >= self.options.count:
+                break
+            self.handle(ev)
 
     def handle(self, ev: Event) -> None:
         if self.program is not None and (self.options.evidence or ev.kernel_reason is None):
@@ -144,9 +156,11 @@ class Session:
                     break
                 timeout_ms = max(1, min(timeout_ms, int(left * 1000)))
             self.program.poll(timeout_ms)
+            self._process_batch()
             now = time.monotonic()
             if now >= next_lost_check:
                 self._report_losses()
+                self._resolve_new_listeners()
                 next_lost_check = now + LOST_CHECK_INTERVAL
             if self.sampler is not None and now >= next_listeners:
                 self._emit(self.listeners_record())
@@ -154,6 +168,17 @@ class Session:
             if self.sampler is not None and now >= next_reconcile:
                 self._emit(self.reconciliation_record())
                 next_reconcile = now + RECONCILE_INTERVAL
+
+    def _resolve_new_listeners(self) -> None:
+        """Name each listener's owner as soon as the sampler sees it, before its first drop: by then the
+        owner index may have just been rebuilt for another socket, and the process may be gone."""
+        if self.sampler is None:
+            return
+        new = [lst.inode for st in list(self.sampler.netns.values()) for lst in st.listeners
+               if lst.inode not in self._resolved_listeners]
+        if new:
+            self.attributor.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in new])
+            self._resolved_listeners.update(inode for inode in new if self.attributor.sockets.owners(inode))
 
     def listeners_record(self) -> dict:
         rows = self.sampler.snapshot(self._listener_owner)
@@ -165,7 +190,7 @@ class Session:
         return records.listeners_record(rows)
 
     def _listener_owner(self, inode: int) -> dict | None:
-        for pid in self.attributor.sockets.owners(inode, time.monotonic_ns()):
+        for pid in self.attributor.sockets.owners(inode):
             info = self.attributor.sockets.info(pid)
             if info:
                 info["source"] = "listener_owner"
@@ -190,6 +215,7 @@ class Session:
             try:
                 if not (self.options.count is not None and self.emitted >= self.options.count):
                     self.program.drain()
+                    self._process_batch()
                 self._report_losses()
                 stats = self.program.stats()
                 exact = self.program.exact_counts()
