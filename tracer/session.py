@@ -225,6 +225,7 @@ class Session:
             if self.sampler is not None:
                 self.sampler.stop()
                 self.sampler.sample_once()
+                self._emit(self.listeners_record())     # the final drop counts, not ones up to 2 s old
                 final = self.reconciliation_record()
                 self._emit(final)
                 reconciliation = final["netns"]
