@@ -93,6 +93,7 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	if (e->kernel_reason == RSTTRACE_NO_REASON && e->kind == RSTTRACE_RST_SENT) {
 		key.callers[0] = e->callers[0];
 		key.callers[1] = e->callers[1];
+		key.hook = e->hook;
 	}
 	__u64 one = 1, *n = counts.lookup(&key);
 	if (n)
@@ -128,13 +129,13 @@ static __always_inline int family_wanted(__u16 family)
 /* Walk the kernel stack once: keep the innermost frames as evidence and report whether a
  * softirq entry function is on it. Softirq work (packet receive, TCP timers) runs on whatever task
  * was interrupted, so its pid/comm must not be reported as the culprit. */
-static __always_inline int walk_stack(void *ctx, struct rsttrace_event *e)
+static __always_inline int walk_stack_skip(void *ctx, struct rsttrace_event *e, __u64 skip)
 {
 	int zero = 0;
 	struct stack_scratch *s = stack_scratch.lookup(&zero);
 	if (!s)
 		return 0;
-	long len = bpf_get_stack(ctx, s->ip, sizeof(s->ip), 0);
+	long len = bpf_get_stack(ctx, s->ip, sizeof(s->ip), skip & 0xff);
 	if (len <= 0)
 		return 0;
 	int frames = len / 8;
@@ -153,6 +154,11 @@ static __always_inline int walk_stack(void *ctx, struct rsttrace_event *e)
 		}
 	}
 	return softirq;
+}
+
+static __always_inline int walk_stack(void *ctx, struct rsttrace_event *e)
+{
+	return walk_stack_skip(ctx, e, 0);
 }
 
 static __always_inline __u32 netns_of_net(void *net)

@@ -32,6 +32,18 @@ enum rsttrace_verdict {
 	RSTTRACE_VERDICT_SYN_COOKIE = 4,         /* request queue full (or syncookies=2): SyncookiesSent */
 };
 
+/* Which kernel function a kprobe/fentry program hooked. fentry programs run from a trampoline
+ * before the function's frame exists, so the stack does not show the function itself: this does. */
+enum rsttrace_hook {
+	RSTTRACE_HOOK_NONE = 0,
+	RSTTRACE_HOOK_TCP_SEND_ACTIVE_RESET = 1,
+	RSTTRACE_HOOK_TCP_V4_SEND_RESET = 2,
+	RSTTRACE_HOOK_TCP_V6_SEND_RESET = 3,
+	RSTTRACE_HOOK_TCP_CONN_REQUEST = 4,
+	RSTTRACE_HOOK_TCP_V4_SYN_RECV_SOCK = 5,
+	RSTTRACE_HOOK_TCP_V6_SYN_RECV_SOCK = 6,
+};
+
 /* Bits of rsttrace_event.flags. */
 #define RSTTRACE_F_SOFTIRQ      0x01  /* ran in softirq: the task on the CPU is not the culprit */
 #define RSTTRACE_F_HAVE_SOCKET  0x02  /* the hook had a socket (skaddr != 0) */
@@ -71,7 +83,7 @@ struct rsttrace_event {
 	__u8 syncookies;        /* net.ipv4.tcp_syncookies of that netns */
 	__u8 abort_on_overflow; /* net.ipv4.tcp_abort_on_overflow of that netns */
 	__u8 verdict;           /* enum rsttrace_verdict: what the listener decided for a SYN */
-	__u8 pad;
+	__u8 hook;              /* enum rsttrace_hook: the kernel function hooked (function hooks only) */
 	__u8 laddr[16];         /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[RSTTRACE_COMM_LEN];
@@ -93,6 +105,8 @@ struct rsttrace_count_key {
 	__u8 state;             /* TCP state */
 	__u64 callers[2];       /* innermost two frames when the kernel gave no reason: user space
 	                         * infers the reason from them (tracer/enrich/reasons.py) */
+	__u8 hook;              /* enum rsttrace_hook */
+	__u8 pad[7];
 };
 
 /* Per-CPU statistics slots (BPF_PERCPU_ARRAY stats). */

@@ -64,7 +64,7 @@ class ReasonType(click.ParamType):
 @click.option("--plain", is_flag=True, help="Plain text lines (the default when not in the terminal UI).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Append records to FILE ('-' is stdout); one whole line per write.")
-@click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe", "fentry"]), default="auto", show_default=True,
               help="Hook family: auto picks the best per event kind (see `rsttrace doctor`).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")

@@ -40,7 +40,7 @@ class Options:
     duration: float | None = None
     count: int | None = None
     evidence: bool = True                                # symbolize kernel callers into the records
-    backend: str = "auto"                                # auto / tracepoint / kprobe (tracer/kernel/hooks.py)
+    backend: str = "auto"                                # auto / tracepoint / kprobe / fentry (kernel/hooks.py)
 
 
 class Session:
@@ -113,7 +113,7 @@ class Session:
 
     def handle(self, ev: Event) -> None:
         if self.program is not None and (self.options.evidence or ev.kernel_reason is None):
-            ev.caller_names = [self.program.ksym(a) for a in ev.callers]
+            ev.caller_names = with_hook(ev.hook, [self.program.ksym(a) for a in ev.callers])
         ev.reason = reasons.classify(ev)
         self.netns_counts.setdefault(ev.netns, Counter())[ev.kind] += 1
         if self.options.reasons and ev.reason not in self.options.reasons:
@@ -244,13 +244,14 @@ class Session:
     def kernel_counts(self, exact) -> dict[str, dict[str, int]]:
         """Exact in-kernel counts per event kind and rsttrace reason (before any user-space filter)."""
         from .events.decode import TCP_STATES
-        from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, KIND_NAMES, NO_REASON, VERDICT_NAMES
+        from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, VERDICT_NAMES
         out: dict[str, dict[str, int]] = {}
         for key, n in exact:
             kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
             names = self.program.reason_names.get(kind, {})
             kreason = None if key.kernel_reason == NO_REASON else names.get(key.kernel_reason)
-            callers = [self.program.ksym(a) for a in key.callers if a] if kreason is None else []
+            callers = (with_hook(HOOK_NAMES.get(key.hook), [self.program.ksym(a) for a in key.callers if a])
+                       if kreason is None else [])
             reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero),
                                              VERDICT_NAMES.get(key.verdict, "none"), bool(key.queue_full),
                                              bool(key.flags & F_ORPHAN), callers, TCP_STATES.get(key.state),
@@ -258,6 +259,14 @@ class Session:
             out.setdefault(kind, {}).setdefault(reason, 0)
             out[kind][reason] += n
         return out
+
+
+def with_hook(hook: str | None, callers: list[str]) -> list[str]:
+    """Kernel frames innermost first, starting with the hooked function: an fentry program runs
+    before that function's frame exists, so its stack starts at the caller."""
+    if hook and (not callers or callers[0] != hook):
+        return [hook, *callers]
+    return callers
 
 
 def _has_bpf_caps() -> bool:

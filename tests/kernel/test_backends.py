@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from conftest import REPO, RSTTRACE, events
 
 from tracer.enrich import reasons
@@ -46,10 +48,11 @@ def test_auto_plan_on_this_kernel_uses_tracepoints(root):
     assert cov.hooks["ack_dropped"] == "tracepoint:skb:kfree_skb"
 
 
-def test_forcing_kprobes_on_a_kernel_without_them_is_a_one_line_error(root):
-    r = subprocess.run([*RSTTRACE, "--backend", "kprobe", "--duration", "1"], cwd=REPO, capture_output=True, text=True)
+@pytest.mark.parametrize("backend,word", [("kprobe", "kprobes"), ("fentry", "fentry")])
+def test_forcing_function_hooks_this_kernel_lacks_is_a_one_line_error(root, backend, word):
+    r = subprocess.run([*RSTTRACE, "--backend", backend, "--duration", "1"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 5
-    assert r.stderr.strip().count("\n") == 0 and "kprobes" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and word in r.stderr
 
 
 def test_caller_inference_agrees_with_the_kernels_own_reasons(netns, tracer):

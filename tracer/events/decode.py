@@ -52,6 +52,7 @@ class Event:
     owner_comm: str = ""
     inferred: bool = False
     verdict: str = "none"          # listener's decision on a SYN (rsttrace_verdict), "none" otherwise
+    hook: str | None = None        # kernel function a kprobe/fentry program hooked (None for tracepoints)
     # Filled by enrichment:
     reason: str = "unknown"
     process: dict[str, Any] | None = None
@@ -135,6 +136,7 @@ class Decoder:
             inferred=bool(raw.flags & record.F_INFERRED),
             queues=queues_of(raw) if raw.flags & record.F_QUEUES else None,
             verdict=record.VERDICT_NAMES.get(raw.verdict, "none"),
+            hook=record.HOOK_NAMES.get(raw.hook),
         )
 
 

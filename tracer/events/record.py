@@ -52,6 +52,8 @@ class CountKey(ctypes.Structure):
 
 
 KIND_NAMES = {value: name[len("RSTTRACE_"):].lower() for name, value in ENUMS["rsttrace_kind"].items()}
+HOOK_NAMES = {value: name[len("RSTTRACE_HOOK_"):].lower() for name, value in ENUMS["rsttrace_hook"].items()
+              if value}
 VERDICT_NAMES = {value: name[len("RSTTRACE_VERDICT_"):].lower() for name, value in ENUMS["rsttrace_verdict"].items()}
 STAT_SUBMITTED = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_SUBMITTED"]
 STAT_LOST = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_LOST"]

@@ -13,7 +13,7 @@ import platform
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "s390x": 351, "ppc64le": 361, "riscv64": 280}.get(platform.machine())
 
-BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
+BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 17
 PROG_TYPE_SOCKET_FILTER, PROG_TYPE_KPROBE, PROG_TYPE_SCHED_CLS = 1, 2, 3
 PROG_TYPE_TRACEPOINT, PROG_TYPE_RAW_TRACEPOINT, PROG_TYPE_TRACING = 5, 17, 26
 BPF_TRACE_FENTRY = 24
@@ -53,6 +53,33 @@ def probe_prog_load(prog_type: int, expected_attach_type: int = 0, attach_btf_id
         os.close(fd)
         return 0
     return err
+
+
+def probe_fentry_attach(attach_btf_id: int) -> int:
+    """0 if a trivial fentry program on this BTF function loads *and attaches* (some functions load
+    but cannot be attached to), else the errno."""
+    insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = (ctypes.c_uint8 * 128)()
+    _put(attr, 0, 4, PROG_TYPE_TRACING)
+    _put(attr, 4, 4, 2)
+    _put(attr, 8, 8, ctypes.addressof(insns))
+    _put(attr, 16, 8, ctypes.addressof(license))
+    _put(attr, 68, 4, BPF_TRACE_FENTRY)
+    _put(attr, 108, 4, attach_btf_id)
+    prog_fd, err = _bpf(BPF_PROG_LOAD, attr)
+    if prog_fd < 0:
+        return err
+    try:
+        open_attr = (ctypes.c_uint8 * 16)()        # raw_tracepoint: name = NULL, prog_fd
+        _put(open_attr, 8, 4, prog_fd)
+        link_fd, err = _bpf(BPF_RAW_TRACEPOINT_OPEN, open_attr)
+        if link_fd < 0:
+            return err
+        os.close(link_fd)
+        return 0
+    finally:
+        os.close(prog_fd)
 
 
 def probe_ringbuf() -> int:

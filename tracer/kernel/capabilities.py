@@ -73,6 +73,7 @@ class Capabilities:
     checks: list[Check] = field(default_factory=list)
     kernel_version: tuple[int, int, int] | None = None   # upstream x.y.z (see kernel_upstream_version)
     functions: set[str] = field(default_factory=set)   # kernel functions rsttrace may kprobe, present in BTF
+    fentry_functions: set[str] = field(default_factory=set)   # of those, the ones fentry can attach to
 
     def has_cap(self, bit: int) -> bool:
         return bool(self.effective_caps >> bit & 1)
@@ -186,11 +187,13 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
     caps.kernel_headers = os.path.isdir(f"/lib/modules/{caps.kernel}/build/include")
 
     fentry_target = 0
+    function_ids: dict[str, int] = {}
     try:
         with KernelBTF() as btf:
             caps.btf = True
             fentry_target = btf.find_function("tcp_conn_request")
-            caps.functions = {f for f in KPROBE_FUNCTIONS if btf.find_function(f)}
+            function_ids = {f: btf.find_function(f) for f in KPROBE_FUNCTIONS}
+            caps.functions = {f for f, fid in function_ids.items() if fid}
             caps.offsets = resolve_offsets(btf)
     except BTFError as err:
         caps.btf_error = str(err)
@@ -218,6 +221,10 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.prog_load["fentry"] = bpfsys.probe_prog_load(
             bpfsys.PROG_TYPE_TRACING, bpfsys.BPF_TRACE_FENTRY, fentry_target)
     caps.ringbuf = bpfsys.probe_ringbuf() == 0
+    if caps.prog_load.get("fentry") == 0:
+        # Loading is not attaching: some functions refuse a trampoline (seen: tcp_v4_syn_recv_sock on 6.1).
+        caps.fentry_functions = {f for f, fid in function_ids.items()
+                                 if fid and bpfsys.probe_fentry_attach(fid) == 0}
     try:
         caps.softirq_ranges = function_ranges(SOFTIRQ_ENTRY_FUNCTIONS)
     except OSError:

@@ -8,8 +8,9 @@
     ack_dropped   skb:kfree_skb reason TCP_LISTEN_OVERFLOW (6.3+, the kernel's own word)  >  kprobe on
                   tcp_v4/v6_syn_recv_sock
 
-`--backend kprobe|tracepoint` forces one family where it can run (for tests and comparisons).
-fentry/fexit is probed and reported, but rsttrace's programs use kprobes where tracepoints fall short.
+Function hooks enter through fentry where the kernel allows BPF_PROG_TYPE_TRACING (cheaper than a
+kprobe's breakpoint), through kprobes otherwise. `--backend tracepoint|kprobe|fentry` forces one
+family where it can run (for tests and comparisons).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from ..errors import UnsupportedKernelError
 from .capabilities import Capabilities, Coverage
 
-BACKENDS = ("auto", "tracepoint", "kprobe")
+BACKENDS = ("auto", "tracepoint", "kprobe", "fentry")
 
 SYN_INFERRED = ("inferred: the listener's queues and the netns sysctls are read as the SYN arrives and "
                 "tcp_conn_request()'s own tests are replayed (the kernel drops these SYNs without a tracepoint)")
@@ -35,17 +36,31 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
     if backend == "kprobe" and not caps.kprobes:
         raise UnsupportedKernelError("--backend kprobe: this kernel has no kprobes",
                                      "use --backend auto (see `rsttrace doctor`)")
+    if backend == "fentry" and not caps.fentry:
+        raise UnsupportedKernelError("--backend fentry: this kernel refuses fentry programs",
+                                     "use --backend auto (see `rsttrace doctor`)")
     plan = HookPlan(files=["rst.bpf.c"])
     cov = plan.coverage
-    use_kprobes = caps.kprobes and backend != "tracepoint"
+    # Function hooks, per group: fentry where it attaches (auto/fentry), kprobes otherwise.
+    def entry(functions: tuple[str, ...], macro: str) -> str:
+        if backend in ("auto", "fentry") and all(f in caps.fentry_functions for f in functions
+                                                 if f in caps.functions):
+            plan.macros.append(macro)
+            return "fentry"
+        if backend == "fentry":
+            raise UnsupportedKernelError(f"--backend fentry: fentry cannot attach to {', '.join(functions)}",
+                                         "use --backend auto (see `rsttrace doctor`)")
+        return "kprobe"
+    use_kprobes = (caps.fentry or caps.kprobes) and backend != "tracepoint"
     kprobe_file = False
 
     # -- RSTs sent -----------------------------------------------------------------------------
-    if caps.rst_reason and backend != "kprobe":
+    if caps.rst_reason and backend not in ("kprobe", "fentry"):
         cov.hooks["rst_sent"] = "tracepoint:tcp:tcp_send_reset"
         cov.notes["rst_sent"] = "kernel reason from the tracepoint"
     elif use_kprobes:
-        cov.hooks["rst_sent"] = "kprobe:tcp_send_active_reset,tcp_v4_send_reset,tcp_v6_send_reset"
+        fn = entry(("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_reset"), "-DFENTRY_RST")
+        cov.hooks["rst_sent"] = f"{fn}:tcp_send_active_reset,tcp_v4_send_reset,tcp_v6_send_reset"
         cov.notes["rst_sent"] = "reason inferred from the kernel callers and the socket's state"
         plan.macros += ["-DRST_SENT_BY_KPROBE", "-DKPROBE_RST"]
         kprobe_file = True
@@ -68,7 +83,8 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
     # -- listen queue ----------------------------------------------------------------------------
     listen_tp = caps.listen_hooks
     if use_kprobes:
-        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "kprobe:tcp_conn_request"
+        fn = entry(("tcp_conn_request",), "-DFENTRY_SYN")
+        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = f"{fn}:tcp_conn_request"
         cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = (
             "inferred at the decision point: tcp_conn_request()'s tests replayed on the queues it is about to read")
         plan.macros.append("-DKPROBE_LISTEN_SYN")
@@ -87,18 +103,19 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
             cov.hooks[kind] = None
             cov.notes[kind] = "needs kprobes, or sock:inet_sock_set_state + net:netif_receive_skb raw tracepoints"
 
-    if listen_tp and caps.listen_overflow_reason is not None and backend != "kprobe":
+    if listen_tp and caps.listen_overflow_reason is not None and backend not in ("kprobe", "fentry"):
         cov.hooks["ack_dropped"] = "tracepoint:skb:kfree_skb"
         cov.notes["ack_dropped"] = "kernel drop reason TCP_LISTEN_OVERFLOW"
         plan.macros.append(f"-DLISTEN_OVERFLOW_REASON={caps.listen_overflow_reason}")
     elif use_kprobes:
-        cov.hooks["ack_dropped"] = "kprobe:tcp_v4_syn_recv_sock,tcp_v6_syn_recv_sock"
+        fn = entry(("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock"), "-DFENTRY_ACK")
+        cov.hooks["ack_dropped"] = f"{fn}:tcp_v4_syn_recv_sock,tcp_v6_syn_recv_sock"
         cov.notes["ack_dropped"] = "inferred: sk_acceptq_is_full(), the function's first test, replayed on entry"
         plan.macros.append("-DKPROBE_LISTEN_ACK")
         kprobe_file = True
     else:
         cov.hooks["ack_dropped"] = None
-        cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb (6.3+) and no kprobes"
+        cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb (6.3+), no kprobes or fentry"
 
     if listen_tp and ("-DLISTEN_SYN_TRACEPOINT" in plan.macros or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
                                                                       for m in plan.macros)):
@@ -116,8 +133,6 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
     if caps.enter_listen is None and "listen.bpf.c" in plan.files:
         cov.blind_spots.append("the backlog passed to listen() is unknown (no syscalls:sys_enter_listen); "
                                "only min(backlog, somaxconn) is")
-    if caps.fentry:
-        cov.blind_spots.append("fentry/fexit load here but rsttrace uses kprobes for its function hooks")
     if not caps.softirq_ranges:
         cov.blind_spots.append("softirq context cannot be detected: process attribution falls back to socket owners")
     return plan
