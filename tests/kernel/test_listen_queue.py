@@ -129,6 +129,11 @@ def test_final_ack_meeting_a_full_accept_queue(netns, tracer, abort_on_overflow)
         resets = [r for r in events(records, event="rst_sent", netns__inode=netns.inode) if r["remote"]["port"] in (40000, 40001)]
         assert resets and all(r["reason"] == "accept_queue_full" and r["kernel_reason"] == "INVALID_SYN" for r in resets)
         assert "final ACK answered with RST" in resets[0]["explanation"]
+        for r in resets:
+            # Answered in softirq while the stuck client (whose segment it answers) was on the CPU:
+            # the listener's owner is named, never that client.
+            assert r["context"] == "softirq" and r["evidence"]["task_on_cpu"]["pid"] == stuck.facts["stuck_pid"]
+            assert (r["process"]["pid"], r["process"]["source"]) == (server.facts["server_pid"], "listener_owner")
         assert outcome.get("ECONNRESET") == 2
     else:
         assert "ECONNRESET" not in outcome     # silent: the clients think they are connected

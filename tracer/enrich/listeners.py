@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import counters
+from .attribution import host_netns_path
 
 CLONE_NEWNET = 0x40000000
 NETLINK_SOCK_DIAG = 4
@@ -144,7 +145,7 @@ class ListenerSampler:
     # -- which namespaces ------------------------------------------------------------------
     def add_known_namespaces(self) -> None:
         """The host's netns and every `ip netns` name: baselines taken now, at start."""
-        self.watch_path("/proc/1/ns/net", "host")
+        self.watch_path(host_netns_path(), "host")
         try:
             for entry in os.scandir("/run/netns"):
                 self.watch_path(entry.path, entry.name)
