@@ -10,6 +10,8 @@
  *   SOFTIRQ_LO0/HI0, SOFTIRQ_LO1/HI1  address ranges of the kernel's softirq entry functions
  *                         (handle_softirqs / __do_softirq): a frame in them means softirq context.
  *   OFF_*                 struct member offsets from the running kernel's BTF (tracer/kernel/offsets.py).
+ *   SYNQ_FULL_GT          inet_csk_reqsk_queue_is_full() tests qlen > max (Linux 6.13+, "allow a
+ *                         connection when sk_max_ack_backlog is zero"); else qlen >= max.
  */
 #include "rsttrace.h"
 
@@ -45,7 +47,8 @@ struct listener_key {
 struct listener_val {
 	__u64 sk;
 	__s32 backlog;          /* listen() argument, -1 if the listener predates rsttrace */
-	__u32 pad;
+	__u32 owner_tgid;       /* the process that called listen(), 0 if the listener predates rsttrace */
+	char owner_comm[RSTTRACE_COMM_LEN];
 };
 BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
 
@@ -95,10 +98,16 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	key.kernel_reason = e->kernel_reason;
 	key.lport = e->lport;
 	key.tcp_flags = e->tcp_flags;
-	key.flags = e->flags & (RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN);
+	key.flags = e->flags & (RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN | RSTTRACE_F_HAVE_SOCKET |
+				RSTTRACE_F_UNREAD);
+	key.state = e->state;
 	key.linger_zero = (e->flags & RSTTRACE_F_LINGER) && e->linger_jiffies == 0;
 	key.verdict = e->verdict;
 	key.queue_full = (e->flags & RSTTRACE_F_QUEUES) && e->accept_qlen > e->accept_qmax;
+	if (e->kernel_reason == RSTTRACE_NO_REASON && e->kind == RSTTRACE_RST_SENT) {
+		key.callers[0] = e->callers[0];
+		key.callers[1] = e->callers[1];
+	}
 	__u64 one = 1, *n = counts.lookup(&key);
 	if (n)
 		*n += 1;
@@ -232,8 +241,11 @@ static __always_inline void read_listener(void *sk, struct rsttrace_event *e)
 	key.net = (__u64)net_of_sock(sk);
 	key.port = port;
 	struct listener_val *known = listeners.lookup(&key);
-	if (known && known->sk == (__u64)sk)
+	if (known && known->sk == (__u64)sk) {
 		e->listen_backlog = known->backlog;
+		e->owner_tgid = known->owner_tgid;
+		__builtin_memcpy(e->owner_comm, known->owner_comm, sizeof(e->owner_comm));
+	}
 }
 
 /* Remember a listener met on the way (one that existed before rsttrace started). */
@@ -272,6 +284,8 @@ static __always_inline void read_socket(void *sk, struct rsttrace_event *e)
 	bpf_probe_read_kernel(&rcv_nxt, sizeof(rcv_nxt), sk + OFF_TCP_RCV_NXT);
 	bpf_probe_read_kernel(&copied_seq, sizeof(copied_seq), sk + OFF_TCP_COPIED_SEQ);
 	e->unread_bytes = rcv_nxt - copied_seq;
+	if (e->unread_bytes)
+		e->flags |= RSTTRACE_F_UNREAD;
 
 	unsigned long sk_flags = 0;
 	bpf_probe_read_kernel(&sk_flags, sizeof(sk_flags), sk + OFF_SOCK_FLAGS);
@@ -353,4 +367,29 @@ static __always_inline void fill_from_segment(struct rsttrace_event *e, struct s
 	e->tcp_flags = seg->flags;
 	__builtin_memcpy(e->laddr, seg->daddr, 16);
 	__builtin_memcpy(e->raddr, seg->saddr, 16);
+}
+
+/* The listener's verdict on a SYN, as tcp_conn_request() (Linux 4.4+) takes it:
+ *   1. SYN queue full (or syncookies=2): cookie if syncookies, else drop   (TCPReqQFullDrop)
+ *   2. accept queue full (sk_acceptq_is_full: qlen > max): drop             (ListenOverflows)
+ *   3. syncookies off and less than a quarter of tcp_max_syn_backlog left: drop unless the peer is
+ *      "proven" (a TCP metrics entry rsttrace cannot see)                    (ListenDrops only) */
+static __always_inline __u8 syn_verdict(struct rsttrace_event *e)
+{
+#ifdef SYNQ_FULL_GT
+	int synq_full = e->syn_qlen > e->accept_qmax;
+#else
+	int synq_full = e->syn_qlen >= e->accept_qmax;
+#endif
+	if (e->syncookies == 2)
+		synq_full = 1;
+	if (synq_full && !e->syncookies)
+		return RSTTRACE_VERDICT_SYN_QUEUE_FULL;
+	if (e->accept_qlen > e->accept_qmax)
+		return RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL;
+	if (synq_full)
+		return RSTTRACE_VERDICT_SYN_COOKIE;
+	if (!e->syncookies && (int)e->max_syn_backlog - (int)e->syn_qlen < (int)(e->max_syn_backlog >> 2))
+		return RSTTRACE_VERDICT_SYN_BACKLOG_RESERVE;
+	return RSTTRACE_VERDICT_NONE;
 }

@@ -11,10 +11,9 @@
  *                               backlog argument is remembered per listener.
  *   HAVE_SK_DATA_READY          sock:sk_data_ready exists (Linux 6.6+): listeners that predate
  *                               rsttrace are learned when they queue a child.
+ *   LISTEN_SYN_TRACEPOINT       SYN verdicts from net:netif_receive_skb (else kprobe.bpf.c has them).
  *   LISTEN_OVERFLOW_REASON=N    skb_drop_reason value of TCP_LISTEN_OVERFLOW (from the kfree_skb
  *                               format, Linux 6.3+); absent: no 3rd-ACK events from this file.
- *   SYNQ_FULL_GT                inet_csk_reqsk_queue_is_full() tests qlen > max (Linux 6.13+,
- *                               "allow a connection when sk_max_ack_backlog is zero"); else >=.
  */
 
 BPF_HASH(pending_listen, __u32, __s32, 4096);   /* thread id -> backlog argument of listen() in flight */
@@ -55,6 +54,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		__s32 *backlog = pending_listen.lookup(&tid);
 		if (backlog)
 			val.backlog = *backlog;
+		/* listen() runs in process context: the task is the listener's owner. Remembered here,
+		 * the owner is named even if it exits before user space reads its drops. */
+		val.owner_tgid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(val.owner_comm, sizeof(val.owner_comm));
 		listeners.update(&key, &val);
 	} else {
 		struct listener_val *val = listeners.lookup(&key);
@@ -79,31 +82,7 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
 }
 #endif
 
-/* The listener's verdict on a SYN, as tcp_conn_request() (Linux 4.4+) takes it:
- *   1. SYN queue full (or syncookies=2): cookie if syncookies, else drop   (TCPReqQFullDrop)
- *   2. accept queue full (sk_acceptq_is_full: qlen > max): drop             (ListenOverflows)
- *   3. syncookies off and less than a quarter of tcp_max_syn_backlog left: drop unless the peer is
- *      "proven" (a TCP metrics entry rsttrace cannot see)                    (ListenDrops only) */
-static __always_inline __u8 syn_verdict(struct rsttrace_event *e)
-{
-#ifdef SYNQ_FULL_GT
-	int synq_full = e->syn_qlen > e->accept_qmax;
-#else
-	int synq_full = e->syn_qlen >= e->accept_qmax;
-#endif
-	if (e->syncookies == 2)
-		synq_full = 1;
-	if (synq_full && !e->syncookies)
-		return RSTTRACE_VERDICT_SYN_QUEUE_FULL;
-	if (e->accept_qlen > e->accept_qmax)
-		return RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL;
-	if (synq_full)
-		return RSTTRACE_VERDICT_SYN_COOKIE;
-	if (!e->syncookies && (int)e->max_syn_backlog - (int)e->syn_qlen < (int)(e->max_syn_backlog >> 2))
-		return RSTTRACE_VERDICT_SYN_BACKLOG_RESERVE;
-	return RSTTRACE_VERDICT_NONE;
-}
-
+#ifdef LISTEN_SYN_TRACEPOINT
 /* net:netif_receive_skb (raw tracepoint) — every packet entering the stack, before IP: for a SYN
  * to a known listener on a traced port, read the queues it meets and replay the verdict. */
 RAW_TRACEPOINT_PROBE(netif_receive_skb)
@@ -148,6 +127,8 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 	emit(ctx, e);
 	return 0;
 }
+
+#endif /* LISTEN_SYN_TRACEPOINT */
 
 #ifdef LISTEN_OVERFLOW_REASON
 enum skb_drop_reason { RSTTRACE_SKB_DROP_REASON_PLACEHOLDER = 0 };  /* named by the tracepoint format */

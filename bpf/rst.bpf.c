@@ -3,6 +3,7 @@
  *   HAVE_RST_REASON       tcp:tcp_send_reset carries `enum sk_rst_reason reason` and sockaddr
  *                         addresses (Linux 6.10+); without it the older field layout is used.
  *   HAVE_RECEIVE_RESET_COOKIE  tcp:tcp_receive_reset carries sock_cookie (Linux 6.7+).
+ *   RST_SENT_BY_KPROBE    RSTs sent come from kprobe.bpf.c (kernels whose tracepoint has no reason).
  */
 #ifdef HAVE_RST_REASON
 enum sk_rst_reason { RSTTRACE_SK_RST_REASON_PLACEHOLDER = 0 }; /* named by the tracepoint format */
@@ -18,6 +19,7 @@ static __always_inline void sockaddr_addr(const __u8 *sa, __u16 family, __u8 *ou
 		__builtin_memcpy(out, sa + 8, 16);
 }
 
+#ifndef RST_SENT_BY_KPROBE
 /* tcp:tcp_send_reset — every RST this host sends: tcp_send_active_reset() (aborts by the local
  * side) and tcp_v4_send_reset()/tcp_v6_send_reset() (replies to segments). Since Linux 6.10 it
  * carries the kernel's `reason` and fires for replies with no socket (NO_SOCKET); before 6.10 it
@@ -90,6 +92,8 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	emit(args, e);
 	return 0;
 }
+
+#endif /* RST_SENT_BY_KPROBE: kprobe.bpf.c reports RSTs sent instead */
 
 /* tcp:tcp_receive_reset — a socket accepted an incoming RST (tcp_reset(), since Linux 4.15): the
  * "Connection reset by peer" side. Runs in softirq or, when the socket was owned by the user, in

@@ -40,6 +40,7 @@ enum rsttrace_verdict {
 #define RSTTRACE_F_QUEUES       0x10  /* the queue fields below were read */
 #define RSTTRACE_F_INFERRED     0x20  /* inferred: rsttrace replayed the kernel's test on the state it read */
 #define RSTTRACE_F_ORPHAN       0x40  /* a full socket with no struct socket: never accept()ed, or closed */
+#define RSTTRACE_F_UNREAD       0x80  /* unread_bytes > 0 */
 
 struct rsttrace_event {
 	__u64 ktime_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -61,6 +62,7 @@ struct rsttrace_event {
 	__u32 somaxconn;        /* net.core.somaxconn of the listener's netns (RSTTRACE_F_QUEUES) */
 	__u32 max_syn_backlog;  /* net.ipv4.tcp_max_syn_backlog of that netns */
 	__s32 listen_backlog;   /* the backlog argument given to listen(), -1 if not seen */
+	__u32 owner_tgid;       /* listener events: the process that called listen() (0: not seen) */
 	__u16 family;           /* AF_INET / AF_INET6 */
 	__u16 lport;            /* host byte order */
 	__u16 rport;
@@ -73,6 +75,7 @@ struct rsttrace_event {
 	__u8 laddr[16];         /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[RSTTRACE_COMM_LEN];
+	char owner_comm[RSTTRACE_COMM_LEN]; /* comm of owner_tgid */
 };
 
 /* Key of the exact per-CPU counts map: enough of the event for user space to name the reason
@@ -83,11 +86,13 @@ struct rsttrace_count_key {
 	__u32 kernel_reason;
 	__u16 lport;
 	__u8 tcp_flags;
-	__u8 flags;             /* RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN */
+	__u8 flags;             /* RSTTRACE_F_LINGER | _INFERRED | _ORPHAN | _HAVE_SOCKET | _UNREAD */
 	__u8 linger_zero;
 	__u8 verdict;           /* enum rsttrace_verdict */
 	__u8 queue_full;        /* listener accept queue over its limit (accept_qlen > accept_qmax) */
-	__u8 pad;
+	__u8 state;             /* TCP state */
+	__u64 callers[2];       /* innermost two frames when the kernel gave no reason: user space
+	                         * infers the reason from them (tracer/enrich/reasons.py) */
 };
 
 /* Per-CPU statistics slots (BPF_PERCPU_ARRAY stats). */

@@ -1,6 +1,8 @@
 """Command line: `rsttrace` (trace), `rsttrace doctor`, `rsttrace explain`."""
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import sys
 import time
@@ -112,12 +114,14 @@ class ContainerType(click.ParamType):
 @click.option("--plain", is_flag=True, help="Plain text lines (the default when not in the terminal UI).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Append records to FILE ('-' is stdout); one whole line per write.")
+@click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe"]), default="auto", show_default=True,
+              help="Hook family: auto picks the best per event kind (see `rsttrace doctor`).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
 def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, output,
-         duration, count):
+         backend, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -141,11 +145,18 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         containers=list(dict.fromkeys(containers)),
         duration=duration,
         count=count,
+        backend=backend,
     )
-    run_trace(options, as_json=as_json, output=output)
+    run_trace(options, as_json=as_json, output=output, plain=plain)
 
 
-def run_trace(options, as_json: bool, output: str | None) -> None:
+def use_ui(as_json: bool, plain: bool, output: str | None) -> bool:
+    """The live screen only for a person at a terminal; lines for pipes, files, --json and --plain."""
+    return (not as_json and not plain and output is None and sys.stdout.isatty()
+            and os.environ.get("TERM", "") not in ("", "dumb"))
+
+
+def run_trace(options, as_json: bool, output: str | None, plain: bool = False) -> None:
     from .session import Session, install_signal_handlers, print_summary
     from .sinks.jsonl import JsonSink
     from .sinks.output import LineOutput
@@ -155,12 +166,21 @@ def run_trace(options, as_json: bool, output: str | None) -> None:
         out = LineOutput(output)
     except OSError as err:
         raise RsttraceError(f"cannot open --output {output}: {err.strerror}") from err
-    sink = JsonSink(out) if as_json else PlainSink(out)
+    ui = use_ui(as_json, plain, output)
+    if ui:
+        from .sinks.ui import UiSink
+        sink = UiSink()
+    else:
+        sink = JsonSink(out) if as_json else PlainSink(out)
     session = Session(options, [sink], started_at=STARTED)
     install_signal_handlers(session)
     try:
         caps = session.start()
-        cov = caps.coverage
+        if ui:
+            # The screen's header shows the coverage, and it prints its own final summary on close.
+            session.run()
+            return
+        cov = session.plan.coverage
         hooks = ", ".join(f"{k}: {v}" for k, v in cov.hooks.items() if v)
         blind = [k for k, v in cov.hooks.items() if not v]
         stderr(f"rsttrace: attached in {(session.attached_at - STARTED) * 1000:.0f} ms — {hooks}")
@@ -203,18 +223,31 @@ def explain(reason):
     if reason is None:
         width = max(map(len, CATALOG))
         for r in CATALOG.values():
-            click.echo(f"{r.name:<{width}}  {r.title}")
+            click.echo(f"{r.name:<{width}}  {r.severity:<7}  {r.title}  ({', '.join(r.events)})")
         return
     r = CATALOG[reason]
-    click.echo(f"{r.name} — {r.title}")
-    click.echo(f"  events:        {', '.join(r.events)}")
+    # Wrapped for a person at a terminal; one line per field when piped, so that grep finds it.
+    wrap = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+
+    def field(label: str, text: str, first: bool = True, prose: bool = True) -> None:
+        head = f"  {label + ':' if first else '':<15}"
+        if wrap and prose:
+            text = click.wrap_text(text, min(wrap, 110), initial_indent=head, subsequent_indent=" " * len(head))
+            click.echo(text)
+        else:
+            click.echo(head + text)
+
+    click.echo(f"{r.name} — {r.title}  [{r.severity}]")
+    field("events", ", ".join(r.events))
     if r.kernel_names:
-        click.echo(f"  kernel names:  {', '.join(r.kernel_names)}")
+        field("kernel names", ", ".join(r.kernel_names))
     if r.counters:
-        click.echo(f"  counters:      {', '.join(r.counters)} (nstat -az | grep -E '{'|'.join(r.counters)}')")
-    click.echo(f"  what happened: {r.what}")
-    click.echo(f"  usual causes:  {r.causes}")
-    click.echo(f"  what to do:    {r.fix}")
+        field("counters", f"{', '.join(r.counters)} (nstat -az | grep -E '{'|'.join(r.counters)}')")
+    field("what happened", r.what)
+    field("usual causes", r.causes)
+    field("what to do", r.fix)
+    for i, check in enumerate(r.checks):
+        field("check", f"• {check}", first=i == 0, prose=False)    # commands stay whole for copy-paste
 
 
 def entry() -> None:

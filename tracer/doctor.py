@@ -5,10 +5,12 @@ import json
 
 from .errors import EXIT_NOT_ROOT, EXIT_OK, EXIT_UNSUPPORTED
 from .kernel.capabilities import probe
+from .kernel.hooks import plan_hooks
 
 
 def run_doctor(as_json: bool) -> int:
     caps = probe()
+    coverage = plan_hooks(caps).coverage
     fatal = None
     if not caps.can_bpf:
         fatal = (EXIT_NOT_ROOT, "rsttrace cannot load BPF programs here — run it as root (sudo)")
@@ -23,7 +25,7 @@ def run_doctor(as_json: bool) -> int:
         print(json.dumps({
             "kernel": caps.kernel,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "uses": c.uses} for c in caps.checks],
-            "coverage": caps.coverage.as_dict(),
+            "coverage": coverage.as_dict(),
             "can_trace": fatal is None,
             "problem": fatal[1] if fatal else None,
         }, indent=2))
@@ -45,10 +47,10 @@ def run_doctor(as_json: bool) -> int:
     cov.add_column("events")
     cov.add_column("hook")
     cov.add_column("note")
-    for kind, hook in caps.coverage.hooks.items():
-        cov.add_row(kind, hook or "[red]not visible[/]", caps.coverage.notes.get(kind, ""))
+    for kind, hook in coverage.hooks.items():
+        cov.add_row(kind, hook or "[red]not visible[/]", coverage.notes.get(kind, ""))
     console.print(cov)
-    for spot in caps.coverage.blind_spots:
+    for spot in coverage.blind_spots:
         console.print(f"[yellow]blind spot:[/] {spot}")
     if fatal:
         console.print(f"[red]cannot trace:[/] {fatal[1]}")

@@ -22,6 +22,7 @@ from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
 from .events.decode import Decoder, Event
 from .kernel.capabilities import Capabilities, probe
+from .kernel.hooks import plan_hooks
 from .kernel.loader import Filters, RstProgram
 from .sinks import records
 from .sinks.plain import stderr
@@ -44,6 +45,7 @@ class Options:
     duration: float | None = None
     count: int | None = None
     evidence: bool = True                                # symbolize kernel callers into the records
+    backend: str = "auto"                                # auto / tracepoint / kprobe (tracer/kernel/hooks.py)
 
 
 class Session:
@@ -55,6 +57,8 @@ class Session:
         self.netns_counts: dict[int, Counter[str]] = {}     # netns inode → event kind → count
         self.listen_backlogs: dict[tuple[int, int], int] = {}  # (netns, port) → listen() backlog seen
         self.sampler: ListenerSampler | None = None
+        self._resolved_listeners: set[int] = set()
+        self._batch: list[Event] = []
         self.emitted = 0
         self.lost_reported = 0
         self._stop = False
@@ -76,18 +80,19 @@ class Session:
                                   "a seccomp profile, LSM or kernel.unprivileged_bpf_disabled may block bpf(2); "
                                   "see `rsttrace doctor`")
         self.caps = caps
+        self.plan = plan_hooks(caps, self.options.backend)
         self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family,
-                                                         self.options.netns))
+                                                self.options.netns), self.plan)
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.program.open_events(self._on_record)
         self.counters_before = counters.read()
-        if caps.listen_hooks:
+        if any(self.plan.coverage.hooks.get(k) for k in ("syn_dropped", "ack_dropped")):
             self.sampler = ListenerSampler(self.options.ports)
             self.sampler.add_known_namespaces()
             self.sampler.start()
         self.attached_at = time.monotonic()
-        cov = caps.coverage.as_dict()
+        cov = self.plan.coverage.as_dict()
         self._emit(records.coverage_record(cov, caps.kernel, self._filter_dict(),
                                            (self.attached_at - self.started_at) * 1000))
         return caps
@@ -100,10 +105,22 @@ class Session:
 
     # -- per event -------------------------------------------------------------------------
     def _on_record(self, data: int, size: int) -> None:
-        ev = self.decoder.decode(ctypes.string_at(data, size))
-        self.handle(ev)
+        self._batch.append(self.decoder.decode(ctypes.string_at(data, size)))
+
+    def _process_batch(self) -> None:
+        """Enrich and emit what one poll delivered (attribution prepared once for the whole batch)."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        self.attributor.prepare(batch)
+        for ev in batch:
+            if self._stop and self.options.count is not None and self.emitted >= self.options.count:
+                break
+            self.handle(ev)
 
     def handle(self, ev: Event) -> None:
+        if self.program is not None and (self.options.evidence or ev.kernel_reason is None):
+            ev.caller_names = [self.program.ksym(a) for a in ev.callers]
         ev.reason = reasons.classify(ev)
         self.netns_counts.setdefault(ev.netns, Counter())[ev.kind] += 1
         if self.options.reasons and ev.reason not in self.options.reasons:
@@ -118,8 +135,7 @@ class Session:
             return
         ev.explanation = reasons.explain(ev)
         self.counts[(ev.kind, ev.reason)] += 1
-        symbolize = self.program.ksym if self.options.evidence and self.program else None
-        self._emit(records.event_record(ev, symbolize))
+        self._emit(records.event_record(ev))
         self.emitted += 1
         if self.options.count is not None and self.emitted >= self.options.count:
             self._stop = True
@@ -162,9 +178,11 @@ class Session:
                     break
                 timeout_ms = max(1, min(timeout_ms, int(left * 1000)))
             self.program.poll(timeout_ms)
+            self._process_batch()
             now = time.monotonic()
             if now >= next_lost_check:
                 self._report_losses()
+                self._resolve_new_listeners()
                 next_lost_check = now + LOST_CHECK_INTERVAL
             if self.sampler is not None and now >= next_listeners:
                 self._emit(self.listeners_record())
@@ -172,6 +190,17 @@ class Session:
             if self.sampler is not None and now >= next_reconcile:
                 self._emit(self.reconciliation_record())
                 next_reconcile = now + RECONCILE_INTERVAL
+
+    def _resolve_new_listeners(self) -> None:
+        """Name each listener's owner as soon as the sampler sees it, before its first drop: by then the
+        owner index may have just been rebuilt for another socket, and the process may be gone."""
+        if self.sampler is None:
+            return
+        new = [lst.inode for st in list(self.sampler.netns.values()) for lst in st.listeners
+               if lst.inode not in self._resolved_listeners]
+        if new:
+            self.attributor.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in new])
+            self._resolved_listeners.update(inode for inode in new if self.attributor.sockets.owners(inode))
 
     def listeners_record(self) -> dict:
         rows = self.sampler.snapshot(self._listener_owner)
@@ -203,6 +232,7 @@ class Session:
             try:
                 if not (self.options.count is not None and self.emitted >= self.options.count):
                     self.program.drain()
+                    self._process_batch()
                 self._report_losses()
                 stats = self.program.stats()
                 exact = self.program.exact_counts()
@@ -212,6 +242,7 @@ class Session:
             if self.sampler is not None:
                 self.sampler.stop()
                 self.sampler.sample_once()
+                self._emit(self.listeners_record())     # the final drop counts, not ones up to 2 s old
                 final = self.reconciliation_record()
                 self._emit(final)
                 reconciliation = final["netns"]
@@ -229,15 +260,18 @@ class Session:
 
     def kernel_counts(self, exact) -> dict[str, dict[str, int]]:
         """Exact in-kernel counts per event kind and rsttrace reason (before any user-space filter)."""
-        from .events.record import F_ORPHAN, KIND_NAMES, NO_REASON, VERDICT_NAMES
+        from .events.decode import TCP_STATES
+        from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, KIND_NAMES, NO_REASON, VERDICT_NAMES
         out: dict[str, dict[str, int]] = {}
         for key, n in exact:
             kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
             names = self.program.reason_names.get(kind, {})
             kreason = None if key.kernel_reason == NO_REASON else names.get(key.kernel_reason)
+            callers = [self.program.ksym(a) for a in key.callers if a] if kreason is None else []
             reason = reasons.classify_fields(kind, kreason, key.tcp_flags, bool(key.linger_zero),
                                              VERDICT_NAMES.get(key.verdict, "none"), bool(key.queue_full),
-                                             bool(key.flags & F_ORPHAN))
+                                             bool(key.flags & F_ORPHAN), callers, TCP_STATES.get(key.state),
+                                             1 if key.flags & F_UNREAD else 0, bool(key.flags & F_HAVE_SOCKET))
             out.setdefault(kind, {}).setdefault(reason, 0)
             out[kind][reason] += n
         return out

@@ -4,6 +4,7 @@ by real rsttrace processes with and without --container / --cgroup filters."""
 from __future__ import annotations
 
 import json
+import random
 import os
 import secrets
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from conftest import SCENARIOS, events
 from tracer.enrich.cgroups import cgroup2_mount
 
-PORT = 8100
+PORT = random.randrange(20000, 30000, 2)   # not a port other suites running beside this one use
 
 
 @pytest.fixture

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import pwd
+import random
 
 from conftest import REPO, events
 
 INCIDENT = str(REPO / "scripts" / "repro" / "nginx_incident.py")
-PROXY_PORT, UPSTREAM_PORT = 8000, 8080
+PROXY_PORT = random.randrange(20000, 30000, 2)   # not ports other suites running beside this one use
+UPSTREAM_PORT = PROXY_PORT + 1
 NOBODY = pwd.getpwnam("nobody").pw_uid
 
 

@@ -3,6 +3,8 @@ distinct exit codes when rsttrace cannot trace, filters that really filter."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import signal
 import subprocess
 import sys
@@ -11,12 +13,26 @@ import pytest
 
 from conftest import REPO, RSTTRACE, Tracer, events
 
-PORT = 8100
+PORT = random.randrange(20000, 30000)   # not a port other suites running beside this one use
 
 
 def bpf_prog_ids() -> set[int]:
     out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True)
     return {p["id"] for p in json.loads(out.stdout or "[]")}
+
+
+def prog_ids_of(pid: int) -> set[int]:
+    """BPF programs held by process `pid` (its fds' fdinfo says prog_id)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
 
 
 def run_rsttrace(*args, prefix=(), timeout=60):
@@ -25,10 +41,9 @@ def run_rsttrace(*args, prefix=(), timeout=60):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_detaches_every_program_and_prints_summary(netns, tracer, sig):
-    before = bpf_prog_ids()
     t = tracer("--json", "--port", str(PORT))
-    ours = bpf_prog_ids() - before
-    assert len(ours) >= 2, "rsttrace attached no programs?"
+    ours = prog_ids_of(t.proc.pid)
+    assert len(ours) >= 2 and ours <= bpf_prog_ids(), "rsttrace attached no programs?"
     netns.scenario("closed_port", "127.0.0.1", PORT)
     records = t.stop(sig)
     assert t.returncode == 0

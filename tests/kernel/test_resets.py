@@ -6,11 +6,13 @@ that rsttrace saw exactly as many RSTs as the kernel counted (TcpOutRsts in that
 """
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from conftest import events
 
-PORT = 8100
+PORT = random.randrange(20000, 30000)   # not a port other suites running beside this one use
 
 
 def sent_in(records, ns):

@@ -69,3 +69,38 @@ def test_catalog_entries_are_complete():
         assert r.title and r.what and r.fix and r.events
         assert r.severity in ("info", "warning", "error")
         assert r.one_line()          # works without an event
+
+
+# Kernel stacks as bpf_get_stack() reports them at the hook (innermost first), 6.1 and 6.18.
+@pytest.mark.parametrize("callers,state,unread,linger_zero,orphan,flags,queue_full,has_socket,expected", [
+    (["tcp_send_active_reset", "__tcp_close", "tcp_close", "inet_release"], "CLOSE", 4096, False, False, 0, False, True,
+     "closed_with_unread_data"),
+    (["tcp_send_active_reset", "tcp_close", "inet_release", "sock_close"], "CLOSE", 10, False, False, 0, False, True,
+     "closed_with_unread_data"),     # __tcp_close inlined
+    (["tcp_send_active_reset", "tcp_disconnect", "__tcp_close", "tcp_close"], "CLOSE", 0, True, False, 0, False, True,
+     "linger_zero"),
+    (["tcp_send_active_reset", "tcp_disconnect", "inet_child_forget", "inet_csk_listen_stop"], "CLOSE", 0, False, True, 0,
+     False, True, "listener_closed"),
+    (["tcp_send_active_reset", "tcp_disconnect", "__inet_stream_connect", "inet_stream_connect"], "CLOSE", 0, False, False,
+     0, False, True, "aborted"),
+    (["tcp_send_active_reset", "tcp_keepalive_timer", "call_timer_fn", "__run_timers"], "ESTABLISHED", 0, False, False, 0,
+     False, True, "keepalive_timeout"),
+    (["tcp_send_active_reset", "tcp_keepalive_timer", "call_timer_fn", "__run_timers"], "FIN_WAIT2", 0, False, True, 0,
+     False, True, "fin_wait2_timeout"),
+    (["tcp_send_active_reset", "tcp_out_of_resources", "tcp_write_timeout", "tcp_retransmit_timer"], "FIN_WAIT1", 0,
+     False, True, 0, False, True, "out_of_memory"),
+    (["tcp_v4_send_reset", "tcp_v4_rcv", "ip_protocol_deliver_rcu", "ip_local_deliver_finish"], None, None, False, False,
+     0x02, False, False, "no_listener"),
+    (["tcp_v6_send_reset", "tcp_v6_rcv", "ip6_protocol_deliver_rcu", "ip6_input_finish"], None, None, False, False,
+     0x10, False, False, "no_socket"),
+    (["tcp_v4_send_reset", "tcp_check_req", "tcp_v4_rcv", "ip_protocol_deliver_rcu"], "LISTEN", 0, False, False, 0x10,
+     True, True, "accept_queue_full"),
+    (["tcp_v4_send_reset", "tcp_v4_rcv", "ip_protocol_deliver_rcu", "ip_local_deliver_finish"], "TIME_WAIT", None, False,
+     False, 0x10, False, True, "time_wait"),
+    (["tcp_v4_send_reset", "tcp_v4_do_rcv", "tcp_v4_rcv", "ip_protocol_deliver_rcu"], "FIN_WAIT2", 0, False, True, 0x18,
+     False, True, "data_after_close"),
+    (["some_new_caller", "x"], "CLOSE", 0, False, False, 0, False, True, "unknown"),
+])
+def test_reason_inferred_from_callers_and_socket_state(callers, state, unread, linger_zero, orphan, flags, queue_full,
+                                                       has_socket, expected):
+    assert reasons.infer_rst_reason(callers, state, unread, linger_zero, orphan, flags, queue_full, has_socket) == expected

@@ -33,7 +33,9 @@ def sample_event(**kw) -> Event:
 
 
 def test_event_record_validates_and_keeps_kernel_name_beside_ours():
-    rec = records.event_record(sample_event(), symbolize=lambda a: f"fn{a}")
+    ev = sample_event()
+    ev.caller_names = ["fn1", "fn2"]
+    rec = records.event_record(ev)
     jsonschema.validate(rec, SCHEMA)
     assert rec["reason"] == "closed_with_unread_data" and rec["kernel_reason"] == "TCP_ABORT_ON_CLOSE"
     assert rec["time"] == "2025-11-22T09:43:46.123456Z"

@@ -47,9 +47,9 @@ class SocketOwners:
     An index built at time T holds every socket that had a file descriptor at T. So a miss is worth
     a rebuild only when the index predates the event (the socket may be newer than the index); a
     socket missing from an index built after its event is gone or was never accept()ed. Rebuilds
-    are still capped at `max_per_s` so that a storm of unknown sockets cannot pin a CPU."""
+    happen at most once per batch of events and at least 1/`max_per_s` apart."""
 
-    def __init__(self, max_per_s: float = 20.0):
+    def __init__(self, max_per_s: float = 50.0):
         self.min_gap_ns = int(1e9 / max_per_s)
         self._index: dict[int, list[int]] = {}
         self._built_ns = 0
@@ -81,15 +81,26 @@ class SocketOwners:
         self._built_ns = time.monotonic_ns()
         self.rebuilds += 1
 
-    def owners(self, inode: int, event_ns: int = 0) -> list[int]:
-        """Pids holding socket `inode`; `event_ns` (CLOCK_MONOTONIC) is when the kernel saw it."""
+    def known(self, inode: int) -> bool:
+        return inode in self._resolved or inode in self._index
+
+    def refresh_for(self, inodes_and_times: list[tuple[int, int]]) -> None:
+        """Rebuild the index once if any of these sockets (inode, event CLOCK_MONOTONIC ns) may be
+        newer than it. Called once per batch of events, never per event, so a storm of sockets
+        that have no owner any more costs one /proc scan per batch, not one per event."""
+        newest = max((t for ino, t in inodes_and_times if ino and not self.known(ino)), default=None)
+        if newest is None or self._built_ns > newest:
+            return
+        wait_ns = self._built_ns + self.min_gap_ns - time.monotonic_ns()
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9)
+        self._rebuild()
+
+    def owners(self, inode: int) -> list[int]:
+        """Pids holding socket `inode` as of the last index (see refresh_for)."""
         if not inode:
             return []
         pids = self._resolved.get(inode) or self._index.get(inode)
-        now = time.monotonic_ns()
-        if pids is None and self._built_ns <= event_ns and now - self._built_ns >= self.min_gap_ns:
-            self._rebuild()
-            pids = self._index.get(inode)
         if pids:
             self._resolved[inode] = pids
             if len(self._resolved) > 65536:
@@ -254,6 +265,16 @@ class Attributor:
 
     LISTENER_EVENTS = ("syn_dropped", "ack_dropped", "syn_cookie")
 
+    def _listener_event(self, ev: Event) -> bool:
+        return ev.kind in self.LISTENER_EVENTS or (ev.queues is not None and ev.state == "LISTEN")
+
+    def needs_owner(self, ev: Event) -> bool:
+        return not (self.context_known and not ev.softirq and not self._listener_event(ev))
+
+    def prepare(self, events: list[Event]) -> None:
+        """Before attributing a batch: one index refresh if any of its sockets may be new."""
+        self.sockets.refresh_for([(ev.sock_ino, ev.ktime_ns) for ev in events if self.needs_owner(ev)])
+
     def attribute(self, ev: Event) -> None:
         ev.netns_name = self.netns.name(ev.netns)
         ev.process = self._process(ev)
@@ -261,24 +282,35 @@ class Attributor:
             ev.process["cgroup"], ev.process["container"] = self.cgroups.of(ev.process["pid"])
 
     def _process(self, ev: Event) -> dict | None:
-        listener_event = ev.kind in self.LISTENER_EVENTS or (ev.queues is not None and ev.state == "LISTEN")
-        if self.context_known and not ev.softirq and not listener_event:
+        listener_event = self._listener_event(ev)
+        if not self.needs_owner(ev):
             return {"pid": ev.task_pid, "comm": ev.task_comm, "uid": ev.task_uid, "source": "task"}
         # A listener's drop is the listening process's problem, whoever was on the CPU.
-        found = self._owner(self.sockets.owners(ev.sock_ino, ev.ktime_ns),
-                            "listener_owner" if listener_event else "socket_owner")
+        source = "listener_owner" if listener_event else "socket_owner"
+        if listener_event and ev.owner_pid:
+            # Seen calling listen() by the BPF program: named even if it has exited since.
+            info = self.sockets.info(ev.owner_pid) or {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": None}
+            if info.get("comm") != ev.owner_comm and ev.owner_comm:
+                info = {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": info.get("uid")}
+            info["source"] = source
+            return info
+        found = self._owner(self.sockets.owners(ev.sock_ino), source)
         if found or listener_event:
             return found
         # The socket is already closed (or was never accept()ed): a server-side connection is still
         # the business of the process listening on its local port. A client's ephemeral port, or a
         # port nobody listens on (no_listener), finds nobody.
         inodes = self.listeners.inodes(ev.netns, ev.local_addr, ev.local_port, ev.task_pid)
-        return self._owner([pid for inode in inodes for pid in self.sockets.owners(inode, time.monotonic_ns())],
-                           "port_listener")
+        return self._owner(self._current_owners(inodes), "port_listener")
+
+    def _current_owners(self, inodes: list[int]) -> list[int]:
+        """Owners of long-lived sockets (listeners) looked up now: one index refresh at most."""
+        self.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in inodes])
+        return [pid for inode in inodes for pid in self.sockets.owners(inode)]
 
     def owner_of_socket(self, inode: int, source: str) -> dict | None:
-        """The process holding socket `inode` now, with its cgroup and container."""
-        found = self._owner(self.sockets.owners(inode, time.monotonic_ns()), source)
+        """The process holding socket `inode` (as of the last index), with its cgroup and container."""
+        found = self._owner(self.sockets.owners(inode), source)
         if found is not None:
             found["cgroup"], found["container"] = self.cgroups.of(found["pid"])
         return found

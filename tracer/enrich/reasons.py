@@ -6,7 +6,7 @@ skb_drop_reason, SNMP counters) are kept beside them so users can grep both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..events.decode import Event
 
@@ -25,6 +25,7 @@ class Reason:
     counters: tuple[str, ...] = ()      # SNMP / netstat counters the same path bumps
     severity: str = "warning"           # info / warning / error (colour in the UI)
     summary: str = ""                   # one-line template, formatted with the event's fields
+    checks: tuple[str, ...] = ()        # how to see it for yourself: commands, settings, logs
 
     def one_line(self, ev: Event | None = None) -> str:
         if ev is None or not self.summary:
@@ -207,6 +208,65 @@ _add(Reason(
     "The kernel did not say why and rsttrace could not tell from what it sees; the raw evidence is in the record.",
     "—", "Look at kernel_reason and evidence in the JSON record.", ("NOT_SPECIFIED", "ERROR"), (), "info"))
 
+
+
+def _checks(name: str, *checks: str) -> None:
+    CATALOG[name] = replace(CATALOG[name], checks=checks)
+
+
+# How to confirm each diagnosis by hand (`rsttrace explain`, the screen's final advice). PORT, PID and
+# NETNS stand for the values in the event.
+_checks("no_listener",
+        "ss -ltnp 'sport = :PORT' — in the netns the clients reach (ip netns exec NETNS ss -ltnp, or "
+        "nsenter -t PID -n ss -ltnp for a container)",
+        "nstat -az TcpOutRsts — moves with every RST the host sends")
+_checks("closed_with_unread_data",
+        "the closing process's error log at that second; nginx: grep -E 'Permission denied|proxy_temp|"
+        "upstream prematurely' /var/log/nginx/error.log",
+        "proxy temp dir owned by the worker user? ls -ld /var/cache/nginx/proxy_temp; ps -o user= -C nginx",
+        "nginx: proxy_buffers, proxy_buffer_size, proxy_max_temp_file_size, client_max_body_size",
+        "nstat -az TcpExtTCPAbortOnClose — the kernel counts these aborts")
+_checks("linger_zero",
+        "strace -f -e trace=setsockopt -p PID 2>&1 | grep SO_LINGER — who sets {1, 0}",
+        "nstat -az TcpExtTCPAbortOnData (the kernel counts a zero-linger close here)")
+_checks("data_after_close",
+        "idle/keep-alive timeouts on both sides: the server's must be longer than every client's and proxy's "
+        "(nginx keepalive_timeout vs upstream keepalive_timeout, HTTP client pool idle time)",
+        "nstat -az TcpExtTCPAbortOnData")
+_checks("out_of_memory",
+        "cat /proc/net/sockstat — orphan and mem against the limits below",
+        "sysctl net.ipv4.tcp_max_orphans net.ipv4.tcp_mem",
+        "nstat -az TcpExtTCPAbortOnMemory")
+_checks("keepalive_timeout",
+        "sysctl net.ipv4.tcp_keepalive_time net.ipv4.tcp_keepalive_intvl net.ipv4.tcp_keepalive_probes",
+        "ss -tno 'dport = :PORT' — timer:(keepalive,...) shows the probes in flight",
+        "NAT/firewall/load-balancer idle timeouts on the path; nstat -az TcpExtTCPAbortOnTimeout")
+_checks("fin_wait2_timeout",
+        "sysctl net.ipv4.tcp_fin_timeout; ss -tno state fin-wait-2",
+        "nstat -az TcpExtTCPAbortOnLinger")
+_checks("listener_closed",
+        "ss -ltn 'sport = :PORT' before stopping the server: Recv-Q > 0 means connections wait in the accept "
+        "queue and will be reset when the listener closes",
+        "the service manager's log at that second (journalctl -u SERVICE): a restart, reload or crash")
+_checks("peer_reset",
+        "run rsttrace on the peer: its rst_sent carries the reason",
+        "nstat -az TcpEstabResets")
+_checks("accept_queue_full",
+        "ss -ltn 'sport = :PORT' — for a listener Recv-Q is the accept queue now and Send-Q its limit; the "
+        "limit is min(listen() backlog, net.core.somaxconn) and the queue overflows when Recv-Q > Send-Q",
+        "sysctl net.core.somaxconn (per netns) and the backlog the server passes to listen() (nginx listen "
+        "... backlog=N, Java ServerSocket/Tomcat acceptCount, gunicorn --backlog, Go: somaxconn)",
+        "sysctl net.ipv4.tcp_abort_on_overflow — 0 (default): the SYN or final ACK is dropped and clients "
+        "retransmit or time out; 1: clients get an RST",
+        "nstat -az TcpExtListenOverflows TcpExtListenDrops")
+_checks("syn_queue_full",
+        "sysctl net.ipv4.tcp_max_syn_backlog net.ipv4.tcp_syncookies",
+        "ss -ltn 'sport = :PORT'; ss -tn state syn-recv 'sport = :PORT' | wc -l — half-open connections",
+        "nstat -az TcpExtTCPReqQFullDrop TcpExtListenDrops")
+_checks("syn_cookie",
+        "nstat -az TcpExtSyncookiesSent TcpExtSyncookiesRecv TcpExtSyncookiesFailed",
+        "sysctl net.ipv4.tcp_max_syn_backlog; the listen() backlog also caps the SYN queue")
+
 REASON_NAMES = tuple(CATALOG)
 
 
@@ -214,7 +274,8 @@ def classify(ev: Event) -> str:
     """rsttrace reason for an event, from what the kernel said and what the socket showed."""
     queue_full = bool(ev.queues and ev.queues["accept_qlen"] > ev.queues["accept_qmax"])
     return classify_fields(ev.kind, ev.kernel_reason, ev.tcp_flags, ev.linger and ev.linger_jiffies == 0,
-                           ev.verdict, queue_full, ev.orphan)
+                           ev.verdict, queue_full, ev.orphan, ev.caller_names, ev.state, ev.unread_bytes,
+                           bool(ev.skaddr))
 
 
 VERDICT_REASONS = {"accept_queue_full": "accept_queue_full", "syn_queue_full": "syn_queue_full",
@@ -222,16 +283,21 @@ VERDICT_REASONS = {"accept_queue_full": "accept_queue_full", "syn_queue_full": "
 
 
 def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger_zero: bool,
-                    verdict: str = "none", queue_full: bool = False, orphan: bool = False) -> str:
+                    verdict: str = "none", queue_full: bool = False, orphan: bool = False,
+                    callers: list[str] | None = None, state: str | None = None, unread: int | None = None,
+                    has_socket: bool = True) -> str:
     """The same decision from the few fields the kernel's exact-count keys keep."""
     if kind == "rst_received":
         return "peer_reset"
     if kind in ("syn_dropped", "syn_cookie"):
         return VERDICT_REASONS.get(verdict, "unknown")
     if kind == "ack_dropped":
-        return "accept_queue_full" if kernel_reason == "TCP_LISTEN_OVERFLOW" else "unknown"
-    if kind != "rst_sent" or kernel_reason is None:
+        full = kernel_reason == "TCP_LISTEN_OVERFLOW" or verdict == "accept_queue_full"
+        return "accept_queue_full" if full else "unknown"
+    if kind != "rst_sent":
         return "unknown"
+    if kernel_reason is None:
+        return infer_rst_reason(callers or [], state, unread, linger_zero, orphan, tcp_flags, queue_full, has_socket)
     if kernel_reason == "INVALID_SYN" and queue_full:
         # tcp_abort_on_overflow=1: the listener resets the 3rd ACK it cannot queue; the kernel's own
         # reason (INVALID_SYN) says nothing of the overflow, the listener's queue does.
@@ -248,6 +314,46 @@ def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger
     for reason in CATALOG.values():
         if kernel_reason in reason.kernel_names and "rst_sent" in reason.events:
             return reason.name
+    return "unknown"
+
+
+def infer_rst_reason(callers: list[str], state: str | None, unread: int | None, linger_zero: bool, orphan: bool,
+                     tcp_flags: int, queue_full: bool, has_socket: bool) -> str:
+    """The reason of an RST on a kernel that does not give one (< 6.10), from what the kernel knew at
+    the hook: which function sends it and who called it (innermost frames), the socket's state,
+    unread bytes and SO_LINGER. The branches follow the callers of tcp_send_active_reset() and
+    tcp_v4/v6_send_reset() in Linux 4.x-6.9; where two causes share a path, the answer is the one
+    the evidence supports, else `unknown`."""
+    names = set(callers)
+    sender = callers[0] if callers else ""
+    if sender.startswith(("tcp_v4_send_reset", "tcp_v6_send_reset")):
+        if not has_socket:
+            syn_only = tcp_flags & TCPHDR_SYN and not tcp_flags & TCPHDR_ACK
+            return "no_listener" if syn_only else "no_socket"
+        if state == "TIME_WAIT":
+            return "time_wait"
+        if state in ("LISTEN", "NEW_SYN_RECV"):
+            return "accept_queue_full" if queue_full else "invalid_syn"
+        if state in ("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"):
+            return "data_after_close"          # tcp_rcv_state_process(): data after shutdown (TCPAbortOnData)
+        return "invalid_segment"
+    if sender.startswith("tcp_send_active_reset"):
+        if names & {"inet_csk_listen_stop", "inet_child_forget"} or ("tcp_disconnect" in names and orphan and not linger_zero):
+            return "listener_closed"
+        if "tcp_disconnect" in names:
+            return "linger_zero" if linger_zero else "aborted"
+        if names & {"__tcp_close", "tcp_close"}:
+            if unread:
+                return "closed_with_unread_data"
+            if state == "FIN_WAIT2":
+                return "fin_wait2_timeout"       # linger2 < 0 (TCPAbortOnLinger)
+            return "out_of_memory"               # tcp_check_oom(): too many orphans (TCPAbortOnMemory)
+        if "tcp_keepalive_timer" in names:
+            return "fin_wait2_timeout" if state == "FIN_WAIT2" else "keepalive_timeout"
+        if names & {"tcp_out_of_resources", "tcp_write_timeout"}:
+            return "out_of_memory"
+        if names & {"tcp_abort", "tcp_diag_destroy", "sock_diag_destroy"}:
+            return "aborted"
     return "unknown"
 
 

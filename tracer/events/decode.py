@@ -46,7 +46,10 @@ class Event:
     orphan: bool                   # full socket without a struct socket: never accepted, or already closed
     tcp_flags: int
     callers: list[int]
+    caller_names: list[str] = field(default_factory=list)   # symbolized `callers` (filled by the session)
     queues: dict[str, Any] | None = None
+    owner_pid: int = 0             # listener events: who called listen(), as the kernel saw it (0: unknown)
+    owner_comm: str = ""
     inferred: bool = False
     verdict: str = "none"          # listener's decision on a SYN (rsttrace_verdict), "none" otherwise
     # Filled by enrichment:
@@ -118,6 +121,8 @@ class Decoder:
             task_pid=raw.tgid,
             task_comm=raw.comm.decode(errors="replace"),
             task_uid=raw.uid,
+            owner_pid=raw.owner_tgid,
+            owner_comm=raw.owner_comm.decode(errors="replace"),
             skaddr=raw.skaddr,
             sock_cookie=raw.sock_cookie,
             sock_ino=raw.sock_ino,

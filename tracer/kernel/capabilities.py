@@ -16,6 +16,9 @@ from .offsets import resolve_offsets
 from .kallsyms import SOFTIRQ_ENTRY_FUNCTIONS, function_ranges
 from .tracefs import TracefsError, TracepointFormat, read_format, tracefs_root
 
+KPROBE_FUNCTIONS = ("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_reset", "tcp_conn_request",
+                    "tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
+
 # Capability bits (include/uapi/linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
 
@@ -67,7 +70,7 @@ class Capabilities:
     bcc_version: str | None = None
     kernel_headers: bool = False
     checks: list[Check] = field(default_factory=list)
-    coverage: Coverage = field(default_factory=Coverage)
+    functions: set[str] = field(default_factory=set)   # kernel functions rsttrace may kprobe, present in BTF
 
     def has_cap(self, bit: int) -> bool:
         return bool(self.effective_caps >> bit & 1)
@@ -105,6 +108,13 @@ class Capabilities:
         except ValueError:
             return True
         return (major, minor) >= (6, 13)
+
+    @property
+    def kprobes(self) -> bool:
+        return self.kprobe_pmu and self.prog_load.get("kprobe") == 0
+
+    def has_function(self, name: str) -> bool:
+        return name in self.functions
 
     @property
     def fentry(self) -> bool:
@@ -151,6 +161,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         with KernelBTF() as btf:
             caps.btf = True
             fentry_target = btf.find_function("tcp_conn_request")
+            caps.functions = {f for f in KPROBE_FUNCTIONS if btf.find_function(f)}
             caps.offsets = resolve_offsets(btf)
     except BTFError as err:
         caps.btf_error = str(err)
@@ -184,7 +195,6 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.softirq_ranges = {}
 
     _fill_checks(caps)
-    _fill_coverage(caps)
     return caps
 
 
@@ -226,50 +236,3 @@ def _fill_checks(caps: Capabilities) -> None:
     c.append(Check("lockdown", caps.lockdown in (None, "none", "integrity"), caps.lockdown or "unknown",
                    "bpf_probe_read_kernel needs lockdown below 'confidentiality'"))
     c.append(Check("bcc", caps.bcc_version is not None, caps.bcc_version or "python3-bpfcc not installed"))
-
-
-def _fill_coverage(caps: Capabilities) -> None:
-    cov = caps.coverage
-    if caps.send_reset is not None:
-        cov.hooks["rst_sent"] = "tracepoint:tcp:tcp_send_reset"
-        cov.notes["rst_sent"] = ("kernel reason from the tracepoint" if caps.rst_reason else
-                                 "no kernel reason on this kernel: reason inferred from socket state")
-        if not caps.rst_reason:
-            cov.blind_spots.append("RSTs sent with no socket (closed port) are invisible to tcp_send_reset before 6.10")
-    else:
-        cov.hooks["rst_sent"] = None
-        cov.notes["rst_sent"] = "tracepoint tcp:tcp_send_reset missing"
-    if caps.receive_reset is not None:
-        cov.hooks["rst_received"] = "tracepoint:tcp:tcp_receive_reset"
-    else:
-        cov.hooks["rst_received"] = None
-        cov.notes["rst_received"] = "tracepoint tcp:tcp_receive_reset missing"
-    if caps.listen_hooks:
-        syn_hook = "raw_tracepoint:net:netif_receive_skb"
-        syn_note = ("inferred: each SYN to a known listener is checked against the listener's queues and the "
-                    "netns sysctls with tcp_conn_request()'s own tests (the kernel drops these SYNs without "
-                    "a tracepoint)")
-        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = syn_hook
-        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = syn_note
-        if caps.data_ready is None:
-            cov.blind_spots.append("listeners that existed before rsttrace started are known only after an "
-                                   "ACK-time overflow (no sock:sk_data_ready on this kernel)")
-        else:
-            cov.blind_spots.append("a listener that existed before rsttrace started is known from its next queued "
-                                   "connection (sk_data_ready) or 3rd-ACK overflow; SYN drops before that are "
-                                   "only counted by the kernel")
-        if caps.enter_listen is None:
-            cov.blind_spots.append("the backlog passed to listen() is unknown (no syscalls:sys_enter_listen); only "
-                                   "min(backlog, somaxconn) is")
-    else:
-        for kind in ("syn_dropped", "syn_cookie"):
-            cov.hooks[kind] = None
-            cov.notes[kind] = "needs sock:inet_sock_set_state, net:netif_receive_skb and raw tracepoint programs"
-    if caps.listen_hooks and caps.listen_overflow_reason is not None:
-        cov.hooks["ack_dropped"] = "tracepoint:skb:kfree_skb"
-        cov.notes["ack_dropped"] = "kernel drop reason TCP_LISTEN_OVERFLOW"
-    else:
-        cov.hooks["ack_dropped"] = None
-        cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb on this kernel (6.3+)"
-    if not caps.softirq_ranges:
-        cov.blind_spots.append("softirq context cannot be detected: process attribution falls back to socket owners")

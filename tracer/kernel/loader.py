@@ -19,6 +19,7 @@ from ..errors import BPFRefusedError, UnsupportedKernelError
 from ..events import record
 from ..paths import BPF_DIR, KERNEL_HEADERS_DIR
 from .capabilities import Capabilities
+from .hooks import HookPlan
 
 RINGBUF_PAGES = 256    # 1 MiB: ~6000 records of 168 bytes in flight before anything is lost
 
@@ -31,8 +32,8 @@ class Filters:
     netns: list[int] = field(default_factory=list)   # network namespace inodes
 
 
-def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int]) -> list[str]:
-    flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}"]
+def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], plan: HookPlan) -> list[str]:
+    flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", *plan.macros]
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
     if caps.rst_reason:
         flags.append("-DHAVE_RST_REASON")
@@ -46,15 +47,6 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int]) 
         flags.append(f"-DFILTER_PID={filters.pid}")
     if filters.family is not None:
         flags.append(f"-DFILTER_FAMILY={filters.family}")
-    if caps.listen_hooks:
-        if caps.enter_listen is not None:
-            flags.append("-DHAVE_SYS_ENTER_LISTEN")
-        if caps.data_ready is not None:
-            flags.append("-DHAVE_SK_DATA_READY")
-        if caps.listen_overflow_reason is not None:
-            flags.append(f"-DLISTEN_OVERFLOW_REASON={caps.listen_overflow_reason}")
-        if caps.synq_full_gt:
-            flags.append("-DSYNQ_FULL_GT")
     ranges = sorted(caps.softirq_ranges.values())
     for i in range(2):
         lo, hi = ranges[i] if i < len(ranges) else (0, 0)
@@ -104,13 +96,8 @@ def compose_source(hook_files: list[str]) -> str:
 class RstProgram:
     """The loaded and attached BPF programs: bpf/common.bpf.c + the hook files."""
 
-    def hook_files(self, caps: Capabilities) -> list[str]:
-        files = ["rst.bpf.c"]
-        if caps.listen_hooks:
-            files.append("listen.bpf.c")
-        return files
 
-    def __init__(self, caps: Capabilities, filters: Filters):
+    def __init__(self, caps: Capabilities, filters: Filters, plan: HookPlan):
         if caps.send_reset is None or caps.receive_reset is None:
             raise UnsupportedKernelError("tracepoints tcp:tcp_send_reset/tcp_receive_reset are missing",
                                          "rsttrace needs Linux 4.16+ with CONFIG_TRACEPOINTS")
@@ -118,8 +105,9 @@ class RstProgram:
             raise UnsupportedKernelError(caps.btf_error or "kernel BTF lacks a field rsttrace reads",
                                          "rsttrace needs a kernel with CONFIG_DEBUG_INFO_BTF=y")
         self.offsets = caps.offsets
-        self.cflags = build_cflags(caps, filters, self.offsets)
-        self.files = self.hook_files(caps)
+        self.plan = plan
+        self.cflags = build_cflags(caps, filters, self.offsets, plan)
+        self.files = plan.files
         os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         self._BPF = BPF

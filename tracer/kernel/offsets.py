@@ -28,13 +28,19 @@ OFFSETS = (
     ("OFF_NET_SYNCOOKIES", "net", "ipv4.sysctl_tcp_syncookies"),
     ("OFF_NET_ABORT_ON_OVERFLOW", "net", "ipv4.sysctl_tcp_abort_on_overflow"),
     ("OFF_SKB_NETWORK_HEADER", "sk_buff", "network_header"),
+    ("OFF_SOCK_FAMILY", "sock", "__sk_common.skc_family"),
+    ("OFF_SOCK_DPORT", "sock", "__sk_common.skc_dport"),
+    ("OFF_SOCK_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
+    ("OFF_SOCK_DADDR", "sock", "__sk_common.skc_daddr"),
+    ("OFF_SOCK_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr"),
+    ("OFF_SOCK_V6_DADDR", "sock", "__sk_common.skc_v6_daddr"),
 )
 
 # Fields read with a fixed width in the C code: a kernel that changed their type must be refused,
 # not read wrongly.
 SIZES = {"OFF_SOCK_ACK_BACKLOG": 4, "OFF_SOCK_MAX_ACK_BACKLOG": 4, "OFF_ICSK_SYN_QLEN": 4, "OFF_NET_SOMAXCONN": 4,
          "OFF_NET_MAX_SYN_BACKLOG": 4, "OFF_NET_SYNCOOKIES": 1, "OFF_NET_ABORT_ON_OVERFLOW": 1, "OFF_SOCK_NUM": 2,
-         "OFF_SKB_NETWORK_HEADER": 2, "OFF_SKB_TRANSPORT_HEADER": 2, "OFF_TCP_RCV_NXT": 4, "OFF_TCP_COPIED_SEQ": 4}
+         "OFF_SKB_NETWORK_HEADER": 2, "OFF_SKB_TRANSPORT_HEADER": 2, "OFF_SOCK_FAMILY": 2, "OFF_SOCK_DPORT": 2, "OFF_TCP_RCV_NXT": 4, "OFF_TCP_COPIED_SEQ": 4}
 
 
 def resolve_offsets(btf: KernelBTF) -> dict[str, int]:

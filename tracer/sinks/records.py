@@ -6,7 +6,7 @@ dicts from here and know nothing about BPF.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 from ..events.decode import Event
 
@@ -23,7 +23,7 @@ def base(record_type: str, ns: int | None = None) -> dict[str, Any]:
     return {"schema": SCHEMA, "type": record_type, "time": rfc3339(ns if ns is not None else time.time_ns())}
 
 
-def event_record(ev: Event, symbolize: Callable[[int], str] | None = None) -> dict[str, Any]:
+def event_record(ev: Event) -> dict[str, Any]:
     rec = base("event", ev.time_ns)
     rec.update({
         "ktime_ns": ev.ktime_ns,
@@ -43,11 +43,12 @@ def event_record(ev: Event, symbolize: Callable[[int], str] | None = None) -> di
             "cookie": ev.sock_cookie or None,
             "unread_bytes": ev.unread_bytes,
             "linger": ev.linger,
+            "orphan": ev.orphan,
         },
         "queues": ev.queues,
         "explanation": ev.explanation,
         "evidence": {
-            "callers": [symbolize(a) for a in ev.callers] if symbolize else [],
+            "callers": ev.caller_names,
             "tcp_flags": ev.tcp_flag_names,
             "task_on_cpu": {"pid": ev.task_pid, "comm": ev.task_comm},
         },

@@ -1,0 +1,123 @@
+"""Which hook reports each kind of event on this kernel: the best honest one, chosen per capability.
+
+    rst_sent      tcp:tcp_send_reset with `reason` (6.10+)  >  kprobes on tcp_send_active_reset /
+                  tcp_v4/v6_send_reset (reason inferred)  >  tcp:tcp_send_reset without reason
+    rst_received  tcp:tcp_receive_reset (4.15+)
+    syn_dropped,  kprobe on tcp_conn_request (the decision point)  >  raw tracepoint
+    syn_cookie    net:netif_receive_skb replaying tcp_conn_request's tests on the listener's queues
+    ack_dropped   skb:kfree_skb reason TCP_LISTEN_OVERFLOW (6.3+, the kernel's own word)  >  kprobe on
+                  tcp_v4/v6_syn_recv_sock
+
+`--backend kprobe|tracepoint` forces one family where it can run (for tests and comparisons).
+fentry/fexit is probed and reported, but rsttrace's programs use kprobes where tracepoints fall short.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UnsupportedKernelError
+from .capabilities import Capabilities, Coverage
+
+BACKENDS = ("auto", "tracepoint", "kprobe")
+
+SYN_INFERRED = ("inferred: the listener's queues and the netns sysctls are read as the SYN arrives and "
+                "tcp_conn_request()'s own tests are replayed (the kernel drops these SYNs without a tracepoint)")
+
+
+@dataclass
+class HookPlan:
+    files: list[str] = field(default_factory=list)
+    macros: list[str] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=Coverage)
+
+
+def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
+    if backend == "kprobe" and not caps.kprobes:
+        raise UnsupportedKernelError("--backend kprobe: this kernel has no kprobes",
+                                     "use --backend auto (see `rsttrace doctor`)")
+    plan = HookPlan(files=["rst.bpf.c"])
+    cov = plan.coverage
+    use_kprobes = caps.kprobes and backend != "tracepoint"
+    kprobe_file = False
+
+    # -- RSTs sent -----------------------------------------------------------------------------
+    if caps.rst_reason and backend != "kprobe":
+        cov.hooks["rst_sent"] = "tracepoint:tcp:tcp_send_reset"
+        cov.notes["rst_sent"] = "kernel reason from the tracepoint"
+    elif use_kprobes:
+        cov.hooks["rst_sent"] = "kprobe:tcp_send_active_reset,tcp_v4_send_reset,tcp_v6_send_reset"
+        cov.notes["rst_sent"] = "reason inferred from the kernel callers and the socket's state"
+        plan.macros += ["-DRST_SENT_BY_KPROBE", "-DKPROBE_RST"]
+        kprobe_file = True
+    elif caps.send_reset is not None:
+        cov.hooks["rst_sent"] = "tracepoint:tcp:tcp_send_reset"
+        cov.notes["rst_sent"] = "no kernel reason on this kernel: reason inferred from callers and socket state"
+        cov.blind_spots.append("RSTs sent with no socket (closed port) do not reach tcp_send_reset before 6.10")
+    else:
+        cov.hooks["rst_sent"] = None
+        cov.notes["rst_sent"] = "neither tcp:tcp_send_reset nor kprobes"
+
+    # -- RSTs received ---------------------------------------------------------------------------
+    if caps.receive_reset is not None:
+        cov.hooks["rst_received"] = "tracepoint:tcp:tcp_receive_reset"
+        cov.notes["rst_received"] = ""
+    else:
+        cov.hooks["rst_received"] = None
+        cov.notes["rst_received"] = "tracepoint tcp:tcp_receive_reset missing"
+
+    # -- listen queue ----------------------------------------------------------------------------
+    listen_tp = caps.listen_hooks
+    if use_kprobes:
+        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "kprobe:tcp_conn_request"
+        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = (
+            "inferred at the decision point: tcp_conn_request()'s tests replayed on the queues it is about to read")
+        plan.macros.append("-DKPROBE_LISTEN_SYN")
+        kprobe_file = True
+    elif listen_tp:
+        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:net:netif_receive_skb"
+        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_INFERRED
+        plan.macros.append("-DLISTEN_SYN_TRACEPOINT")
+        cov.blind_spots.append(
+            "a listener that existed before rsttrace started is known from its next queued connection "
+            "(sk_data_ready) or 3rd-ACK overflow; SYN drops before that are only counted by the kernel"
+            if caps.data_ready is not None else
+            "listeners that existed before rsttrace started are known only after an ACK-time overflow")
+    else:
+        for kind in ("syn_dropped", "syn_cookie"):
+            cov.hooks[kind] = None
+            cov.notes[kind] = "needs kprobes, or sock:inet_sock_set_state + net:netif_receive_skb raw tracepoints"
+
+    if listen_tp and caps.listen_overflow_reason is not None and backend != "kprobe":
+        cov.hooks["ack_dropped"] = "tracepoint:skb:kfree_skb"
+        cov.notes["ack_dropped"] = "kernel drop reason TCP_LISTEN_OVERFLOW"
+        plan.macros.append(f"-DLISTEN_OVERFLOW_REASON={caps.listen_overflow_reason}")
+    elif use_kprobes:
+        cov.hooks["ack_dropped"] = "kprobe:tcp_v4_syn_recv_sock,tcp_v6_syn_recv_sock"
+        cov.notes["ack_dropped"] = "inferred: sk_acceptq_is_full(), the function's first test, replayed on entry"
+        plan.macros.append("-DKPROBE_LISTEN_ACK")
+        kprobe_file = True
+    else:
+        cov.hooks["ack_dropped"] = None
+        cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb (6.3+) and no kprobes"
+
+    if listen_tp and ("-DLISTEN_SYN_TRACEPOINT" in plan.macros or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
+                                                                      for m in plan.macros)):
+        plan.files.append("listen.bpf.c")
+        if caps.enter_listen is not None:
+            plan.macros.append("-DHAVE_SYS_ENTER_LISTEN")
+        if caps.data_ready is not None:
+            plan.macros.append("-DHAVE_SK_DATA_READY")
+    if kprobe_file:
+        plan.files.append("kprobe.bpf.c")
+        if caps.has_function("tcp_v6_send_reset"):
+            plan.macros.append("-DHAVE_IPV6_RESET")
+    if caps.synq_full_gt:
+        plan.macros.append("-DSYNQ_FULL_GT")
+    if caps.enter_listen is None and "listen.bpf.c" in plan.files:
+        cov.blind_spots.append("the backlog passed to listen() is unknown (no syscalls:sys_enter_listen); "
+                               "only min(backlog, somaxconn) is")
+    if caps.fentry:
+        cov.blind_spots.append("fentry/fexit load here but rsttrace uses kprobes for its function hooks")
+    if not caps.softirq_ranges:
+        cov.blind_spots.append("softirq context cannot be detected: process attribution falls back to socket owners")
+    return plan
