@@ -1,12 +1,13 @@
-"""Attribution parsing: container ids from cgroup paths, /proc/PID/cgroup, /proc/net/tcp listeners,
---netns values, and the filters that use them."""
+"""Attribution parsing: container ids from cgroup paths, /proc/PID/cgroup, which listener takes a
+connection, --netns values, and the filters that use them."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from tracer.enrich.attribution import host_netns_path, parse_proc_net_listeners, resolve_netns
+from tracer.enrich.attribution import match_listeners, resolve_netns
+from tracer.enrich.listeners import host_netns_path
 from tracer.enrich.cgroups import Cgroups, container_of, container_of_paths, parse_proc_cgroup, path_matches
 
 ID = "3f2a" + "0123456789abcdef" * 3 + "0123456789ab"    # 64 hex
@@ -91,24 +92,16 @@ def test_cgroup_prefix_matches_whole_components(path, prefix, ok):
     assert path_matches(path, prefix) is ok
 
 
-PROC_NET_TCP = """\
-  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 238000 1 0 100 0 0 10 0
-   1: 00000000:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000    33        0 238001 1 0 100 0 0 10 0
-   2: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 238002 1 0 20 4 30 10 -1
-   3: 0100007F:2710 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 238003 1 0 100 0 0 10 0
-"""
-PROC_NET_TCP6 = """\
-  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5001 1 0 100 0 0 10 0
-   1: 0000000000000000FFFF00000100007F:1F91 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5002 1 0 100 0 0 10 0
-"""
-
-
-def test_listeners_are_read_from_the_head_of_proc_net_tcp():
-    # Parsing stops at the first non-LISTEN row: the kernel prints the listening hash first.
-    assert parse_proc_net_listeners(PROC_NET_TCP) == [("127.0.0.1", 8080, 238000), ("0.0.0.0", 8000, 238001)]
-    assert parse_proc_net_listeners(PROC_NET_TCP6) == [("::1", 8080, 5001), ("127.0.0.1", 8081, 5002)]
+@pytest.mark.parametrize("rows, addr, want", [
+    ([("127.0.0.1", 8080, 1), ("0.0.0.0", 8081, 2)], "127.0.0.1", [1]),
+    ([("0.0.0.0", 8080, 3)], "10.1.2.3", [3]),                         # wildcard
+    ([("::", 8080, 4)], "127.0.0.1", [4]),                             # dual-stack wildcard
+    ([("::ffff:127.0.0.1", 8080, 5)], "127.0.0.1", [5]),               # IPv4-mapped
+    ([("::1", 8080, 6), ("127.0.0.2", 8080, 7)], "127.0.0.1", []),     # bound elsewhere
+    ([("::1", 8080, 8)], "::1", [8]),
+])
+def test_listener_that_takes_a_connection_to_addr_port(rows, addr, want):
+    assert match_listeners(rows, addr, 8080) == want
 
 
 def test_netns_values(tmp_path):

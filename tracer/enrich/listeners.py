@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 
 from . import counters
-from .attribution import host_netns_path
 
 CLONE_NEWNET = 0x40000000
 NETLINK_SOCK_DIAG = 4
@@ -64,6 +63,16 @@ class NetnsState:
     drop_rates: dict[tuple, float] = field(default_factory=dict)
 
 
+def host_netns_path() -> str:
+    """The host's netns: init's, or — where init's namespaces are hidden (some sandboxes refuse even
+    root) — rsttrace's own, which is the host's when rsttrace runs as documented."""
+    try:
+        os.stat("/proc/1/ns/net")
+        return "/proc/1/ns/net"
+    except OSError:
+        return "/proc/self/ns/net"
+
+
 def _setns(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -103,6 +112,24 @@ def dump_listeners(sock: socket.socket, ports: set[int] | None) -> list[Listener
                     out.append(listener)
                 off += (length + 3) & ~3
     return out
+
+
+def listeners_in(ns_path: str) -> list[Listener]:
+    """Every TCP listener of the netns at `ns_path` (e.g. /proc/PID/ns/net), from a short-lived thread
+    that enters it (setns() changes only the calling thread). [] if the netns cannot be entered."""
+    found: list[Listener] = []
+
+    def work():
+        try:
+            _setns(ns_path)
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
+                found.extend(dump_listeners(sock, None))
+        except OSError:
+            pass
+    t = threading.Thread(target=work, name="rsttrace-netns-listeners", daemon=True)
+    t.start()
+    t.join(timeout=5)
+    return found
 
 
 def _parse_diag_msg(msg: bytes) -> Listener | None:

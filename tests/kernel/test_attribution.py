@@ -1,6 +1,7 @@
-"""Which container reset the connection: a scenario run inside a docker-style cgroup
-(<cgroup2>/system.slice/docker-<64 hex>.scope, as dockerd with the systemd cgroup driver makes it), traced
-by real rsttrace processes with and without --container / --cgroup filters."""
+"""Who did it, when the task on the CPU is not the answer: a server whose socket is already closed when
+rsttrace looks, and a reset inside a container — a scenario run in a docker-style cgroup
+(<cgroup2>/system.slice/docker-<64 hex>.scope, as dockerd with the systemd cgroup driver makes it) —
+traced by real rsttrace processes with and without --container / --cgroup filters."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,24 @@ from conftest import SCENARIOS, events
 from tracer.enrich.cgroups import cgroup2_mount
 
 PORT = random.randrange(20000, 30000, 2)   # not a port other suites running beside this one use
+
+
+def test_server_reset_by_its_client_is_named_after_it_closed_the_socket(netns, tracer):
+    t = tracer("--json", "--port", str(PORT), "--netns", netns.name)
+    facts = netns.scenario("client_abort", "127.0.0.1", PORT)
+    records = t.stop()
+
+    assert facts["server_error"] == "ECONNRESET"
+    [sent] = events(records, event="rst_sent")
+    assert sent["reason"] == "linger_zero" and sent["process"]["pid"] == facts["client_pid"]
+    [received] = events(records, event="rst_received")
+    assert received["local"] == {"addr": "127.0.0.1", "port": PORT}
+    # Handled in softirq while the aborting client ran; the server closed its socket right after
+    # (its fd is gone from /proc before rsttrace can look), but it still listens on that port.
+    assert received["context"] == "softirq" and received["evidence"]["task_on_cpu"]["pid"] == facts["client_pid"]
+    assert received["process"]["pid"] == facts["server_pid"]
+    assert received["process"]["source"] in ("port_listener", "socket_owner")
+    assert f"python3 (pid {facts['server_pid']})'s connection" in received["explanation"]
 
 
 @pytest.fixture
