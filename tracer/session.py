@@ -88,7 +88,7 @@ class Session:
         self.program.open_events(self._on_record)
         self.counters_before = counters.read()
         if any(self.plan.coverage.hooks.get(k) for k in ("syn_dropped", "ack_dropped")):
-            self.sampler = ListenerSampler(self.options.ports)
+            self.sampler = ListenerSampler(self.options.ports, netns=self.options.netns)
             self.sampler.add_known_namespaces()
             self.sampler.start()
         self.attached_at = time.monotonic()
@@ -152,8 +152,8 @@ class Session:
         if o.cgroups and not any(path_matches((proc.get("cgroup") or {}).get("path"), c) for c in o.cgroups):
             return False
         if o.containers:
-            cid = (proc.get("container") or {}).get("id") or ""
-            if not any(cid.startswith(c) for c in o.containers) or not cid:
+            cid = (proc.get("container") or {}).get("id")
+            if not cid or not any(cid.startswith(c) for c in o.containers):
                 return False
         return True
 

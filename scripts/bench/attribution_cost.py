@@ -7,7 +7,7 @@ Run as root from the repository root (bounded: some seconds; traffic only on loo
 1. /proc fd index rebuild (tracer.enrich.attribution.SocketOwners): the host as it is, then with extra
    processes holding `--socks` sockets each.
 2. Per-event lookups done in user space: process info, cgroup (/proc/PID/cgroup), the listener on a
-   port (/proc/PID/net/tcp head).
+   port (inet_diag from inside the netns; the head of /proc/net/tcp{,6} for comparison).
 3. The alternative: a BPF map sk → owner filled in process context from sock:sock_send_length /
    sock:sock_recv_length (Linux 6.3+) — the cost every send()/recv() on the host would pay, measured
    on a loopback TCP ping-pong with and without the program attached.
@@ -103,6 +103,12 @@ def bench_rebuild(procs_list: list[int], socks: int) -> list[dict]:
     return out
 
 
+def read_proc_net_tcp() -> None:
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/self/net/{name}") as f:
+            f.read(65536)
+
+
 def bench_per_event() -> dict:
     pid = os.getpid()
     cg = Cgroups()
@@ -120,6 +126,8 @@ def bench_per_event() -> dict:
         "cgroup_read_ms": timed(lambda: [cold_cgroup() for _ in range(100)])["median_ms"] / 100,
         "cgroup_cached_ms": timed(lambda: [cg.of(pid) for _ in range(1000)])["median_ms"] / 1000,
         "port_listener_lookup_ms": timed(lambda: [cold_listener() for _ in range(100)])["median_ms"] / 100,
+        # the alternative to inet_diag: the head of /proc/net/tcp{,6} (the kernel walks every hash bucket)
+        "proc_net_tcp_head_read_ms": timed(lambda: [read_proc_net_tcp() for _ in range(20)])["median_ms"] / 20,
     }
     srv.close()
     return {k: round(v, 4) for k, v in res.items()}

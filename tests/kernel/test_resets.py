@@ -139,3 +139,7 @@ def test_events_from_two_netns_carry_their_own_netns_and_netns_filters_them(make
         assert filtered[0]["type"] == "coverage" and filtered[0]["filters"]["netns"] == [ns.inode]
         # Filtered in the kernel: the other netns' RST was not even counted there.
         assert filtered[-1]["exact_counts"] == {"rst_sent": {"no_listener": 1}, "rst_received": {"peer_reset": 1}}
+        # ... and only that netns' kernel counters are reconciled with.
+        final = [r for r in filtered if r["type"] == "reconciliation"][-1]
+        assert [n["inode"] for n in final["netns"]] == [ns.inode]
+        assert final["netns"][0]["kernel"]["TcpOutRsts"] == 1

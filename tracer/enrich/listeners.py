@@ -158,8 +158,9 @@ def _parse_diag_msg(msg: bytes) -> Listener | None:
 class ListenerSampler:
     """Samples listeners and netns counters from its own thread (setns() affects only that thread)."""
 
-    def __init__(self, ports: list[int], interval: float = 0.5):
+    def __init__(self, ports: list[int], interval: float = 0.5, netns: list[int] | None = None):
         self.ports = set(ports)
+        self.only_netns = set(netns or ())       # --netns: watch these namespaces only (empty: all)
         self.interval = interval
         self.netns: dict[int, NetnsState] = {}
         self._lock = threading.Lock()
@@ -183,6 +184,8 @@ class ListenerSampler:
         try:
             inode = os.stat(path).st_ino
         except OSError:
+            return
+        if self.only_netns and inode not in self.only_netns:
             return
         with self._lock:
             self._wanted.setdefault(inode, (name, path))
