@@ -23,10 +23,13 @@ struct pt_regs {   /* arch/x86/include/asm/ptrace.h (x86_64), stable layout */
 /* Family, addresses and ports of a full or mini socket (struct sock_common is at their start). */
 static __always_inline void fill_from_sock(struct rsttrace_event *e, void *sk)
 {
-	__u16 family = 0, dport = 0;
+	__u16 family = 0, dport = 0, sport = 0;
 	bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SOCK_FAMILY);
-	bpf_probe_read_kernel(&e->lport, sizeof(e->lport), sk + OFF_SOCK_NUM);
+	/* inet_sport, not skc_num: tcp_set_state(TCP_CLOSE) unbinds the port (inet_num = 0) before
+	 * __tcp_close() sends its reset. */
+	bpf_probe_read_kernel(&sport, sizeof(sport), sk + OFF_INET_SPORT);
 	bpf_probe_read_kernel(&dport, sizeof(dport), sk + OFF_SOCK_DPORT);
+	e->lport = __builtin_bswap16(sport);
 	e->rport = __builtin_bswap16(dport);
 	e->family = family;
 	if (family == AF_INET) {

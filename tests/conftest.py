@@ -15,8 +15,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = REPO / "scripts" / "repro" / "resets.py"
+BURST = str(REPO / "scripts" / "repro" / "burst.py")
 SCHEMA = REPO / "schema" / "rsttrace-v1.schema.json"
 RSTTRACE = [sys.executable, "-m", "tracer"]
+
+
+# tests/vm/inside runs only inside the Debian 6.1 VM (tests/vm/test_debian61.py boots it).
+collect_ignore = [] if os.environ.get("RSTTRACE_IN_VM") else ["vm/inside"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -173,3 +178,38 @@ def events(records: list[dict], **match) -> list[dict]:
         if ok:
             out.append(rec)
     return out
+
+
+class Background:
+    """A process inside the netns (server, stuck clients), reading one JSON line of facts."""
+
+    def __init__(self, ns, *argv):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "/usr/bin/python3", BURST, *argv],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.facts = json.loads(self.proc.stdout.readline())
+
+    def send(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out, _ = self.proc.communicate(timeout=30)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def drop_final_acks(ns, port: int, sports: str) -> None:
+    """Lose the handshake's final ACK (and anything after it) of clients on `sports`, at the listener."""
+    ns.run("nft", "add table inet rsttrace_test")
+    ns.run("nft", "add chain inet rsttrace_test in { type filter hook input priority 0 ; }")
+    ns.run("nft", f"add rule inet rsttrace_test in tcp dport {port} tcp sport {sports} tcp flags & (syn|ack) == ack drop")
+
+
+def drop_syn_acks(ns, port: int) -> None:
+    """Raw SYNs have no socket behind them: without this the netns' own stack would answer the
+    SYN-ACKs with RSTs and empty the SYN queue."""
+    ns.run("nft", "add table inet rsttrace_test")
+    ns.run("nft", "add chain inet rsttrace_test in { type filter hook input priority 0 ; }")
+    ns.run("nft", f"add rule inet rsttrace_test in tcp sport {port} tcp flags & (syn|ack) == syn|ack drop")

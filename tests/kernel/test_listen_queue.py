@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from conftest import REPO, events
+from conftest import BURST, Background, drop_final_acks, drop_syn_acks, events
 
-BURST = str(REPO / "scripts" / "repro" / "burst.py")
 PORT = 8100
 
 
@@ -24,26 +23,6 @@ def delta(before, after, name):
 
 def listener_events(records, ns):
     return [r for r in events(records, netns__inode=ns.inode) if r["event"] in ("syn_dropped", "ack_dropped", "syn_cookie")]
-
-
-class Background:
-    """A process inside the netns (server, stuck clients), reading one JSON line of facts."""
-
-    def __init__(self, ns, *argv):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "/usr/bin/python3", BURST, *argv],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.facts = json.loads(self.proc.stdout.readline())
-
-    def send(self, line: str) -> dict:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        out, _ = self.proc.communicate(timeout=30)
-        return json.loads(out.strip().splitlines()[-1])
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
 
 def test_burst_on_backlog_5_reports_each_syn_drop_with_queue_6_of_5(netns, tracer):
@@ -92,19 +71,12 @@ def test_somaxconn_that_caps_the_backlog_is_named(netns, tracer):
     assert "net.core.somaxconn 3 caps listen(1024)" in drops[0]["explanation"]
 
 
-def drop_final_acks(ns, sports: str) -> None:
-    """Lose the handshake's final ACK (and anything after it) of clients on `sports`, at the listener."""
-    ns.run("nft", "add table inet rsttrace_test")
-    ns.run("nft", "add chain inet rsttrace_test in { type filter hook input priority 0 ; }")
-    ns.run("nft", f"add rule inet rsttrace_test in tcp dport {PORT} tcp sport {sports} tcp flags & (syn|ack) == ack drop")
-
-
 @pytest.mark.parametrize("abort_on_overflow", [0, 1])
 def test_final_ack_meeting_a_full_accept_queue(netns, tracer, abort_on_overflow):
     netns.sysctl("net.ipv4.tcp_abort_on_overflow", abort_on_overflow)
     t = tracer("--json", "--port", str(PORT))
     server = Background(netns, "server", "127.0.0.1", str(PORT), "4", "30")
-    drop_final_acks(netns, "40000-40001")
+    drop_final_acks(netns, PORT, "40000-40001")
     stuck = Background(netns, "stuck", "127.0.0.1", str(PORT), "2")       # handshakes left half-done
     assert stuck.facts["connected"] == 2
     before = netns.counters()
@@ -141,18 +113,10 @@ def test_final_ack_meeting_a_full_accept_queue(netns, tracer, abort_on_overflow)
         assert "ECONNRESET" not in outcome     # silent: the clients think they are connected
 
 
-def drop_syn_acks(ns) -> None:
-    """Raw SYNs have no socket behind them: without this the netns' own stack would answer the
-    SYN-ACKs with RSTs and empty the SYN queue."""
-    ns.run("nft", "add table inet rsttrace_test")
-    ns.run("nft", "add chain inet rsttrace_test in { type filter hook input priority 0 ; }")
-    ns.run("nft", f"add rule inet rsttrace_test in tcp sport {PORT} tcp flags & (syn|ack) == syn|ack drop")
-
-
 @pytest.mark.parametrize("syncookies", [1, 0])
 def test_syn_flood_reconciles_with_cookie_and_queue_counters(netns, tracer, syncookies):
     netns.sysctl("net.ipv4.tcp_syncookies", syncookies)
-    drop_syn_acks(netns)
+    drop_syn_acks(netns, PORT)
     t = tracer("--json", "--port", str(PORT))
     server = Background(netns, "server", "127.0.0.1", str(PORT), "16", "20")
     before = netns.counters()

@@ -61,3 +61,13 @@ def test_btf_offsets_walk_anonymous_members():
 def test_missing_btf_file_is_a_clear_error(tmp_path):
     with pytest.raises(BTFError, match="CONFIG_DEBUG_INFO_BTF"):
         KernelBTF(str(tmp_path / "vmlinux"))
+
+
+def test_upstream_kernel_version_from_distribution_strings():
+    from tracer.kernel.capabilities import kernel_upstream_version
+    debian = ("Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org) (gcc-12 ...) #1 SMP "
+              "PREEMPT_DYNAMIC Debian 6.1.192-2 (2026-11-16)")
+    assert kernel_upstream_version("6.1.0-56-amd64", debian) == (6, 1, 192)
+    assert kernel_upstream_version("6.18.44-fc-v769", "Linux version 6.18.44-fc-v769 #1 SMP") == (6, 18, 44)
+    assert kernel_upstream_version("5.15.0-91-generic", "Linux version 5.15.0-91-generic #101-Ubuntu SMP",
+                                   "Ubuntu 5.15.0-91.101-generic 5.15.131") == (5, 15, 131)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 
 from . import bpfsys
@@ -70,6 +71,7 @@ class Capabilities:
     bcc_version: str | None = None
     kernel_headers: bool = False
     checks: list[Check] = field(default_factory=list)
+    kernel_version: tuple[int, int, int] | None = None   # upstream x.y.z (see kernel_upstream_version)
     functions: set[str] = field(default_factory=set)   # kernel functions rsttrace may kprobe, present in BTF
 
     def has_cap(self, bit: int) -> bool:
@@ -101,13 +103,18 @@ class Capabilities:
 
     @property
     def synq_full_gt(self) -> bool:
-        """inet_csk_reqsk_queue_is_full() compares with > since 6.13 (>= before). Not visible in BTF or
-        tracefs, so this one decision follows the version; the VM test tier checks the older rule."""
-        try:
-            major, minor = (int(x) for x in self.kernel.split(".")[:2])
-        except ValueError:
+        """inet_csk_reqsk_queue_is_full() compares qlen > max since "tcp/dccp: allow a connection when
+        sk_max_ack_backlog is zero" (6.13, backported to the stable series in January 2025); >= before.
+        Nothing in BTF or tracefs shows it, so this one decision follows the version (the upstream
+        sublevel, which distribution kernels print in /proc/version). Checked by the tests on 6.18 and
+        on Debian's 6.1.192 against TCPReqQFullDrop / SyncookiesSent."""
+        version = self.kernel_version
+        if version is None:
             return True
-        return (major, minor) >= (6, 13)
+        fixed_in = {(6, 12): 10, (6, 6): 72, (6, 1): 125, (5, 15): 177, (5, 10): 234, (5, 4): 290}
+        if version[:2] >= (6, 13):
+            return True
+        return version[2] >= fixed_in.get(version[:2], 1 << 30)
 
     @property
     def kprobes(self) -> bool:
@@ -123,6 +130,20 @@ class Capabilities:
     @property
     def tracepoints(self) -> bool:
         return self.prog_load.get("tracepoint") == 0
+
+
+def kernel_upstream_version(release: str, proc_version: str, signature: str = "") -> tuple[int, int, int] | None:
+    """Upstream x.y.z: Debian prints it in /proc/version ("Debian 6.1.192-2"), Ubuntu last in
+    /proc/version_signature ("Ubuntu 5.15.0-91.101-generic 5.15.131"); their release strings say
+    only 6.1.0-56-amd64 / 5.15.0-91-generic."""
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)\s*$", signature.strip()) if signature.strip() else None
+    if not m:
+        m = re.search(r"Debian\s+(\d+)\.(\d+)\.(\d+)", proc_version)
+    if not m:
+        m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
 def _effective_caps() -> int:
@@ -153,6 +174,14 @@ def _lockdown() -> str | None:
 def probe(mount_tracefs: bool = True) -> Capabilities:
     caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=_effective_caps())
     caps.bcc_version = _bcc_version()
+    texts = []
+    for path in ("/proc/version", "/proc/version_signature"):
+        try:
+            with open(path) as f:
+                texts.append(f.read())
+        except OSError:
+            texts.append("")
+    caps.kernel_version = kernel_upstream_version(caps.kernel, *texts)
     caps.lockdown = _lockdown()
     caps.kernel_headers = os.path.isdir(f"/lib/modules/{caps.kernel}/build/include")
 
