@@ -3,6 +3,8 @@
  * and each hook file into one compilation unit (bcc only rewrites its map syntax in the main source). Feature macros (set by tracer/kernel/loader.py):
  *   FILTER_PORTS          only events whose local or remote port is in map `port_filter`.
  *   FILTER_FAMILY=N       only AF_INET (2) or AF_INET6 (10).
+ *   FILTER_NETNS          only events whose network namespace inode is in map `netns_filter`
+ *                         (judged in emit(), once every hook has found the event's netns).
  *   FILTER_PID=N          only events caused by process N; softirq events cannot be judged here
  *                         (the task on the CPU is not the culprit), user space decides them.
  *   SOFTIRQ_LO0/HI0, SOFTIRQ_LO1/HI1  address ranges of the kernel's softirq entry functions
@@ -27,6 +29,7 @@
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, RSTTRACE_STAT_MAX);
 BPF_HASH(port_filter, __u16, __u8, 1024);
+BPF_HASH(netns_filter, __u32, __u8, 64);
 /* Exact counts per (kind, kernel reason, local port, ...), kept in the kernel whether or not the
  * record reaches user space: the truth when the ring buffer overflows or output is rate-limited. */
 BPF_PERCPU_HASH(counts, struct rsttrace_count_key, __u64, RSTTRACE_COUNT_KEYS);
@@ -76,9 +79,20 @@ static __always_inline struct rsttrace_event *new_event(__u32 kind)
 	return e;
 }
 
+static __always_inline int netns_wanted(__u32 netns)
+{
+#ifdef FILTER_NETNS
+	return netns_filter.lookup(&netns) != 0;
+#else
+	return 1;
+#endif
+}
+
 /* Count the event exactly, then hand a copy to user space (or count it as lost). */
 static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 {
+	if (!netns_wanted(e->netns))
+		return;
 	struct rsttrace_count_key key = {};
 	key.kind = e->kind;
 	key.kernel_reason = e->kernel_reason;

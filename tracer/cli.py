@@ -20,6 +20,8 @@ Examples:
   sudo rsttrace --json -o /var/log/rst.jsonl # every reset on the host as JSON lines, appended to a file
   sudo rsttrace -p 80 -p 443 --reason closed_with_unread_data
   sudo rsttrace -6 --pid 4242 --count 10     # the first 10 resets caused by process 4242, IPv6 only
+  sudo rsttrace --comm nginx --port 8080      # what nginx resets towards its upstream on 8080
+  sudo rsttrace --netns blue --container 3f2a # one `ip netns` namespace, one container (id prefix)
   sudo rsttrace --port 8080 --duration 60 --json | jq .explanation
   sudo rsttrace doctor                       # what this kernel lets rsttrace see
   rsttrace explain closed_with_unread_data   # what a reason means and what to change
@@ -51,11 +53,59 @@ class ReasonType(click.ParamType):
         return value
 
 
+class NetnsType(click.ParamType):
+    name = "NETNS"
+
+    def convert(self, value, param, ctx):
+        from .enrich.attribution import resolve_netns
+        try:
+            return resolve_netns(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class CommType(click.ParamType):
+    name = "NAME"
+
+    def convert(self, value, param, ctx):
+        if not value or "/" in value:
+            self.fail(f"{value!r} is not a process name (comm, as in ps -o comm)", param, ctx)
+        return value[:15]      # the kernel keeps 15 characters of a task's name
+
+
+class CgroupType(click.ParamType):
+    name = "PATH"
+
+    def convert(self, value, param, ctx):
+        if not value.startswith("/"):
+            self.fail(f"{value!r} is not a cgroup path (as in /proc/PID/cgroup: /system.slice/...)", param, ctx)
+        return value
+
+
+class ContainerType(click.ParamType):
+    name = "ID"
+
+    def convert(self, value, param, ctx):
+        value = value.lower()
+        if not 1 <= len(value) <= 64 or any(c not in "0123456789abcdef" for c in value):
+            self.fail(f"{value!r} is not a container id or id prefix (hex, as `docker ps` shows it)", param, ctx)
+        return value
+
+
 @click.group(invoke_without_command=True, epilog=TRACE_EXAMPLES,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-p", "--port", "ports", type=PortType(), multiple=True,
               help="Trace only connections with this local or remote port (repeatable, or comma-separated).")
 @click.option("--pid", type=click.IntRange(min=1), metavar="PID", help="Only events caused by (or on sockets owned by) this process.")
+@click.option("--comm", "comms", type=CommType(), multiple=True,
+              help="Only events attributed to a process with this name (repeatable).")
+@click.option("--netns", "netns", type=NetnsType(), multiple=True,
+              help="Only this network namespace: inode, `host`, `ip netns` name or /proc/PID/ns/net "
+                   "(repeatable; filtered in the kernel).")
+@click.option("--cgroup", "cgroups", type=CgroupType(), multiple=True,
+              help="Only events attributed to a process in this cgroup v2 path or below it (repeatable).")
+@click.option("--container", "containers", type=ContainerType(), multiple=True,
+              help="Only events attributed to a process in a container whose id starts so (repeatable).")
 @click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
 @click.option("--reason", "reason_filter", type=ReasonType(), multiple=True,
@@ -70,7 +120,8 @@ class ReasonType(click.ParamType):
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
-def main(ctx, ports, pid, ipv4, ipv6, reason_filter, as_json, plain, output, backend, duration, count):
+def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, output,
+         backend, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -88,6 +139,10 @@ def main(ctx, ports, pid, ipv4, ipv6, reason_filter, as_json, plain, output, bac
         pid=pid,
         family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None,
         reasons=set(reason_filter),
+        netns=sorted(set(netns)),
+        comms=list(dict.fromkeys(comms)),
+        cgroups=list(dict.fromkeys(cgroups)),
+        containers=list(dict.fromkeys(containers)),
         duration=duration,
         count=count,
         backend=backend,

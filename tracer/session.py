@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .enrich import counters, reasons
 from .enrich.attribution import Attributor
+from .enrich.cgroups import path_matches
 from .enrich.listeners import ListenerSampler
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
@@ -37,6 +38,10 @@ class Options:
     pid: int | None = None
     family: int | None = None
     reasons: set[str] = field(default_factory=set)       # only these rsttrace reasons (empty: all)
+    netns: list[int] = field(default_factory=list)       # only these netns inodes (filtered in the kernel)
+    comms: list[str] = field(default_factory=list)       # only events attributed to a process named so
+    cgroups: list[str] = field(default_factory=list)     # ... in one of these cgroups (v2 path prefixes)
+    containers: list[str] = field(default_factory=list)  # ... in a container whose id starts so
     duration: float | None = None
     count: int | None = None
     evidence: bool = True                                # symbolize kernel callers into the records
@@ -76,13 +81,14 @@ class Session:
                                   "see `rsttrace doctor`")
         self.caps = caps
         self.plan = plan_hooks(caps, self.options.backend)
-        self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family), self.plan)
+        self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family,
+                                                self.options.netns), self.plan)
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.program.open_events(self._on_record)
         self.counters_before = counters.read()
         if any(self.plan.coverage.hooks.get(k) for k in ("syn_dropped", "ack_dropped")):
-            self.sampler = ListenerSampler(self.options.ports)
+            self.sampler = ListenerSampler(self.options.ports, netns=self.options.netns)
             self.sampler.add_known_namespaces()
             self.sampler.start()
         self.attached_at = time.monotonic()
@@ -94,7 +100,8 @@ class Session:
     def _filter_dict(self) -> dict:
         o = self.options
         fam = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}.get(o.family) if o.family else None
-        return {"ports": o.ports, "pid": o.pid, "family": fam, "reasons": sorted(o.reasons)}
+        return {"ports": o.ports, "pid": o.pid, "family": fam, "reasons": sorted(o.reasons), "netns": o.netns,
+                "comm": o.comms, "cgroup": o.cgroups, "container": o.containers}
 
     # -- per event -------------------------------------------------------------------------
     def _on_record(self, data: int, size: int) -> None:
@@ -124,16 +131,31 @@ class Session:
                 self.sampler.watch_pid(ev.process["pid"])
             if ev.queues and ev.queues.get("backlog") is not None:
                 self.listen_backlogs[(ev.netns, ev.local_port)] = ev.queues["backlog"]
-        if self.options.pid is not None and ev.softirq:
-            # The kernel could not judge softirq events by pid; judge them by the socket owner here.
-            if not ev.process or ev.process.get("pid") != self.options.pid:
-                return
+        if not self.wanted(ev):
+            return
         ev.explanation = reasons.explain(ev)
         self.counts[(ev.kind, ev.reason)] += 1
         self._emit(records.event_record(ev))
         self.emitted += 1
         if self.options.count is not None and self.emitted >= self.options.count:
             self._stop = True
+
+    def wanted(self, ev: Event) -> bool:
+        """The filters that need the attributed process (the kernel has applied port, family and netns)."""
+        o = self.options
+        proc = ev.process or {}
+        # The kernel could not judge softirq events by pid; judge them by the socket owner here.
+        if o.pid is not None and ev.softirq and proc.get("pid") != o.pid:
+            return False
+        if o.comms and proc.get("comm") not in o.comms:
+            return False
+        if o.cgroups and not any(path_matches((proc.get("cgroup") or {}).get("path"), c) for c in o.cgroups):
+            return False
+        if o.containers:
+            cid = (proc.get("container") or {}).get("id")
+            if not cid or not any(cid.startswith(c) for c in o.containers):
+                return False
+        return True
 
     def _emit(self, record: dict) -> None:
         for sink in self.sinks:
@@ -190,12 +212,7 @@ class Session:
         return records.listeners_record(rows)
 
     def _listener_owner(self, inode: int) -> dict | None:
-        for pid in self.attributor.sockets.owners(inode):
-            info = self.attributor.sockets.info(pid)
-            if info:
-                info["source"] = "listener_owner"
-                return info
-        return None
+        return self.attributor.owner_of_socket(inode, "listener_owner")
 
     def reconciliation_record(self) -> dict:
         seen = {inode: dict(c) for inode, c in self.netns_counts.items()}

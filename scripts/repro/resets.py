@@ -6,6 +6,8 @@ what rsttrace reported. Bounded: every socket has a timeout, nothing loops witho
     python3 resets.py closed_port    ADDR PORT
     python3 resets.py unread_close   ADDR PORT [NBYTES]
     python3 resets.py linger_zero    ADDR PORT
+    python3 resets.py client_abort   ADDR PORT      the client aborts (SO_LINGER {1,0}); the server, blocked
+                                                   in recv(), gets ECONNRESET and closes that socket at once
 """
 from __future__ import annotations
 
@@ -112,7 +114,32 @@ def linger_zero(addr: str, port: int) -> dict:
     return _peer_pair(addr, port, abortive_close)
 
 
-SCENARIOS = {"closed_port": closed_port, "unread_close": unread_close, "linger_zero": linger_zero}
+def client_abort(addr: str, port: int) -> dict:
+    """Like a server whose client crashed or gave up: the server learns of it from recv() and closes the
+    connection at once (its socket is gone before anyone can look it up), but keeps listening."""
+    srv = _listener(addr, port)
+    child = os.fork()
+    if child == 0:   # client
+        c = socket.create_connection((addr, port), timeout=TIMEOUT)
+        time.sleep(0.2)           # the server is blocked in recv()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        os._exit(0)
+    conn, peer = srv.accept()
+    try:
+        conn.recv(1)
+        error = None
+    except OSError as exc:
+        error = _error_name(exc)
+    conn.close()
+    os.waitpid(child, 0)
+    time.sleep(0.5)               # still listening while the tracer names the owner
+    srv.close()
+    return {"server_pid": os.getpid(), "client_pid": child, "client_port": peer[1], "server_error": error}
+
+
+SCENARIOS = {"closed_port": closed_port, "unread_close": unread_close, "linger_zero": linger_zero,
+             "client_abort": client_abort}
 
 if __name__ == "__main__":
     name, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])

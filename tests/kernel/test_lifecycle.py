@@ -84,7 +84,9 @@ def test_unmounted_tracefs_is_mounted_by_rsttrace(root):
 
 
 @pytest.mark.parametrize("args", [["--port", "70000"], ["--port", "0"], ["--port", "http"], ["-4", "-6"],
-                                  ["--reason", "no_such_reason"], ["--count", "0"]])
+                                  ["--reason", "no_such_reason"], ["--count", "0"],
+                                  ["--netns", "no-such-netns"], ["--netns", "0"], ["--container", "xyz"],
+                                  ["--container", "a" * 65], ["--cgroup", "system.slice"], ["--comm", ""]])
 def test_bad_arguments_are_one_line_errors_with_exit_2(args):
     r = run_rsttrace(*args)
     assert r.returncode == 2

@@ -44,7 +44,9 @@ def test_burst_on_backlog_5_reports_each_syn_drop_with_queue_6_of_5(netns, trace
         q = d["queues"]
         assert (q["accept_qlen"], q["accept_qmax"], q["backlog"], q["binding_limit"]) == (6, 5, 5, "listen_backlog")
         assert q["sysctls"]["somaxconn"] == 4096
-        assert d["process"] == {"pid": facts["server_pid"], "comm": "python3", "uid": 0, "source": "listener_owner"}
+        who = {k: d["process"][k] for k in ("pid", "comm", "uid", "source")}
+        assert who == {"pid": facts["server_pid"], "comm": "python3", "uid": 0, "source": "listener_owner"}
+        assert d["process"]["container"] is None and d["process"]["cgroup"]["path"].startswith("/")
         assert d["context"] == "softirq" and d["evidence"]["task_on_cpu"]["pid"] != facts["server_pid"]
     assert "(6/5)" in drops[0]["explanation"] and "min(listen(5), somaxconn 4096) = 5" in drops[0]["explanation"]
     # The server then exits with 6 connections never accepted: each is reset, and said so.
@@ -101,6 +103,11 @@ def test_final_ack_meeting_a_full_accept_queue(netns, tracer, abort_on_overflow)
         resets = [r for r in events(records, event="rst_sent", netns__inode=netns.inode) if r["remote"]["port"] in (40000, 40001)]
         assert resets and all(r["reason"] == "accept_queue_full" and r["kernel_reason"] == "INVALID_SYN" for r in resets)
         assert "final ACK answered with RST" in resets[0]["explanation"]
+        for r in resets:
+            # Answered in softirq while the stuck client (whose segment it answers) was on the CPU:
+            # the listener's owner is named, never that client.
+            assert r["context"] == "softirq" and r["evidence"]["task_on_cpu"]["pid"] == stuck.facts["stuck_pid"]
+            assert (r["process"]["pid"], r["process"]["source"]) == (server.facts["server_pid"], "listener_owner")
         assert outcome.get("ECONNRESET") == 2
     else:
         assert "ECONNRESET" not in outcome     # silent: the clients think they are connected

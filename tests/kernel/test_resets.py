@@ -121,12 +121,25 @@ def test_every_reset_of_a_mixed_run_is_counted_once(netns, tracer):
     assert summary["lost"] == 0
 
 
-def test_events_from_two_netns_carry_their_own_netns(make_netns, tracer):
+def test_events_from_two_netns_carry_their_own_netns_and_netns_filters_them(make_netns, tracer):
     a, b = make_netns(), make_netns()
     t = tracer("--json", "--port", str(PORT))
+    only_a = tracer("--json", "--port", str(PORT), "--netns", a.name)               # by `ip netns` name
+    only_b = tracer("--json", "--port", str(PORT), "--netns", str(b.inode))         # by inode
     a.scenario("closed_port", "127.0.0.1", PORT)
     b.scenario("closed_port", "127.0.0.1", PORT)
-    records = t.stop()
+    records, records_a, records_b = t.stop(), only_a.stop(), only_b.stop()
     assert a.inode != b.inode
     assert len(sent_in(records, a)) == 1 and len(sent_in(records, b)) == 1
-    assert sent_in(records, a)[0]["netns"]["name"] == a.name
+    assert sent_in(records, a)[0]["netns"] == {"inode": a.inode, "name": a.name}
+    assert sent_in(records, b)[0]["netns"] == {"inode": b.inode, "name": b.name}
+    for filtered, ns in ((records_a, a), (records_b, b)):
+        assert {r["netns"]["inode"] for r in events(filtered)} == {ns.inode}
+        assert len(sent_in(filtered, ns)) == 1
+        assert filtered[0]["type"] == "coverage" and filtered[0]["filters"]["netns"] == [ns.inode]
+        # Filtered in the kernel: the other netns' RST was not even counted there.
+        assert filtered[-1]["exact_counts"] == {"rst_sent": {"no_listener": 1}, "rst_received": {"peer_reset": 1}}
+        # ... and only that netns' kernel counters are reconciled with.
+        final = [r for r in filtered if r["type"] == "reconciliation"][-1]
+        assert [n["inode"] for n in final["netns"]] == [ns.inode]
+        assert final["netns"][0]["kernel"]["TcpOutRsts"] == 1

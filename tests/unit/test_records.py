@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 from tracer.enrich import reasons
 from tracer.events.decode import Event
@@ -64,3 +65,21 @@ def test_help_has_examples_and_explain_lists_every_reason():
     out = subprocess.run([sys.executable, "-m", "tracer", "explain", "closed_with_unread_data"],
                          capture_output=True, text=True, check=True).stdout
     assert "TCPAbortOnClose" in out and "TCP_ABORT_ON_CLOSE" in out
+
+
+def test_process_cgroup_and_container_validate_and_show_in_the_plain_line():
+    ev = sample_event()
+    cid = "ab" * 32
+    ev.process = {"pid": 42, "comm": "nginx", "uid": 33, "source": "port_listener",
+                  "cgroup": {"id": 9137, "path": f"/system.slice/docker-{cid}.scope"},
+                  "container": {"id": cid, "runtime": "docker", "pod_uid": None}}
+    rec = records.event_record(ev)
+    jsonschema.validate(rec, SCHEMA)
+    assert rec["process"]["container"]["id"] == cid
+    assert f"nginx/42 container={cid[:12]}" in format_event(rec)
+    ev.process["container"] = {"id": "not-hex", "runtime": "docker"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(records.event_record(ev), SCHEMA)
+    # Records of older producers (no cgroup/container keys) stay valid: the fields are optional.
+    ev.process = {"pid": 42, "comm": "nginx", "uid": 33, "source": "task"}
+    jsonschema.validate(records.event_record(ev), SCHEMA)

@@ -1,16 +1,22 @@
-"""Who did it: the process behind an event, and the network namespace's name.
+"""Who did it: the process behind an event, its cgroup and container, and the network namespace's name.
 
 In process context (close(), connect(), setsockopt) the task on the CPU is the culprit. In softirq
 (packet receive, TCP timers) it is whoever happened to be interrupted, so rsttrace names the
 socket's owner instead — found from the socket inode the BPF program read (sk->sk_socket) in an
-index of /proc/*/fd — or nobody (an RST for a port nobody listens on has no owner).
+index of /proc/*/fd. A socket can be closed before rsttrace looks (a server that gets "Connection
+reset by peer" closes at once): for a server-side connection rsttrace then names the process that
+listens on its local port, and says so (source `port_listener`). Otherwise nobody is named (an RST
+for a port nobody listens on has no owner).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 
 from ..events.decode import Event
+from .cgroups import Cgroups
+from .listeners import host_netns_path, listeners_in
 
 
 def _read(path: str) -> str | None:
@@ -113,6 +119,70 @@ class SocketOwners:
         return dict(cached) if cached else None
 
 
+class PortListeners:
+    """(netns, local address, port) → inodes of the sockets listening there: an inet_diag dump of the
+    netns' listeners, made through /proc/<pid>/ns/net of any process in that netns. (Measured here:
+    0.12 ms for a lookup, against 2.6 ms to read the head of /proc/PID/net/tcp{,6}, which walks every
+    bucket of the kernel's socket hashes.)"""
+
+    def __init__(self, min_gap_s: float = 0.1):
+        self.min_gap_s = min_gap_s
+        self._pid_in: dict[int, int] = {}                                  # netns inode → a pid in it
+        self._listeners: dict[int, tuple[float, list[tuple[str, int, int]]]] = {}
+        self.dumps = 0
+
+    @staticmethod
+    def _netns_of(pid: int) -> int | None:
+        try:
+            return int(os.readlink(f"/proc/{pid}/ns/net")[5:-1])      # "net:[4026532345]"
+        except (OSError, ValueError):
+            return None
+
+    def _pid_in_netns(self, netns: int, hint: int) -> int | None:
+        for pid in (self._pid_in.get(netns), hint):
+            if pid and self._netns_of(pid) == netns:
+                self._pid_in[netns] = pid
+                return pid
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and self._netns_of(int(entry.name)) == netns:
+                self._pid_in[netns] = int(entry.name)
+                return int(entry.name)
+        return None
+
+    def inodes(self, netns: int, addr: str, port: int, pid_hint: int = 0) -> list[int]:
+        now = time.monotonic()
+        cached = self._listeners.get(netns)
+        hits = match_listeners(cached[1] if cached else [], addr, port)
+        if not hits and (cached is None or now - cached[0] >= self.min_gap_s):
+            pid = self._pid_in_netns(netns, pid_hint)
+            if pid is None:
+                return []
+            rows = [(lst.addr, lst.port, lst.inode) for lst in listeners_in(f"/proc/{pid}/ns/net")]
+            self.dumps += 1
+            self._listeners[netns] = (now, rows)
+            hits = match_listeners(rows, addr, port)
+        return hits
+
+
+def match_listeners(rows: list[tuple[str, int, int]], addr: str, port: int) -> list[int]:
+    """Inodes of the listeners among `rows` (address, port, inode) that take connections to addr:port:
+    bound there or to a wildcard (a dual-stack [::] listener takes IPv4 too)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return []
+    out = []
+    for a, p, inode in rows:
+        if p != port:
+            continue
+        bound = ipaddress.ip_address(a)
+        if isinstance(bound, ipaddress.IPv6Address) and bound.ipv4_mapped:
+            bound = bound.ipv4_mapped
+        if bound == ip or bound.is_unspecified:
+            out.append(inode)
+    return out
+
+
 class NetnsNames:
     """netns inode → `ip netns` name (from /run/netns bind mounts), re-read when an unknown inode shows up."""
 
@@ -120,7 +190,7 @@ class NetnsNames:
         self.min_interval = min_interval
         self._names: dict[int, str] = {}
         self._read_at = 0.0
-        self.host_netns = os.stat("/proc/1/ns/net").st_ino if os.path.exists("/proc/1/ns/net") else 0
+        self.host_netns = os.stat(host_netns_path()).st_ino
 
     def _reread(self) -> None:
         names = {}
@@ -143,11 +213,32 @@ class NetnsNames:
         return self._names.get(inode)
 
 
+def resolve_netns(value: str) -> int:
+    """A --netns value → netns inode: a number, `host`, an `ip netns` name, or a path such as
+    /proc/PID/ns/net. ValueError with a one-line reason otherwise."""
+    value = value.strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value == "host":
+        path = host_netns_path()
+    elif "/" in value:
+        path = value
+    else:
+        path = f"/run/netns/{value}"
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        raise ValueError(f"no network namespace {value!r} (an inode number, `host`, a name from "
+                         f"`ip netns list`, or a path like /proc/PID/ns/net)") from None
+
+
 class Attributor:
     def __init__(self, context_known: bool = True):
         self.context_known = context_known
         self.sockets = SocketOwners()
         self.netns = NetnsNames()
+        self.listeners = PortListeners()
+        self.cgroups = Cgroups()
 
     LISTENER_EVENTS = ("syn_dropped", "ack_dropped", "syn_cookie")
 
@@ -163,10 +254,14 @@ class Attributor:
 
     def attribute(self, ev: Event) -> None:
         ev.netns_name = self.netns.name(ev.netns)
+        ev.process = self._process(ev)
+        if ev.process is not None:
+            ev.process["cgroup"], ev.process["container"] = self.cgroups.of(ev.process["pid"])
+
+    def _process(self, ev: Event) -> dict | None:
         listener_event = self._listener_event(ev)
         if not self.needs_owner(ev):
-            ev.process = {"pid": ev.task_pid, "comm": ev.task_comm, "uid": ev.task_uid, "source": "task"}
-            return
+            return {"pid": ev.task_pid, "comm": ev.task_comm, "uid": ev.task_uid, "source": "task"}
         # A listener's drop is the listening process's problem, whoever was on the CPU.
         source = "listener_owner" if listener_event else "socket_owner"
         if listener_event and ev.owner_pid:
@@ -175,12 +270,32 @@ class Attributor:
             if info.get("comm") != ev.owner_comm and ev.owner_comm:
                 info = {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": info.get("uid")}
             info["source"] = source
-            ev.process = info
-            return
-        for pid in self.sockets.owners(ev.sock_ino):
+            return info
+        found = self._owner(self.sockets.owners(ev.sock_ino), source)
+        if found or listener_event:
+            return found
+        # The socket is already closed (or was never accept()ed): a server-side connection is still
+        # the business of the process listening on its local port. A client's ephemeral port, or a
+        # port nobody listens on (no_listener), finds nobody.
+        inodes = self.listeners.inodes(ev.netns, ev.local_addr, ev.local_port, ev.task_pid)
+        return self._owner(self._current_owners(inodes), "port_listener")
+
+    def _current_owners(self, inodes: list[int]) -> list[int]:
+        """Owners of long-lived sockets (listeners) looked up now: one index refresh at most."""
+        self.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in inodes])
+        return [pid for inode in inodes for pid in self.sockets.owners(inode)]
+
+    def owner_of_socket(self, inode: int, source: str) -> dict | None:
+        """The process holding socket `inode` (as of the last index), with its cgroup and container."""
+        found = self._owner(self.sockets.owners(inode), source)
+        if found is not None:
+            found["cgroup"], found["container"] = self.cgroups.of(found["pid"])
+        return found
+
+    def _owner(self, pids: list[int], source: str) -> dict | None:
+        for pid in sorted(set(pids)):
             info = self.sockets.info(pid)
             if info:
                 info["source"] = source
-                ev.process = info
-                return
-        ev.process = None
+                return info
+        return None

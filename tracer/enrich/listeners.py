@@ -63,6 +63,16 @@ class NetnsState:
     drop_rates: dict[tuple, float] = field(default_factory=dict)
 
 
+def host_netns_path() -> str:
+    """The host's netns: init's, or — where init's namespaces are hidden (some sandboxes refuse even
+    root) — rsttrace's own, which is the host's when rsttrace runs as documented."""
+    try:
+        os.stat("/proc/1/ns/net")
+        return "/proc/1/ns/net"
+    except OSError:
+        return "/proc/self/ns/net"
+
+
 def _setns(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -104,6 +114,24 @@ def dump_listeners(sock: socket.socket, ports: set[int] | None) -> list[Listener
     return out
 
 
+def listeners_in(ns_path: str) -> list[Listener]:
+    """Every TCP listener of the netns at `ns_path` (e.g. /proc/PID/ns/net), from a short-lived thread
+    that enters it (setns() changes only the calling thread). [] if the netns cannot be entered."""
+    found: list[Listener] = []
+
+    def work():
+        try:
+            _setns(ns_path)
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
+                found.extend(dump_listeners(sock, None))
+        except OSError:
+            pass
+    t = threading.Thread(target=work, name="rsttrace-netns-listeners", daemon=True)
+    t.start()
+    t.join(timeout=5)
+    return found
+
+
 def _parse_diag_msg(msg: bytes) -> Listener | None:
     if len(msg) < 72:
         return None
@@ -130,8 +158,9 @@ def _parse_diag_msg(msg: bytes) -> Listener | None:
 class ListenerSampler:
     """Samples listeners and netns counters from its own thread (setns() affects only that thread)."""
 
-    def __init__(self, ports: list[int], interval: float = 0.5):
+    def __init__(self, ports: list[int], interval: float = 0.5, netns: list[int] | None = None):
         self.ports = set(ports)
+        self.only_netns = set(netns or ())       # --netns: watch these namespaces only (empty: all)
         self.interval = interval
         self.netns: dict[int, NetnsState] = {}
         self._lock = threading.Lock()
@@ -144,7 +173,7 @@ class ListenerSampler:
     # -- which namespaces ------------------------------------------------------------------
     def add_known_namespaces(self) -> None:
         """The host's netns and every `ip netns` name: baselines taken now, at start."""
-        self.watch_path("/proc/1/ns/net", "host")
+        self.watch_path(host_netns_path(), "host")
         try:
             for entry in os.scandir("/run/netns"):
                 self.watch_path(entry.path, entry.name)
@@ -155,6 +184,8 @@ class ListenerSampler:
         try:
             inode = os.stat(path).st_ino
         except OSError:
+            return
+        if self.only_netns and inode not in self.only_netns:
             return
         with self._lock:
             self._wanted.setdefault(inode, (name, path))

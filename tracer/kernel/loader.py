@@ -29,6 +29,7 @@ class Filters:
     ports: list[int] = field(default_factory=list)
     pid: int | None = None
     family: int | None = None          # socket.AF_INET / AF_INET6
+    netns: list[int] = field(default_factory=list)   # network namespace inodes
 
 
 def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], plan: HookPlan) -> list[str]:
@@ -40,6 +41,8 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], 
         flags.append("-DHAVE_RECEIVE_RESET_COOKIE")
     if filters.ports:
         flags.append("-DFILTER_PORTS")
+    if filters.netns:
+        flags.append("-DFILTER_NETNS")
     if filters.pid is not None:
         flags.append(f"-DFILTER_PID={filters.pid}")
     if filters.family is not None:
@@ -133,6 +136,10 @@ class RstProgram:
             table = self.bpf["port_filter"]
             for port in filters.ports:
                 table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+        if filters.netns:
+            table = self.bpf["netns_filter"]
+            for inode in filters.netns:
+                table[ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
 
     def open_events(self, callback: Callable[[int, int], None]) -> None:
         """callback(data_pointer, size) for every record, during poll()."""

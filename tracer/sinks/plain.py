@@ -15,6 +15,8 @@ def format_event(rec: dict) -> str:
     kr = f" [{rec['kernel_reason']}]" if rec.get("kernel_reason") else ""
     proc = rec.get("process")
     who = f" {proc['comm']}/{proc['pid']}" if proc and proc.get("pid") else " -"
+    if proc and proc.get("container"):
+        who += f" container={proc['container']['id'][:12]}"
     state = f" {rec['state']}" if rec.get("state") else ""
     extra = ""
     sock = rec.get("socket") or {}

@@ -1,0 +1,142 @@
+"""Which cgroup — and which container — a process runs in, from /proc/<pid>/cgroup.
+
+The cgroup v2 line (`0::/path`) gives the path; its id is the inode of that directory on the cgroup2
+mount (the same number bpf_get_current_cgroup_id() returns). Container runtimes name the cgroup they
+create after the container id, so the id can be read from the path:
+
+    docker (systemd driver)       /system.slice/docker-<64 hex>.scope
+    docker (cgroupfs driver)      /docker/<64 hex>
+    containerd (CRI)              .../cri-containerd-<64 hex>.scope
+    cri-o                         .../crio-<64 hex>.scope
+    podman                        .../libpod-<64 hex>.scope, /libpod_parent/libpod-<64 hex>
+    kubernetes (cgroupfs driver)  /kubepods/<qos>/pod<uid>/<64 hex>
+
+On hybrid (v1 + v2) hosts the runtime may name only the v1 hierarchies, so every line is read.
+conmon (crio-conmon-…, libpod-conmon-…) is the runtime's monitor, not the container: not matched.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+_PREFIXED = re.compile(r"^(docker|cri-containerd|crio|libpod)-([0-9a-f]{64})(?:\.scope)?$")
+_BARE = re.compile(r"^[0-9a-f]{64}$")
+_POD = re.compile(r"^(?:kubepods(?:-[a-z]+)*-)?pod([0-9a-f_-]{32,36})(?:\.slice)?$")
+RUNTIMES = {"docker": "docker", "cri-containerd": "containerd", "crio": "cri-o", "libpod": "podman"}
+
+
+def parse_proc_cgroup(text: str) -> tuple[str | None, list[str]]:
+    """(cgroup v2 path or None, every hierarchy's path) from the text of /proc/<pid>/cgroup."""
+    v2, paths = None, []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hier, controllers, path = parts
+        if hier == "0" and controllers == "":
+            v2 = path
+        paths.append(path)
+    return v2, paths
+
+
+def container_of(path: str) -> dict | None:
+    """{"id", "runtime", "pod_uid"} named by a cgroup path, the innermost container if nested."""
+    found = None
+    pod_uid = None
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        m = _POD.match(part)
+        if m and any(p.startswith("kubepods") for p in parts[:i + 1]):
+            pod_uid = m.group(1).replace("_", "-")
+            continue
+        m = _PREFIXED.match(part)
+        if m:
+            found = {"id": m.group(2), "runtime": RUNTIMES[m.group(1)], "pod_uid": pod_uid}
+            continue
+        if _BARE.match(part) and i > 0:
+            parent = parts[i - 1]
+            if parent in ("docker", "libpod_parent"):
+                found = {"id": part, "runtime": "docker" if parent == "docker" else "podman", "pod_uid": pod_uid}
+            elif any(p.startswith("kubepods") for p in parts[:i]):
+                found = {"id": part, "runtime": None, "pod_uid": pod_uid}
+    return found
+
+
+def container_of_paths(v2: str | None, paths: list[str]) -> dict | None:
+    """The v2 path decides when it names a container; otherwise any v1 hierarchy's path may."""
+    if v2:
+        found = container_of(v2)
+        if found:
+            return found
+    for path in paths:
+        found = container_of(path)
+        if found:
+            return found
+    return None
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "cgroup2":
+                    return left.split()[4]
+    except OSError:
+        pass
+    return None
+
+
+def path_matches(path: str | None, prefix: str) -> bool:
+    """`prefix` names this cgroup or one of its ancestors (whole path components only)."""
+    if path is None:
+        return False
+    prefix = prefix.rstrip("/") or "/"
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
+class Cgroups:
+    """pid → {"id", "path"} and container, read once per pid and kept `ttl` seconds (a pid is reused
+    only after its process exited; the ttl bounds how long a moved or reused pid is misnamed), and
+    kept after the process exits so that its late events are still placed."""
+
+    def __init__(self, ttl: float = 5.0, proc: str = "/proc"):
+        self.ttl = ttl
+        self.proc = proc
+        self.mount = cgroup2_mount()
+        self._cache: dict[int, tuple[float, dict | None, dict | None]] = {}
+        self.reads = 0
+
+    def _read(self, pid: int) -> tuple[dict | None, dict | None] | None:
+        try:
+            with open(f"{self.proc}/{pid}/cgroup") as f:
+                text = f.read()
+        except OSError:
+            return None
+        self.reads += 1
+        v2, paths = parse_proc_cgroup(text)
+        cgroup = None
+        if v2 is not None:
+            cgroup = {"id": None, "path": v2}
+            if self.mount:
+                try:
+                    cgroup["id"] = os.stat(self.mount + (v2 if v2 != "/" else "")).st_ino
+                except OSError:
+                    pass   # another cgroup namespace, or the cgroup is already gone
+        return cgroup, container_of_paths(v2, paths)
+
+    def of(self, pid: int) -> tuple[dict | None, dict | None]:
+        """(cgroup, container) of process `pid`; (None, None) when it is gone and was never read."""
+        now = time.monotonic()
+        hit = self._cache.get(pid)
+        if hit and now - hit[0] < self.ttl:
+            return hit[1], hit[2]
+        got = self._read(pid)
+        if got is None:
+            return (hit[1], hit[2]) if hit else (None, None)
+        self._cache[pid] = (now, *got)
+        if len(self._cache) > 8192:
+            self._cache.pop(next(iter(self._cache)))
+        return got
