@@ -183,7 +183,11 @@ def test_nginx_worker_that_aborts_its_upstream_is_named(run):
     s = sc["nginx"]
     big = [d for d in s.facts["downloads"] if d["path"] == "/big"]
     [worker] = s.facts["worker_pids"]
-    sent = rsts_match_kernel(records, s)
+    every = rsts_match_kernel(records, s)
+    # Under emulation the upstream's in-flight segments can also meet the closed socket and be
+    # answered (no_socket / data_after_close): each RST is still explained, none is "unknown".
+    assert all(r["reason"] != "unknown" for r in every)
+    sent = [r for r in every if r["reason"] == "closed_with_unread_data"]
     assert len(sent) == len(big) > 0
     for rst in sent:
         assert rst["reason"] == "closed_with_unread_data" and rst["kernel_reason"] is None
@@ -194,7 +198,7 @@ def test_nginx_worker_that_aborts_its_upstream_is_named(run):
     # (tests/kernel/test_incident_nginx.py) — under emulation the upstream closes the socket before
     # the /proc owner index can see it (see the attribution notes in docs/incidents.md).
     received = ours(records, s, event="rst_received")
-    assert len(received) == len(sent)
+    assert len(received) >= len(sent)
     assert all(r["local"]["port"] == PORT and r["reason"] == "peer_reset" for r in received)
 
 
