@@ -399,3 +399,29 @@ static __always_inline __u8 syn_verdict(struct rsttrace_event *e)
 		return RSTTRACE_VERDICT_SYN_BACKLOG_RESERVE;
 	return RSTTRACE_VERDICT_NONE;
 }
+
+/* A SYN meets listener `sk`: replay tcp_conn_request()'s verdict on the queues read now, and report
+ * a drop or a cookie (nothing when the SYN is accepted). Shared by the netif_receive_skb replay and
+ * the tcp_conn_request function hook. */
+static __always_inline void report_syn_verdict(void *ctx, void *sk, struct segment *seg, __u8 hook, __u64 stack_skip)
+{
+	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED);
+	if (!e)
+		return;
+	read_listener(sk, e);
+	e->verdict = syn_verdict(e);
+	if (e->verdict == RSTTRACE_VERDICT_NONE)
+		return;
+	if (e->verdict == RSTTRACE_VERDICT_SYN_COOKIE)
+		e->kind = RSTTRACE_SYN_COOKIE;
+	e->kernel_reason = RSTTRACE_NO_REASON;
+	e->hook = hook;
+	e->flags |= RSTTRACE_F_INFERRED;
+	e->state = TCP_LISTEN;
+	fill_from_segment(e, seg);
+	fill_task(e);
+	if (walk_stack_skip(ctx, e, stack_skip))
+		e->flags |= RSTTRACE_F_SOFTIRQ;
+	read_socket(sk, e);         /* the listener's owner inode and netns */
+	emit(ctx, e);
+}

@@ -177,25 +177,7 @@ static __always_inline int conn_request(void *ctx, void *sk, void *skb)
 	parse_segment(skb, 1, &seg);
 	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
-	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED);
-	if (!e)
-		return 0;
-	read_listener(sk, e);
-	e->verdict = syn_verdict(e);
-	if (e->verdict == RSTTRACE_VERDICT_NONE)
-		return 0;
-	if (e->verdict == RSTTRACE_VERDICT_SYN_COOKIE)
-		e->kind = RSTTRACE_SYN_COOKIE;
-	e->kernel_reason = RSTTRACE_NO_REASON;
-	e->hook = RSTTRACE_HOOK_TCP_CONN_REQUEST;
-	e->flags |= RSTTRACE_F_INFERRED;
-	e->state = TCP_LISTEN;
-	fill_from_segment(e, &seg);
-	fill_task(e);
-	if (walk_stack_skip(ctx, e, SYN_STACK_SKIP))
-		e->flags |= RSTTRACE_F_SOFTIRQ;
-	read_socket(sk, e);
-	emit(ctx, e);
+	report_syn_verdict(ctx, sk, &seg, RSTTRACE_HOOK_TCP_CONN_REQUEST, SYN_STACK_SKIP);
 	return 0;
 }
 

@@ -105,26 +105,7 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 	struct listener_val *listener = listeners.lookup(&key);
 	if (!listener)
 		return 0;
-	void *sk = (void *)listener->sk;
-
-	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED);
-	if (!e)
-		return 0;
-	read_listener(sk, e);
-	e->verdict = syn_verdict(e);
-	if (e->verdict == RSTTRACE_VERDICT_NONE)
-		return 0;
-	if (e->verdict == RSTTRACE_VERDICT_SYN_COOKIE)
-		e->kind = RSTTRACE_SYN_COOKIE;
-	e->kernel_reason = RSTTRACE_NO_REASON;
-	e->flags |= RSTTRACE_F_INFERRED;
-	e->state = TCP_LISTEN;
-	fill_from_segment(e, &seg);
-	fill_task(e);
-	if (walk_stack(ctx, e))
-		e->flags |= RSTTRACE_F_SOFTIRQ;
-	read_socket(sk, e);         /* listener's owner inode and netns */
-	emit(ctx, e);
+	report_syn_verdict(ctx, (void *)listener->sk, &seg, RSTTRACE_HOOK_NONE, 0);
 	return 0;
 }
 
