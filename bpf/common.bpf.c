@@ -30,7 +30,7 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, RSTTRACE_STAT_MAX);
 BPF_HASH(port_filter, __u16, __u8, 1024);
 BPF_HASH(netns_filter, __u32, __u8, 64);
-/* Exact counts per (kind, kernel reason, local port, ...), kept in the kernel whether or not the
+/* Exact counts per (kind, kernel reason, netns, service port, ...), kept in the kernel whether or not the
  * record reaches user space: the truth when the ring buffer overflows or output is rate-limited. */
 BPF_PERCPU_HASH(counts, struct rsttrace_count_key, __u64, RSTTRACE_COUNT_KEYS);
 
@@ -96,7 +96,9 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	struct rsttrace_count_key key = {};
 	key.kind = e->kind;
 	key.kernel_reason = e->kernel_reason;
-	key.lport = e->lport;
+	key.service_port = (e->kind == RSTTRACE_RST_SENT || e->kind == RSTTRACE_RST_RECEIVED) && e->rport < e->lport
+			   ? e->rport : e->lport;
+	key.netns = e->netns;
 	key.tcp_flags = e->tcp_flags;
 	key.flags = e->flags & (RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN | RSTTRACE_F_HAVE_SOCKET |
 				RSTTRACE_F_UNREAD);
@@ -112,8 +114,8 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	__u64 one = 1, *n = counts.lookup(&key);
 	if (n)
 		*n += 1;
-	else
-		counts.update(&key, &one);
+	else if (counts.update(&key, &one) != 0)
+		count(RSTTRACE_STAT_UNCOUNTED);     /* map full: said in every count rsttrace reports */
 	if (events.ringbuf_output(e, sizeof(*e), 0) == 0)
 		count(RSTTRACE_STAT_SUBMITTED);
 	else

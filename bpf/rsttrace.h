@@ -92,11 +92,12 @@ struct rsttrace_event {
 
 /* Key of the exact per-CPU counts map: enough of the event for user space to name the reason
  * (tracer/enrich/reasons.py classify()) without the record itself. */
-#define RSTTRACE_COUNT_KEYS 4096
+#define RSTTRACE_COUNT_KEYS 16384
 struct rsttrace_count_key {
 	__u32 kind;
 	__u32 kernel_reason;
-	__u16 lport;
+	__u16 service_port;     /* listener events: the listening port; RSTs: the lower of the two ports
+	                         * (ephemeral ports come from the top of the range) — bounds the keys */
 	__u8 tcp_flags;
 	__u8 flags;             /* RSTTRACE_F_LINGER | _INFERRED | _ORPHAN | _HAVE_SOCKET | _UNREAD */
 	__u8 linger_zero;
@@ -106,14 +107,16 @@ struct rsttrace_count_key {
 	__u64 callers[2];       /* innermost two frames when the kernel gave no reason: user space
 	                         * infers the reason from them (tracer/enrich/reasons.py) */
 	__u8 hook;              /* enum rsttrace_hook */
-	__u8 pad[7];
+	__u8 pad[3];
+	__u32 netns;            /* netns inode: per-(netns, port) counts for metrics */
 };
 
 /* Per-CPU statistics slots (BPF_PERCPU_ARRAY stats). */
 enum rsttrace_stat {
 	RSTTRACE_STAT_SUBMITTED = 0,  /* records put into the ring buffer */
 	RSTTRACE_STAT_LOST = 1,       /* records that found the ring buffer full */
-	RSTTRACE_STAT_MAX = 2,
+	RSTTRACE_STAT_UNCOUNTED = 2,  /* events that found the counts map full (exact counts incomplete) */
+	RSTTRACE_STAT_MAX = 3,
 };
 
 #endif

@@ -23,6 +23,9 @@ Examples:
   sudo rsttrace --comm nginx --port 8080      # what nginx resets towards its upstream on 8080
   sudo rsttrace --netns blue --container 3f2a # one `ip netns` namespace, one container (id prefix)
   sudo rsttrace --port 8080 --duration 60 --json | jq .explanation
+  sudo rsttrace --format ecs -o /var/log/rsttrace/rsttrace.json --max-rate 200   # for a SIEM's log shipper
+  sudo rsttrace --syslog udp:127.0.0.1:514 --metrics 127.0.0.1:9465 -o /dev/null # syslog + Prometheus only
+  sudo kill -HUP $(pidof -x rsttrace)         # after rotating --output: reopen it (logrotate's postrotate)
   sudo rsttrace doctor                       # what this kernel lets rsttrace see
   rsttrace explain closed_with_unread_data   # what a reason means and what to change
 """
@@ -110,18 +113,32 @@ class ContainerType(click.ParamType):
 @click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
 @click.option("--reason", "reason_filter", type=ReasonType(), multiple=True,
               help="Only these reasons (repeatable; see `rsttrace explain`).")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines (schema/rsttrace-v1.schema.json) instead of text.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines (schema/rsttrace-v1.schema.json); same as --format json.")
 @click.option("--plain", is_flag=True, help="Plain text lines (the default when not in the terminal UI).")
+@click.option("--format", "fmt", type=click.Choice(["plain", "json", "ecs"]),
+              help="Output lines: plain text, rsttrace's JSON, or JSON mapped onto Elastic Common Schema "
+                   "(schema/rsttrace-ecs-v1.schema.json).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Append records to FILE ('-' is stdout); one whole line per write.")
+              help="Append records to FILE ('-' is stdout); one whole line per write; SIGHUP reopens it (log rotation).")
+@click.option("--syslog", "syslog_target", is_flag=False, flag_value="unix:/dev/log", metavar="[unix:PATH|udp:HOST:PORT]",
+              help="Also send events as RFC 5424 messages with structured data (default unix:/dev/log).")
+@click.option("--syslog-facility", type=click.Choice(["daemon", "kern", "user", "auth", "authpriv", "syslog",
+                                                      *[f"local{i}" for i in range(8)]]),
+              default="daemon", show_default=True, help="Syslog facility for --syslog.")
+@click.option("--metrics", "metrics_address", metavar="ADDR:PORT",
+              help="Serve Prometheus metrics at http://ADDR:PORT/metrics (exact in-kernel counts, queue gauges; "
+                   ":PORT for every address).")
+@click.option("--max-rate", type=click.IntRange(min=1), metavar="N",
+              help="At most N event records per second; the rest are counted in `suppressed` records "
+                   "(the kernel's exact counts are kept either way).")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe", "fentry"]), default="auto", show_default=True,
               help="Hook family: auto picks the best per event kind (see `rsttrace doctor`).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
-def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, output,
-         backend, duration, count):
+def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, fmt, output,
+         syslog_target, syslog_facility, metrics_address, max_rate, backend, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -133,6 +150,22 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         return
     if ipv4 and ipv6:
         raise click.UsageError("-4 and -6 exclude each other")
+    chosen = {f for f, on in (("json", as_json), ("plain", plain), (fmt, bool(fmt))) if on}
+    if len(chosen) > 1:
+        raise click.UsageError(f"choose one output format (got {', '.join(sorted(chosen))})")
+    syslog = metrics = None
+    if syslog_target is not None:
+        from .sinks.syslog import SyslogTarget
+        try:
+            syslog = SyslogTarget.parse(syslog_target)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--syslog") from None
+    if metrics_address is not None:
+        from .sinks.metrics import parse_listen_address
+        try:
+            metrics = parse_listen_address(metrics_address)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--metrics") from None
     from .session import Options
     options = Options(
         ports=sorted({p for group in ports for p in group}),
@@ -146,33 +179,64 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         duration=duration,
         count=count,
         backend=backend,
+        max_rate=max_rate,
     )
-    run_trace(options, as_json=as_json, output=output, plain=plain)
+    run_trace(options, fmt=next(iter(chosen), None), output=output, syslog=syslog,
+              syslog_facility=syslog_facility, metrics=metrics)
 
 
-def use_ui(as_json: bool, plain: bool, output: str | None) -> bool:
+def use_ui(fmt: str | None, output: str | None) -> bool:
     """The live screen only for a person at a terminal; lines for pipes, files, --json and --plain."""
-    return (not as_json and not plain and output is None and sys.stdout.isatty()
+    return (fmt is None and output is None and sys.stdout.isatty()
             and os.environ.get("TERM", "") not in ("", "dumb"))
 
 
-def run_trace(options, as_json: bool, output: str | None, plain: bool = False) -> None:
-    from .session import Session, install_signal_handlers, print_summary
+def open_sinks(fmt: str | None, output: str | None, syslog=None, syslog_facility: str = "daemon",
+               metrics=None) -> tuple[list, bool]:
+    """The sinks a run writes to, and whether the first is the terminal UI. Each failure to open one
+    is a one-line error, before anything is loaded into the kernel."""
     from .sinks.jsonl import JsonSink
     from .sinks.output import LineOutput
-    from .sinks.plain import PlainSink, stderr
+    from .sinks.plain import PlainSink
 
+    sinks: list = []
     try:
-        out = LineOutput(output)
-    except OSError as err:
-        raise RsttraceError(f"cannot open --output {output}: {err.strerror}") from err
-    ui = use_ui(as_json, plain, output)
-    if ui:
-        from .sinks.ui import UiSink
-        sink = UiSink()
-    else:
-        sink = JsonSink(out) if as_json else PlainSink(out)
-    session = Session(options, [sink], started_at=STARTED)
+        if use_ui(fmt, output):
+            from .sinks.ui import UiSink
+            sinks.append(UiSink())
+        else:
+            try:
+                out = LineOutput(output)
+            except OSError as err:
+                raise RsttraceError(f"cannot open --output {output}: {err.strerror}") from err
+            sinks.append(JsonSink(out, fmt) if fmt in ("json", "ecs") else PlainSink(out))
+        if syslog is not None:
+            from .sinks.syslog import SyslogSink
+            try:
+                sinks.append(SyslogSink(syslog, syslog_facility))
+            except OSError as err:
+                raise RsttraceError(f"cannot reach syslog at {syslog.text}: {err.strerror or err}",
+                                    "is rsyslog/syslog-ng running and listening there?") from err
+        if metrics is not None:
+            from .sinks.metrics import MetricsSink
+            try:
+                sinks.append(MetricsSink(metrics))
+            except OSError as err:
+                raise RsttraceError(f"cannot serve --metrics on {metrics[0]}:{metrics[1]}: {err.strerror or err}") from err
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks, bool(sinks) and type(sinks[0]).__name__ == "UiSink"
+
+
+def run_trace(options, fmt: str | None = None, output: str | None = None, syslog=None,
+              syslog_facility: str = "daemon", metrics=None) -> None:
+    from .session import Session, install_signal_handlers, print_summary
+    from .sinks.plain import stderr
+
+    sinks, ui = open_sinks(fmt, output, syslog, syslog_facility, metrics)
+    session = Session(options, sinks, started_at=STARTED)
     install_signal_handlers(session)
     try:
         caps = session.start()
@@ -190,8 +254,11 @@ def run_trace(options, as_json: bool, output: str | None, plain: bool = False) -
             stderr(f"rsttrace: blind spot: {spot}")
         session.run()
     finally:
-        summary = session.finish()
-        sink.close()
+        try:
+            summary = session.finish()
+        finally:
+            for sink in sinks:
+                sink.close()
     print_summary(summary)
 
 

@@ -20,11 +20,13 @@ from .enrich.cgroups import path_matches
 from .enrich.listeners import ListenerSampler
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
-from .events.decode import Decoder, Event
+from .events.decode import TCP_STATES, Decoder, Event
+from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, VERDICT_NAMES
 from .kernel.capabilities import Capabilities, probe
 from .kernel.hooks import plan_hooks
 from .kernel.loader import Filters, RstProgram
 from .sinks import records
+from .sinks.ratelimit import RateLimit
 from .sinks.plain import stderr
 
 LOST_CHECK_INTERVAL = 0.5     # seconds between reads of the kernel's lost counter
@@ -46,6 +48,7 @@ class Options:
     count: int | None = None
     evidence: bool = True                                # symbolize kernel callers into the records
     backend: str = "auto"                                # auto / tracepoint / kprobe / fentry (kernel/hooks.py)
+    max_rate: int | None = None                          # event records per second at most (--max-rate)
 
 
 class Session:
@@ -61,7 +64,10 @@ class Session:
         self._batch: list[Event] = []
         self.emitted = 0
         self.lost_reported = 0
+        self.limit = RateLimit(options.max_rate) if options.max_rate else None
+        self._reason_cache: dict[tuple, str] = {}
         self._stop = False
+        self._reopen = False
         self.program: RstProgram | None = None
         self.caps: Capabilities | None = None
 
@@ -133,6 +139,8 @@ class Session:
                 self.listen_backlogs[(ev.netns, ev.local_port)] = ev.queues["backlog"]
         if not self.wanted(ev):
             return
+        if self.limit is not None and not self.limit.allow(time.monotonic(), ev.kind, ev.reason):
+            return       # counted by the limiter (and exactly in the kernel); said in `suppressed` records
         ev.explanation = reasons.explain(ev)
         self.counts[(ev.kind, ev.reason)] += 1
         self._emit(records.event_record(ev))
@@ -165,6 +173,17 @@ class Session:
     def request_stop(self, *_args) -> None:
         self._stop = True
 
+    def request_reopen(self, *_args) -> None:
+        """SIGHUP (logrotate's postrotate): reopen outputs between two records, never inside one."""
+        self._reopen = True
+
+    def _reopen_outputs(self) -> None:
+        self._reopen = False
+        for sink in self.sinks:
+            reopen = getattr(sink, "reopen", None)
+            if reopen is not None:
+                reopen()
+
     def run(self) -> None:
         deadline = self.attached_at + self.options.duration if self.options.duration else None
         next_lost_check = 0.0
@@ -179,7 +198,12 @@ class Session:
                 timeout_ms = max(1, min(timeout_ms, int(left * 1000)))
             self.program.poll(timeout_ms)
             self._process_batch()
+            if self._reopen:
+                self._reopen_outputs()
             now = time.monotonic()
+            if self.limit is not None and self.limit.window_over(now):
+                self._report_suppressed(now)
+            self._refresh_metrics()
             if now >= next_lost_check:
                 self._report_losses()
                 self._resolve_new_listeners()
@@ -196,8 +220,9 @@ class Session:
         owner index may have just been rebuilt for another socket, and the process may be gone."""
         if self.sampler is None:
             return
-        new = [lst.inode for st in list(self.sampler.netns.values()) for lst in st.listeners
-               if lst.inode not in self._resolved_listeners]
+        current = {lst.inode for st in list(self.sampler.netns.values()) for lst in st.listeners}
+        self._resolved_listeners &= current          # forget closed listeners: bounded over long runs
+        new = [inode for inode in current if inode not in self._resolved_listeners]
         if new:
             self.attributor.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in new])
             self._resolved_listeners.update(inode for inode in new if self.attributor.sockets.owners(inode))
@@ -218,6 +243,25 @@ class Session:
         seen = {inode: dict(c) for inode, c in self.netns_counts.items()}
         return records.reconciliation_record(self.sampler.reconciliation(seen))
 
+    def _report_suppressed(self, now: float) -> None:
+        closed = self.limit.close_window(now)
+        if closed is not None:
+            window_s, held_back = closed
+            self._emit(records.suppressed_record(window_s, held_back, self.limit.total_held_back,
+                                                 self.limit.per_second, self.kernel_counts(self.program.exact_counts()),
+                                                 self.program.stats()["uncounted"]))
+
+    def _refresh_metrics(self) -> None:
+        """Metrics sinks ask for the kernel's exact counts when a scrape needs them (a sink never
+        touches BPF: the session reads the maps and hands over plain rows)."""
+        wanting = [s for s in self.sinks if getattr(s, "wants_counts", None) and s.wants_counts()]
+        if wanting:
+            rows = self.count_rows(self.program.exact_counts())
+            stats = self.program.stats()
+            stats["suppressed"] = self.limit.total_held_back if self.limit else 0
+            for sink in wanting:
+                sink.update_counts(rows, stats)
+
     def _report_losses(self) -> None:
         lost = self.program.stats()["lost"]
         if lost > self.lost_reported:
@@ -234,8 +278,11 @@ class Session:
                     self.program.drain()
                     self._process_batch()
                 self._report_losses()
+                if self.limit is not None:
+                    self._report_suppressed(time.monotonic())
                 stats = self.program.stats()
                 exact = self.program.exact_counts()
+                self._refresh_metrics()
             finally:
                 self.program.close()
             reconciliation = None
@@ -253,17 +300,34 @@ class Session:
             summary = records.summary_record(
                 by_kind, stats["lost"], stats["submitted"], time.monotonic() - self.attached_at,
                 {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)},
-                self.kernel_counts(exact), reconciliation)
+                self.kernel_counts(exact), reconciliation,
+                suppressed=self.limit.total_held_back if self.limit else 0, uncounted=stats["uncounted"])
             self._emit(summary)
         return summary or {}
 
 
     def kernel_counts(self, exact) -> dict[str, dict[str, int]]:
         """Exact in-kernel counts per event kind and rsttrace reason (before any user-space filter)."""
-        from .events.decode import TCP_STATES
-        from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, VERDICT_NAMES
         out: dict[str, dict[str, int]] = {}
-        for key, n in exact:
+        for row in self.count_rows(exact):
+            by_reason = out.setdefault(row["event"], {})
+            by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + row["count"]
+        return out
+
+    def count_rows(self, exact) -> list[dict]:
+        """The kernel's exact counts as rows: event, reason, netns (inode, name), service port, count."""
+        netns_name = self.attributor.netns.name
+        return [{"event": KIND_NAMES.get(key.kind, f"kind_{key.kind}"), "reason": self._reason_of(key),
+                 "netns": key.netns, "netns_name": netns_name(key.netns), "port": key.service_port, "count": n}
+                for key, n in exact]
+
+    def _reason_of(self, key) -> str:
+        """rsttrace's reason for one count key, classified as the event itself would be (cached: a
+        storm has many keys but few distinct classifications)."""
+        memo = (key.kind, key.kernel_reason, key.tcp_flags, key.linger_zero, key.verdict, key.queue_full,
+                key.flags, key.state, key.hook, key.callers[0], key.callers[1])
+        reason = self._reason_cache.get(memo)
+        if reason is None:
             kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
             names = self.program.reason_names.get(kind, {})
             kreason = None if key.kernel_reason == NO_REASON else names.get(key.kernel_reason)
@@ -273,9 +337,8 @@ class Session:
                                              VERDICT_NAMES.get(key.verdict, "none"), bool(key.queue_full),
                                              bool(key.flags & F_ORPHAN), callers, TCP_STATES.get(key.state),
                                              1 if key.flags & F_UNREAD else 0, bool(key.flags & F_HAVE_SOCKET))
-            out.setdefault(kind, {}).setdefault(reason, 0)
-            out[kind][reason] += n
-        return out
+            self._reason_cache[memo] = reason
+        return reason
 
 
 def with_hook(hook: str | None, callers: list[str]) -> list[str]:
@@ -295,14 +358,20 @@ def _has_bpf_caps() -> bool:
 def install_signal_handlers(session: Session) -> None:
     signal.signal(signal.SIGINT, session.request_stop)
     signal.signal(signal.SIGTERM, session.request_stop)
+    signal.signal(signal.SIGHUP, session.request_reopen)
 
 
 def print_summary(summary: dict, out=stderr) -> None:
     if not summary:
         return
     total = sum(sum(r.values()) for r in summary["events"].values())
-    out(f"rsttrace: {total} events in {summary['duration_s']:.1f}s, lost {summary['lost']}")
-    for kind, by_reason in summary["events"].items():
+    held = f", suppressed {summary['suppressed']} (--max-rate)" if summary.get("suppressed") else ""
+    out(f"rsttrace: {total} events in {summary['duration_s']:.1f}s, lost {summary['lost']}{held}")
+    shown = summary["events"]
+    if summary.get("suppressed") or summary["lost"]:
+        shown = summary["exact_counts"]
+        out("  counted in the kernel (every event past the kernel's filters, written or not):")
+    for kind, by_reason in shown.items():
         for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1]):
             out(f"  {n:>8}  {kind:<13} {reason}")
     delta = summary["kernel_counters"]["delta"]

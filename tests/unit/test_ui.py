@@ -408,8 +408,9 @@ def test_an_event_storm_keeps_memory_bounded():
 
 @pytest.mark.parametrize("isatty,term,args,expected", [
     (True, "xterm-256color", {}, True),
-    (True, "xterm-256color", {"plain": True}, False),
-    (True, "xterm-256color", {"as_json": True}, False),
+    (True, "xterm-256color", {"fmt": "plain"}, False),
+    (True, "xterm-256color", {"fmt": "json"}, False),
+    (True, "xterm-256color", {"fmt": "ecs"}, False),
     (True, "xterm-256color", {"output": "/tmp/x.log"}, False),
     (False, "xterm-256color", {}, False),
     (True, "dumb", {}, False),
@@ -417,7 +418,7 @@ def test_an_event_storm_keeps_memory_bounded():
 def test_the_screen_is_only_for_a_person_at_a_terminal(monkeypatch, isatty, term, args, expected):
     monkeypatch.setattr(cli.sys.stdout, "isatty", lambda: isatty, raising=False)
     monkeypatch.setenv("TERM", term)
-    kw = {"as_json": False, "plain": False, "output": None, **args}
+    kw = {"fmt": None, "output": None, **args}
     assert cli.use_ui(**kw) is expected
 
 

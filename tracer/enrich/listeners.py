@@ -248,12 +248,14 @@ class ListenerSampler:
                     pass
                 listeners = dump_listeners(st.diag, self.ports)
                 now = time.monotonic()
+                prev_drops, drop_rates = {}, {}     # only listeners that still exist: bounded over long runs
                 for lst in listeners:
                     key = (lst.addr, lst.port, lst.inode)
                     prev = st.prev_drops.get(key)
                     if prev and now > prev[1]:
-                        st.drop_rates[key] = (lst.drops - prev[0]) / (now - prev[1])
-                    st.prev_drops[key] = (lst.drops, now)
+                        drop_rates[key] = (lst.drops - prev[0]) / (now - prev[1])
+                    prev_drops[key] = (lst.drops, now)
+                st.prev_drops, st.drop_rates = prev_drops, drop_rates
                 st.listeners = listeners
             except OSError as err:
                 if len(self.errors) < 20:

@@ -57,6 +57,7 @@ HOOK_NAMES = {value: name[len("RSTTRACE_HOOK_"):].lower() for name, value in ENU
 VERDICT_NAMES = {value: name[len("RSTTRACE_VERDICT_"):].lower() for name, value in ENUMS["rsttrace_verdict"].items()}
 STAT_SUBMITTED = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_SUBMITTED"]
 STAT_LOST = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_LOST"]
+STAT_UNCOUNTED = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_UNCOUNTED"]
 NO_REASON = DEFINES["RSTTRACE_NO_REASON"]
 F_SOFTIRQ = DEFINES["RSTTRACE_F_SOFTIRQ"]
 F_HAVE_SOCKET = DEFINES["RSTTRACE_F_HAVE_SOCKET"]

@@ -158,7 +158,8 @@ class RstProgram:
     def stats(self) -> dict[str, int]:
         table = self.bpf["stats"]
         out = {}
-        for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST)):
+        for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST),
+                           ("uncounted", record.STAT_UNCOUNTED)):
             out[name] = sum(table[ctypes.c_int(slot)])
         return out
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 class LineOutput:
@@ -26,7 +27,13 @@ class LineOutput:
     def reopen(self) -> None:
         """After log rotation (SIGHUP): start a new file at the configured path."""
         if self._owned:
-            new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            except OSError as err:
+                # Keep writing to the old (rotated) file rather than lose records; say so once.
+                print(f"rsttrace: cannot reopen {self.path} ({err.strerror}); still writing to the old file",
+                      file=sys.stderr, flush=True)
+                return
             os.close(self.fd)
             self.fd = new_fd
 

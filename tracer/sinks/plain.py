@@ -5,6 +5,7 @@ import sys
 
 from ..events.decode import endpoint
 from .output import LineOutput
+from .records import one_line
 
 
 def _endpoint(ep: dict, family: str) -> str:
@@ -44,7 +45,12 @@ class PlainSink:
             # Losses go where the events go, so that nobody reads a stream with holes unawares.
             self.output.write_line(f"{record['time'][11:26]} LOST {record['lost']} events "
                                    f"(total {record['total_lost']}): ring buffer full")
+        elif kind == "suppressed":
+            self.output.write_line(f"{record['time'][11:26]} SUPPRESSED {one_line(record)}")
         # coverage and summary are printed to stderr by the session
+
+    def reopen(self) -> None:
+        self.output.reopen()
 
     def close(self) -> None:
         self.output.close()

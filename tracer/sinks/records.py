@@ -69,15 +69,27 @@ def lost_record(lost: int, total_lost: int) -> dict[str, Any]:
     return rec
 
 
+def suppressed_record(window_s: float, held_back: dict[str, dict[str, int]], total: int, max_rate: int,
+                      exact: dict[str, dict[str, int]], uncounted: int) -> dict[str, Any]:
+    """--max-rate held back event records: how many, by reason, and the kernel's exact counts so far."""
+    rec = base("suppressed")
+    rec.update({"window_s": round(window_s, 3), "max_rate": max_rate,
+                "suppressed": sum(sum(r.values()) for r in held_back.values()), "by_reason": held_back,
+                "total_suppressed": total, "exact_counts": exact, "uncounted": uncounted})
+    return rec
+
+
 def summary_record(counts: dict[str, dict[str, int]], lost: int, submitted: int, duration_s: float,
                    kernel_counters: dict[str, Any], exact: dict[str, dict[str, int]],
-                   reconciliation: list[dict] | None = None) -> dict[str, Any]:
-    """counts: events emitted (after user-space filters); exact: every event the BPF programs saw,
-    counted in the kernel, whether or not its record was delivered."""
+                   reconciliation: list[dict] | None = None, suppressed: int = 0,
+                   uncounted: int = 0) -> dict[str, Any]:
+    """counts: events emitted (after user-space filters and --max-rate); exact: every event the BPF
+    programs saw, counted in the kernel, whether or not its record was delivered (uncounted: events
+    that found the count map full, so exact_counts misses them)."""
     rec = base("summary")
     rec.update({"duration_s": round(duration_s, 3), "events": counts, "exact_counts": exact,
-                "delivered": submitted, "lost": lost, "kernel_counters": kernel_counters,
-                "reconciliation": reconciliation})
+                "delivered": submitted, "lost": lost, "suppressed": suppressed, "uncounted": uncounted,
+                "kernel_counters": kernel_counters, "reconciliation": reconciliation})
     return rec
 
 
@@ -95,3 +107,48 @@ def reconciliation_record(per_netns: list[dict]) -> dict[str, Any]:
     rec["note"] = ("kernel counters cover every port of the netns: with --port filters coverage below 100% "
                    "is expected; a netns first met in an event is counted from that moment")
     return rec
+
+
+# Syslog severities (RFC 5424 §6.2.1); ECS's event.severity uses the same numbers.
+SYSLOG_SEVERITY = {"error": 3, "warning": 4, "notice": 5, "info": 6}
+
+
+def severity_of(rec: dict[str, Any]) -> str:
+    """error / warning / notice / info: an event's from the reason catalog; losses are warnings."""
+    kind = rec["type"]
+    if kind == "event":
+        from ..enrich.reasons import CATALOG
+        reason = CATALOG.get(rec["reason"])
+        return reason.severity if reason and reason.severity in SYSLOG_SEVERITY else "warning"
+    return {"lost": "warning", "suppressed": "notice"}.get(kind, "info")
+
+
+def _total(counts: dict[str, dict[str, int]]) -> int:
+    return sum(sum(by_reason.values()) for by_reason in counts.values())
+
+
+def one_line(rec: dict[str, Any]) -> str:
+    """A human sentence for any record (the message of a syslog line or an ECS document)."""
+    kind = rec["type"]
+    if kind == "event":
+        return rec["explanation"]
+    if kind == "lost":
+        return (f"{rec['lost']} events lost (total {rec['total_lost']}): the ring buffer was full; "
+                "the kernel's exact counts still include them")
+    if kind == "suppressed":
+        exact = ", ".join(f"{k} {_total({k: v})}" for k, v in sorted(rec["exact_counts"].items()))
+        return (f"--max-rate {rec['max_rate']}/s held back {rec['suppressed']} event records in "
+                f"{rec['window_s']:.1f} s ({rec['total_suppressed']} since start); counted in the kernel: {exact}")
+    if kind == "coverage":
+        hooks = ", ".join(f"{k}: {v['hook'] or 'not visible'}" for k, v in rec["hooks"].items())
+        return f"rsttrace attached on Linux {rec['kernel']} in {rec['startup_ms']:.0f} ms — {hooks}"
+    if kind == "summary":
+        return (f"rsttrace stopped after {rec['duration_s']:.1f} s: {_total(rec['events'])} events written, "
+                f"{_total(rec['exact_counts'])} counted in the kernel, {rec['lost']} lost, "
+                f"{rec.get('suppressed', 0)} suppressed")
+    if kind == "listeners":
+        full = sum(1 for row in rec["listeners"] if row["accept_qmax"] and row["accept_qlen"] > row["accept_qmax"])
+        return f"{len(rec['listeners'])} listeners on traced ports, {full} with a full accept queue"
+    if kind == "reconciliation":
+        return f"rsttrace's counts beside the kernel's counters in {len(rec['netns'])} network namespaces"
+    return kind

@@ -104,6 +104,12 @@ class UiState:
                     self.endpoints["(other)"] += 1
         elif kind == "coverage":
             self.coverage = rec
+        elif kind == "suppressed":
+            # --max-rate held these records back: they still count in the reasons and rates.
+            for event, by_reason in rec["by_reason"].items():
+                for reason, n in by_reason.items():
+                    self.counts[(event, reason)] += n
+                    self.total += n
         elif kind == "lost":
             self.lost = rec.get("total_lost", self.lost + rec.get("lost", 0))
         elif kind == "listeners":
