@@ -240,3 +240,11 @@ def test_logrotate_snippet_parses_and_signals_instead_of_truncating(tmp_path):
     proc = subprocess.run([logrotate, "-d", "-s", str(tmp_path / "state"), str(REPO / "contrib" / "rsttrace.logrotate")],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "error" not in proc.stderr.lower(), proc.stderr
+
+
+def test_output_to_dev_null_closes_cleanly():
+    from tracer.sinks.output import LineOutput
+    out = LineOutput("/dev/null")          # the unit-file example: syslog and metrics only
+    out.write_line("x")
+    out.reopen()
+    out.close()

@@ -39,6 +39,9 @@ class LineOutput:
 
     def close(self) -> None:
         if self._owned:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError:
+                pass          # /dev/null, a pipe or a FIFO: nothing to flush to disk
             os.close(self.fd)
             self._owned = False
