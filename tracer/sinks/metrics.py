@@ -60,7 +60,6 @@ class MetricsSink:
         self._coverage: dict[str, str | None] = {}
         self._kernel = ""
         self._listeners: list[dict] = []
-        self._lost_total = 0
         self._updated_at = 0.0
         sink = self
 
@@ -97,8 +96,6 @@ class MetricsSink:
                 self._kernel = record["kernel"]
             elif kind == "listeners":
                 self._listeners = record["listeners"]
-            elif kind == "lost":
-                self._lost_total = record["total_lost"]
 
     def wants_counts(self) -> bool:
         return self._wanted
@@ -165,8 +162,7 @@ class MetricsSink:
                 ("rsttrace_events_uncounted_total", "uncounted", "Events that found the in-kernel count map full "
                                                                   "(missing from rsttrace_events_total)")):
             family(name, "counter", help_text)
-            value = max(stats.get(key, 0), self._lost_total) if key == "lost" else stats.get(key, 0)
-            out.append(f"{name} {value}")
+            out.append(f"{name} {stats.get(key, 0)}")
         family("rsttrace_hook_attached", "gauge", "1 if rsttrace sees this event kind on this kernel (label hook: how)")
         for event, hook in sorted(self._coverage.items()):
             out.append(f"rsttrace_hook_attached{_labels(event=event, hook=hook or 'none')} {1 if hook else 0}")
