@@ -51,6 +51,11 @@ struct listener_val {
 	char owner_comm[RSTTRACE_COMM_LEN];
 };
 BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
+/* How many entries `listeners` holds. The per-packet SYN hook returns at once while it is 0 (no
+ * listener on a traced port is known): a busy host whose traced ports have no listener pays one
+ * array lookup per packet. Kept exact: +1 only when an insert created an entry, -1 only when a
+ * delete removed one. */
+BPF_ARRAY(listener_count, __s64, 1);
 
 struct stack_scratch {
 	__u64 ip[STACK_DEPTH];
@@ -256,18 +261,36 @@ static __always_inline void read_listener(void *sk, struct rsttrace_event *e)
 	}
 }
 
+static __always_inline void listeners_changed(__s64 by)
+{
+	int zero = 0;
+	__s64 *n = listener_count.lookup(&zero);
+	if (n)
+		__sync_fetch_and_add(n, by);
+}
+
+static __always_inline int have_listeners(void)
+{
+	int zero = 0;
+	__s64 *n = listener_count.lookup(&zero);
+	return n && *n > 0;
+}
+
 /* Remember a listener met on the way (one that existed before rsttrace started). */
 static __always_inline void learn_listener(void *sk)
 {
 	struct listener_key key = {};
 	__u16 port = 0;
 	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
+	if (!port_wanted(port, 0))
+		return;
 	key.net = (__u64)net_of_sock(sk);
 	key.port = port;
 	struct listener_val val = {};
 	val.sk = (__u64)sk;
 	val.backlog = -1;
-	listeners.insert(&key, &val);    /* never overwrites an entry made at listen() */
+	if (listeners.insert(&key, &val) == 0)    /* never overwrites an entry made at listen() */
+		listeners_changed(1);
 }
 
 /* Socket details that make a reason concrete: owner inode, unread bytes, SO_LINGER.
@@ -330,28 +353,32 @@ struct segment {
 	__u8 daddr[16];
 };
 
+/* The IP and TCP headers of a segment, in as few reads as possible: this runs for every packet
+ * the host receives (netif_receive_skb), so a non-TCP or non-SYN packet must cost little. */
 static __always_inline void parse_segment(void *skb, int transport_known, struct segment *seg)
 {
 	unsigned char *head = 0;
 	__u16 nh = 0, th = 0;
-	__u8 vihl = 0, proto = 0;
+	__u8 ip[40] = {};          /* an IPv4 header without options fits the first 20 bytes */
 	bpf_probe_read_kernel(&head, sizeof(head), skb + OFF_SKB_HEAD);
 	bpf_probe_read_kernel(&nh, sizeof(nh), skb + OFF_SKB_NETWORK_HEADER);
-	if (!head)
+	if (!head || bpf_probe_read_kernel(ip, 20, head + nh) != 0)
 		return;
-	bpf_probe_read_kernel(&vihl, 1, head + nh);
-	if ((vihl >> 4) == 4) {
-		bpf_probe_read_kernel(&proto, 1, head + nh + 9);
-		th = nh + (vihl & 0xf) * 4;
+	__u8 proto;
+	if ((ip[0] >> 4) == 4) {
+		proto = ip[9];
+		th = nh + (ip[0] & 0xf) * 4;
 		seg->family = AF_INET;
-		bpf_probe_read_kernel(seg->saddr, 4, head + nh + 12);
-		bpf_probe_read_kernel(seg->daddr, 4, head + nh + 16);
-	} else if ((vihl >> 4) == 6) {
-		bpf_probe_read_kernel(&proto, 1, head + nh + 6);   /* extension headers are not followed */
+		__builtin_memcpy(seg->saddr, ip + 12, 4);
+		__builtin_memcpy(seg->daddr, ip + 16, 4);
+	} else if ((ip[0] >> 4) == 6) {
+		proto = ip[6];                   /* extension headers are not followed */
 		th = nh + 40;
 		seg->family = AF_INET6;
-		bpf_probe_read_kernel(seg->saddr, 16, head + nh + 8);
-		bpf_probe_read_kernel(seg->daddr, 16, head + nh + 24);
+		if (proto == IPPROTO_TCP)
+			bpf_probe_read_kernel(ip + 20, 20, head + nh + 20);
+		__builtin_memcpy(seg->saddr, ip + 8, 16);
+		__builtin_memcpy(seg->daddr, ip + 24, 16);
 	} else {
 		return;
 	}
@@ -359,11 +386,12 @@ static __always_inline void parse_segment(void *skb, int transport_known, struct
 		return;
 	if (transport_known)
 		bpf_probe_read_kernel(&th, sizeof(th), skb + OFF_SKB_TRANSPORT_HEADER);
-	__u16 ports[2] = {};
-	bpf_probe_read_kernel(ports, sizeof(ports), head + th);
-	bpf_probe_read_kernel(&seg->flags, 1, head + th + 13);
-	seg->sport = __builtin_bswap16(ports[0]);
-	seg->dport = __builtin_bswap16(ports[1]);
+	__u8 tcp[14] = {};                  /* ports, sequence and ack numbers, offset, flags */
+	if (bpf_probe_read_kernel(tcp, sizeof(tcp), head + th) != 0)
+		return;
+	seg->sport = (__u16)tcp[0] << 8 | tcp[1];
+	seg->dport = (__u16)tcp[2] << 8 | tcp[3];
+	seg->flags = tcp[13];
 	seg->ok = 1;
 }
 

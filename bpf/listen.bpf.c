@@ -7,8 +7,8 @@
  * RSTTRACE_F_INFERRED. The 3rd-ACK overflow does have a drop reason (skb:kfree_skb,
  * TCP_LISTEN_OVERFLOW) and is reported as the kernel says it.
  *
- *   HAVE_SYS_ENTER_LISTEN       syscalls:sys_enter_listen exists (CONFIG_FTRACE_SYSCALLS): the
- *                               backlog argument is remembered per listener.
+ *   LISTEN_BACKLOG_FROM_REGS    bpf_task_pt_regs() exists (5.15+) and the machine's syscall
+ *                               registers are known: listen()'s backlog argument is kept per listener.
  *   HAVE_SK_DATA_READY          sock:sk_data_ready exists (Linux 6.6+): listeners that predate
  *                               rsttrace are learned when they queue a child.
  *   LISTEN_SYN_TRACEPOINT       SYN verdicts from net:netif_receive_skb (else kprobe.bpf.c has them).
@@ -16,67 +16,70 @@
  *                               format, Linux 6.3+); absent: no 3rd-ACK events from this file.
  */
 
-BPF_HASH(pending_listen, __u32, __s32, 4096);   /* thread id -> backlog argument of listen() in flight */
-
-#ifdef HAVE_SYS_ENTER_LISTEN
-/* syscalls:sys_enter_listen — remember the backlog the application asks for: the kernel stores
- * only min(backlog, somaxconn), and which of the two binds is what the user must change. */
-TRACEPOINT_PROBE(syscalls, sys_enter_listen)
+/* sock:inet_sock_set_state (Linux 4.16+), as a raw tracepoint (sk, oldstate, newstate): a TCP
+ * socket enters or leaves LISTEN. Raw, because it fires on every state change of every socket:
+ * the classic tracepoint would copy addresses into a perf record each time before rsttrace could
+ * say "not a listener". */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	__s32 backlog = args->backlog;
-	pending_listen.update(&tid, &backlog);
-	return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_listen)
-{
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	pending_listen.delete(&tid);
-	return 0;
-}
-#endif
-
-/* sock:inet_sock_set_state (Linux 4.16+) — a TCP socket enters or leaves LISTEN. */
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
-{
-	if (args->protocol != IPPROTO_TCP || (args->newstate != TCP_LISTEN && args->oldstate != TCP_LISTEN))
+	int oldstate = (int)ctx->args[1], newstate = (int)ctx->args[2];
+	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
 		return 0;
-	void *sk = (void *)args->skaddr;
+	void *sk = (void *)ctx->args[0];
+	__u16 protocol = 0, port = 0;
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
+	if (protocol != IPPROTO_TCP)      /* SCTP and DCCP listeners pass here too */
+		return 0;
+	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
+	if (!port_wanted(port, 0))
+		return 0;
 	struct listener_key key = {};
 	key.net = (__u64)net_of_sock(sk);
-	key.port = args->sport;
-	if (args->newstate == TCP_LISTEN) {
+	key.port = port;
+	if (newstate == TCP_LISTEN) {
 		struct listener_val val = {};
 		val.sk = (__u64)sk;
 		val.backlog = -1;
-		__u32 tid = (__u32)bpf_get_current_pid_tgid();
-		__s32 *backlog = pending_listen.lookup(&tid);
-		if (backlog)
-			val.backlog = *backlog;
+#ifdef LISTEN_BACKLOG_FROM_REGS
+		/* The kernel keeps only min(backlog, somaxconn); which of the two binds is what the user
+		 * must change. We run inside listen(): its argument is in the saved user registers
+		 * (bpf_task_pt_regs, 5.15+). Not a syscall tracepoint: enabling one would send every
+		 * syscall on the host through the slow path (measured: +15 ns per syscall). */
+		void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+		__u64 nr = ~0ULL, arg = 0;
+		bpf_probe_read_kernel(&nr, sizeof(nr), regs + OFF_PT_REGS_SYSCALL_NR);
+		if (nr == NR_LISTEN && bpf_probe_read_kernel(&arg, sizeof(arg), regs + OFF_PT_REGS_ARG2) == 0)
+			val.backlog = (__s32)arg;     /* io_uring's listen (no syscall) leaves it unknown */
+#endif
 		/* listen() runs in process context: the task is the listener's owner. Remembered here,
 		 * the owner is named even if it exits before user space reads its drops. */
 		val.owner_tgid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(val.owner_comm, sizeof(val.owner_comm));
-		listeners.update(&key, &val);
+		if (listeners.insert(&key, &val) == 0)
+			listeners_changed(1);
+		else
+			listeners.update(&key, &val);     /* a new listener on a port whose old one we missed */
 	} else {
 		struct listener_val *val = listeners.lookup(&key);
-		if (val && val->sk == (__u64)sk)
-			listeners.delete(&key);
+		if (val && val->sk == (__u64)sk && listeners.delete(&key) == 0)
+			listeners_changed(-1);
 	}
 	return 0;
 }
 
 #ifdef HAVE_SK_DATA_READY
-/* sock:sk_data_ready — fires on a listener when a new child joins its accept queue. */
-TRACEPOINT_PROBE(sock, sk_data_ready)
+/* sock:sk_data_ready (Linux 6.6+), raw (sk): fires on a listener when a new child joins its accept
+ * queue — and on every socket that receives data, hence raw and the early state test. */
+RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
-	if (args->protocol != IPPROTO_TCP)
-		return 0;
-	void *sk = (void *)args->skaddr;
+	void *sk = (void *)ctx->args[0];
 	__u8 state = 0;
 	bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
-	if (state == TCP_LISTEN)
+	if (state != TCP_LISTEN)
+		return 0;
+	__u16 protocol = 0;
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
+	if (protocol == IPPROTO_TCP)
 		learn_listener(sk);
 	return 0;
 }
@@ -87,6 +90,8 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
  * to a known listener on a traced port, read the queues it meets and replay the verdict. */
 RAW_TRACEPOINT_PROBE(netif_receive_skb)
 {
+	if (!have_listeners())
+		return 0;       /* no listener on a traced port: nothing a SYN could be dropped by */
 	void *skb = (void *)ctx->args[0];
 	struct segment seg = {};
 	parse_segment(skb, 0, &seg);

@@ -60,7 +60,6 @@ class Capabilities:
     set_state: TracepointFormat | None = None        # sock:inet_sock_set_state
     data_ready: TracepointFormat | None = None       # sock:sk_data_ready
     kfree_skb: TracepointFormat | None = None        # skb:kfree_skb
-    enter_listen: TracepointFormat | None = None     # syscalls:sys_enter_listen
     netif_receive_skb: bool = False                  # net:netif_receive_skb (raw tracepoint)
     prog_load: dict[str, int] = field(default_factory=dict)   # program type -> errno (0 = loads)
     kprobe_pmu: bool = False
@@ -205,7 +204,6 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.set_state = read_format(caps.tracefs, "sock", "inet_sock_set_state")
         caps.data_ready = read_format(caps.tracefs, "sock", "sk_data_ready")
         caps.kfree_skb = read_format(caps.tracefs, "skb", "kfree_skb")
-        caps.enter_listen = read_format(caps.tracefs, "syscalls", "sys_enter_listen")
         caps.netif_receive_skb = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "netif_receive_skb"))
         caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \
             os.path.exists(os.path.join(caps.tracefs, "kprobe_events"))

@@ -120,8 +120,8 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
     if listen_tp and ("-DLISTEN_SYN_TRACEPOINT" in plan.macros or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
                                                                       for m in plan.macros)):
         plan.files.append("listen.bpf.c")
-        if caps.enter_listen is not None:
-            plan.macros.append("-DHAVE_SYS_ENTER_LISTEN")
+        if "OFF_PT_REGS_ARG2" in (caps.offsets or {}):
+            plan.macros.append("-DLISTEN_BACKLOG_FROM_REGS")
         if caps.data_ready is not None:
             plan.macros.append("-DHAVE_SK_DATA_READY")
     if kprobe_file:
@@ -130,8 +130,8 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
             plan.macros.append("-DHAVE_IPV6_RESET")
     if caps.synq_full_gt:
         plan.macros.append("-DSYNQ_FULL_GT")
-    if caps.enter_listen is None and "listen.bpf.c" in plan.files:
-        cov.blind_spots.append("the backlog passed to listen() is unknown (no syscalls:sys_enter_listen); "
+    if "-DLISTEN_BACKLOG_FROM_REGS" not in plan.macros and "listen.bpf.c" in plan.files:
+        cov.blind_spots.append("the backlog passed to listen() is unknown (no bpf_task_pt_regs(), Linux 5.15+); "
                                "only min(backlog, somaxconn) is")
     if not caps.softirq_ranges:
         cov.blind_spots.append("softirq context cannot be detected: process attribution falls back to socket owners")

@@ -1,6 +1,8 @@
 """Every kernel struct field rsttrace's BPF programs read, resolved from BTF into OFF_* macros."""
 from __future__ import annotations
 
+import platform
+
 from .btf import BTFError, KernelBTF
 
 # (macro, struct, member path) — every kernel field the programs read.
@@ -35,13 +37,15 @@ OFFSETS = (
     ("OFF_SOCK_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr"),
     ("OFF_SOCK_V6_DADDR", "sock", "__sk_common.skc_v6_daddr"),
     ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
+    ("OFF_SOCK_PROTOCOL", "sock", "sk_protocol"),
 )
 
 # Fields read with a fixed width in the C code: a kernel that changed their type must be refused,
 # not read wrongly.
 SIZES = {"OFF_SOCK_ACK_BACKLOG": 4, "OFF_SOCK_MAX_ACK_BACKLOG": 4, "OFF_ICSK_SYN_QLEN": 4, "OFF_NET_SOMAXCONN": 4,
          "OFF_NET_MAX_SYN_BACKLOG": 4, "OFF_NET_SYNCOOKIES": 1, "OFF_NET_ABORT_ON_OVERFLOW": 1, "OFF_SOCK_NUM": 2,
-         "OFF_SKB_NETWORK_HEADER": 2, "OFF_SKB_TRANSPORT_HEADER": 2, "OFF_SOCK_FAMILY": 2, "OFF_SOCK_DPORT": 2, "OFF_INET_SPORT": 2, "OFF_TCP_RCV_NXT": 4, "OFF_TCP_COPIED_SEQ": 4}
+         "OFF_SKB_NETWORK_HEADER": 2, "OFF_SKB_TRANSPORT_HEADER": 2, "OFF_SOCK_FAMILY": 2, "OFF_SOCK_DPORT": 2, "OFF_INET_SPORT": 2, "OFF_TCP_RCV_NXT": 4, "OFF_TCP_COPIED_SEQ": 4,
+         "OFF_SOCK_PROTOCOL": 2}     # sk_protocol: a u16 since Linux 5.6 (a bitfield before)
 
 
 def resolve_offsets(btf: KernelBTF) -> dict[str, int]:
@@ -53,4 +57,29 @@ def resolve_offsets(btf: KernelBTF) -> dict[str, int]:
             raise BTFError(f"{struct}.{path} is {member.size} bytes on this kernel, rsttrace reads {want}")
         macros[macro] = member.offset
     macros["SOCK_LINGER_BIT"] = btf.enum("sock_flags")["SOCK_LINGER"]
+    macros.update(syscall_register_offsets(btf))
     return macros
+
+
+# listen()'s syscall number per machine: the argument is read only inside that syscall.
+NR_LISTEN = {"x86_64": 50}
+# The saved user registers holding the syscall number and the 2nd argument, per machine.
+SYSCALL_REGISTERS = {"x86_64": ("orig_ax", "si")}
+
+
+def syscall_register_offsets(btf: KernelBTF) -> dict[str, int]:
+    """Where listen()'s backlog argument can be read at the LISTEN state change (in process
+    context, inside the syscall): bpf_task_pt_regs() (Linux 5.15+) gives the saved user registers.
+    Empty where that helper or this machine's layout is unknown: the backlog is then a blind spot."""
+    machine = platform.machine()
+    if machine not in SYSCALL_REGISTERS:
+        return {}
+    try:
+        if "BPF_FUNC_task_pt_regs" not in btf.enum("bpf_func_id"):
+            return {}
+        nr_reg, arg_reg = SYSCALL_REGISTERS[machine]
+        return {"OFF_PT_REGS_SYSCALL_NR": btf.member("pt_regs", nr_reg).offset,
+                "OFF_PT_REGS_ARG2": btf.member("pt_regs", arg_reg).offset,
+                "NR_LISTEN": NR_LISTEN[machine]}
+    except BTFError:
+        return {}
