@@ -111,3 +111,19 @@ def test_netns_values(tmp_path):
     for bad in ("0", "no-such-netns-here", str(tmp_path / "missing")):
         with pytest.raises(ValueError, match="no network namespace"):
             resolve_netns(bad)
+
+
+def test_owner_index_rebuilds_keep_to_their_cpu_budget():
+    """On a host with many sockets a /proc fd scan is expensive: it is refused, not queued, while
+    the last one's cost says the budget (10% of a core) is spent."""
+    import time as _time
+    from tracer.enrich.attribution import SocketOwners
+    owners = SocketOwners()
+    owners.refresh_for([(1, _time.monotonic_ns())])          # an unknown socket: one real rebuild
+    assert owners.rebuilds == 1
+    owners._last_cost_ns = 500_000_000                        # as if that scan had taken 0.5 s
+    owners.refresh_for([(2, _time.monotonic_ns())])
+    assert (owners.rebuilds, owners.skipped) == (1, 1)        # next one only 5 s after the last
+    owners._last_cost_ns = 0
+    owners.refresh_for([(3, _time.monotonic_ns())])
+    assert owners.rebuilds == 2
