@@ -1,0 +1,429 @@
+"""Shared parts of the benchmarks: the tracers under test (rsttrace and its peers) as whole processes,
+private network namespaces, the C load generator, and the statistics every table uses.
+
+Every wait has a deadline; every storm is bounded in time and runs on 127.0.0.1 inside a netns made
+for it (and deleted after), so nothing touches the host's traffic or sysctls.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "scripts" / "bench"
+OUT = REPO / ".bench-out"
+RSTTRACE = REPO / ".venv" / "bin" / "rsttrace"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Ports below the ephemeral range (32768+), so that nobody's client port is mistaken for ours.
+STORM_PORT = 23456          # the storms' listener (unread, conn); STORM_PORT + 1 is the closed port
+OTHER_PORT = 24000          # "rsttrace filtering another port"; more untraced ports count up from here
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "runs": []}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def write_result(name: str, result: dict, table: str) -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / f"{name}.md").write_text(table + "\n")
+
+
+def require_root(name: str) -> None:
+    if os.geteuid() != 0:
+        print(f"scripts/bench/{name}: run as root (it loads BPF programs and makes network namespaces)",
+              file=sys.stderr)
+        sys.exit(3)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the load generator --------------------------------------------------------------------------
+def build_storm() -> str:
+    """Compile scripts/bench/rststorm.c with the system compiler (again only when the source changed)."""
+    src, exe = BENCH / "rststorm.c", OUT / "rststorm"
+    OUT.mkdir(exist_ok=True)
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True)
+    return str(exe)
+
+
+class Netns:
+    """A private network namespace with loopback up; deleted on exit (with the TIME_WAIT sockets a
+    storm leaves, so that no run inherits another's)."""
+    _made = 0
+
+    def __init__(self):
+        Netns._made += 1
+        self.name = f"rsttrace-bench-{os.getpid()}-{Netns._made}"
+
+    def __enter__(self) -> "Netns":
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def argv(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def counters(self) -> dict[str, int]:
+        text = subprocess.run(self.argv("cat", "/proc/net/snmp"), capture_output=True, text=True, check=True).stdout
+        out: dict[str, int] = {}
+        lines = text.splitlines()
+        for header, values in zip(lines[0::2], lines[1::2]):
+            group, _, names = header.partition(":")
+            for name, num in zip(names.split(), values.partition(":")[2].split()):
+                out[group + name] = int(num)
+        return out
+
+    def storm(self, exe: str, mode: str, port: int, seconds: float, procs: int = 2, rate: float = 0) -> dict:
+        argv = self.argv(exe, mode, str(port), str(seconds), str(procs), str(int(rate)))
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+        if out.returncode != 0:
+            raise RuntimeError(f"rststorm {mode} failed: {out.stderr.strip()}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class IdleConnections:
+    """COUNT established, idle loopback connections held open in a netns by one rststorm process."""
+
+    def __init__(self, ns: Netns, exe: str, port: int, count: int, max_seconds: float = 600):
+        self.proc = subprocess.Popen(ns.argv(exe, "hold", str(port), str(count), str(max_seconds)),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = _readline_within(self.proc.stdout, 60)
+        if not line.startswith("ready"):
+            self.close()
+            raise RuntimeError(f"rststorm hold {count} did not get ready: {line!r}")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()          # EOF on stdin: it closes everything and exits
+            self.proc.wait(timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _readline_within(stream, seconds: float) -> str:
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    t.start()
+    t.join(seconds)
+    return got[0] if got else ""
+
+
+# -- the tracers under test ----------------------------------------------------------------------
+def bpftrace_program(ports: list[int]) -> str:
+    """bpftrace printing the same events rsttrace reports for these ports (addresses, ports, state,
+    kernel reason), filtered in the kernel like rsttrace's --port."""
+    def any_port(a: str, b: str) -> str:
+        return " || ".join(f"{a} == {p} || {b} == {p}" for p in ports)
+    sport = "((args->saddr[2] << 8) | args->saddr[3])"
+    dport = "((args->daddr[2] << 8) | args->daddr[3])"
+    v4 = lambda f: f"args->{f}[4], args->{f}[5], args->{f}[6], args->{f}[7]"      # noqa: E731
+    return (
+        f"tracepoint:tcp:tcp_send_reset /{any_port(sport, dport)}/ {{ "
+        f'printf("rst_sent %d.%d.%d.%d:%d > %d.%d.%d.%d:%d state %d reason %d\\n", '
+        f"{v4('saddr')}, {sport}, {v4('daddr')}, {dport}, args->state, args->reason); }} "
+        f"tracepoint:tcp:tcp_receive_reset /{any_port('args->sport', 'args->dport')}/ {{ "
+        f'printf("rst_received %s:%d < %s:%d\\n", ntop(args->saddr), args->sport, ntop(args->daddr), args->dport); }}')
+
+
+def kernel_headers() -> str | None:
+    """A full kernel header tree for bcc (Debian's linux-headers-amd64, 6.1): the arch package holds
+    only the generated headers and the -common package the rest, so bcc's BCC_KERNEL_SOURCE needs both
+    merged into one tree. Built once, as symlinks, under .bench-out/."""
+    for arch_dir in sorted(glob.glob("/usr/src/linux-headers-*-amd64"), reverse=True):
+        common = arch_dir[:-len("amd64")] + "common"
+        if not os.path.isdir(common):
+            continue
+        tree = OUT / ("kheaders-" + os.path.basename(arch_dir)[len("linux-headers-"):])
+        if not (tree / "include" / "linux" / "kconfig.h").exists():
+            OUT.mkdir(exist_ok=True)
+            subprocess.run(["rm", "-rf", str(tree)], check=True)
+            tree.mkdir()
+            subprocess.run(["cp", "-rs", f"{common}/.", f"{tree}/"], check=True)
+            subprocess.run(["cp", "-rsf", f"{arch_dir}/.", f"{tree}/"], check=True)
+        return str(tree)
+    return None
+
+
+def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict | None]:
+    """argv and environment of each tracer, writing its records to `output`."""
+    port_arg = ",".join(map(str, ports))
+    if tool == "rsttrace":
+        return [str(RSTTRACE), "--json", "-o", output, "--port", port_arg], None
+    if tool == "bpftrace":
+        return ["bpftrace", "-e", bpftrace_program(ports)], None
+    if tool == "bcc":
+        headers = kernel_headers()
+        if headers is None:
+            raise RuntimeError("no kernel headers: apt-get install linux-headers-amd64 (scripts/setup does)")
+        return (["/usr/bin/python3", str(BENCH / "bcc_rst.py"), "--port", port_arg],
+                {**os.environ, "BCC_KERNEL_SOURCE": headers})
+    raise ValueError(tool)
+
+
+READY_WORDS = {"rsttrace": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets"}
+
+
+def peers_available() -> list[str]:
+    """rsttrace and the peers this machine has (bcc needs the kernel header package)."""
+    tools = ["rsttrace"]
+    if subprocess.run(["which", "bpftrace"], capture_output=True).returncode == 0:
+        tools.append("bpftrace")
+    if kernel_headers() is not None:
+        tools.append("bcc")
+    return tools
+
+
+class Tracer:
+    """One tracer as a whole process: spawned, waited for until it says it is attached, its CPU time
+    read from /proc/PID/stat (all threads), stopped with SIGINT like a user does, reaped with wait4
+    for its total CPU; peak RSS is VmHWM, read before it is stopped. Its records go to a file
+    (rsttrace: -o; the peers: stdout)."""
+
+    def __init__(self, tool: str, ports: list[int], output: Path, extra: list[str] | None = None):
+        self.tool = tool
+        self.output = output
+        output.unlink(missing_ok=True)
+        argv, env = tool_argv(tool, ports, str(output))
+        argv += extra or []
+        self.stderr: list[str] = []
+        self._ready = threading.Event()
+        self.start = time.monotonic()
+        # The peers print to stdout: through a pipe, copied to the file by a thread here, so that
+        # bpftrace's "Attaching" is seen when it is written, not when a file buffer is flushed.
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL if tool == "rsttrace" else subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)
+        self.rusage = None
+        self._copier = None
+        if tool != "rsttrace":
+            self._copier = threading.Thread(target=self._copy_stdout, daemon=True)
+            self._copier.start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _copy_stdout(self) -> None:
+        word = READY_WORDS[self.tool].encode()
+        with open(self.output, "wb") as f:
+            while chunk := self.proc.stdout.read1(65536):
+                f.write(chunk)
+                if not self._ready.is_set() and word in chunk:
+                    self._ready.set()
+
+    def _read_stderr(self) -> None:
+        word = READY_WORDS[self.tool].encode()
+        for line in self.proc.stderr:
+            self.stderr.append(line.decode(errors="replace").rstrip())
+            if word in line:
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = 60) -> float:
+        """Seconds from spawn to "attached"."""
+        deadline = self.start + timeout
+        while time.monotonic() < deadline:
+            if self._ready.wait(0.01):
+                return time.monotonic() - self.start
+            if self.exited():
+                break
+        self.kill()
+        raise RuntimeError(f"{self.tool} did not attach: {' | '.join(self.stderr[-5:])}")
+
+    def exited(self) -> bool:
+        """Whether the process has ended, without reaping it (wait4 in stop() wants its rusage)."""
+        if self.rusage is not None:
+            return True
+        info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return info is not None
+
+    def status(self, field: str) -> float | None:
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the whole process so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def settle(self, timeout: float = 60, quiet: float = 1.0) -> float:
+        """Wait until the tracer has caught up: output not growing and (almost) no CPU for `quiet`
+        seconds. Returns the seconds waited (the tracer's lag behind the storm)."""
+        start = time.monotonic()
+        size, cpu, since = -1, self.cpu(), time.monotonic()
+        while time.monotonic() - start < timeout:
+            time.sleep(0.2)
+            now_size = self.output.stat().st_size if self.output.exists() else 0
+            now_cpu = self.cpu()
+            if now_size != size or now_cpu - cpu > 0.05 * (time.monotonic() - since) + 0.02:
+                size, cpu, since = now_size, now_cpu, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return since - start
+        return time.monotonic() - start
+
+    def stop(self, timeout: float = 90) -> None:
+        """SIGINT, then reap with wait4 (total CPU of the process). For the peers SIGINT is
+        repeated every 2 s: bpftrace loses one that comes while it attaches (right after it says
+        "Attaching"). rsttrace gets one, as a user's Ctrl-C: it may take long to drain a backlog."""
+        deadline = time.monotonic() + timeout
+        next_int = 0.0
+        while self.rusage is None:
+            pid, status, rusage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.rusage = rusage
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                if self._copier:
+                    self._copier.join(10)
+                break
+            now = time.monotonic()
+            if now > deadline:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                deadline = now + 10
+            elif now >= next_int:   # os.kill: Popen.send_signal() would reap it first (poll)
+                os.kill(self.proc.pid, signal.SIGINT)
+                next_int = now + 2.0 if self.tool != "rsttrace" else deadline
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if not self.exited():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.stop(timeout=10)
+
+    @property
+    def cpu_total(self) -> float:
+        return self.rusage.ru_utime + self.rusage.ru_stime
+
+    def results(self) -> dict:
+        """Events written and events lost, from the tracer's own output (read in chunks: a storm's
+        output can be hundreds of MB, and this process's size would leak into the next child's)."""
+        events = lost = 0
+        last = b""
+        word = b'"type":"event"' if self.tool == "rsttrace" else b"\nrst_"
+        tail = b"\n"           # peers: a line starts after a newline; the file starts a line too
+        if self.output.exists():
+            with open(self.output, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    data = tail + chunk
+                    events += data.count(word)
+                    tail = data[-(len(word) - 1):]
+                    last = (last + chunk)[-(1 << 16):]
+        if self.tool == "rsttrace":
+            lost = None
+            for line in last.splitlines()[::-1]:
+                if b'"type":"summary"' in line:
+                    lost = json.loads(line)["lost"]
+                    break
+            return {"events": events, "lost": lost}
+        # "Lost N events": bpftrace and bcc_rst.py print the perf buffer's own count (bpftrace on
+        # stdout, where it may come more than once)
+        with open(self.output, "rb") as f:
+            for line in f:
+                if line.startswith(b"Lost "):
+                    lost += int(line.split()[1])
+        lost += sum(int(x.split()[1]) for x in self.stderr if x.startswith("Lost "))
+        return {"events": events, "lost": lost}
+
+
+# -- one measured run ----------------------------------------------------------------------------
+STEADY_S = 1.0      # after "attached", before the storm: start-up work (first samples) is not counted
+
+
+def storm_run(*args, **kwargs) -> dict:
+    """_storm_run, once more if the tracer died on its own (a stray signal on a shared machine): a
+    second death is reported in the result (rc)."""
+    run = _storm_run(*args, **kwargs)
+    if run.get("rc", 0) != 0:
+        log("  (the tracer died: that run is repeated)")
+        run = _storm_run(*args, **kwargs)
+    return run
+
+
+def _storm_run(exe: str, mode: str, seconds: float, rate: float = 0, tool: str | None = None,
+               ports: list[int] | None = None, extra: list[str] | None = None, idle: int = 0,
+               settle_timeout: float = 60) -> dict:
+    """One storm in a fresh netns, with `tool` attached (or none). For a tracer: what it wrote, lost,
+    its CPU seconds from storm start to exit (drain included), its peak RSS, and how far it lagged.
+    mode "idle": no storm, `seconds` of nothing (what the tracer costs while attached)."""
+    with Netns() as ns:
+        holder = IdleConnections(ns, exe, OTHER_PORT + 1000, idle) if idle else None
+        tracer = None
+        try:
+            if tool:
+                tracer = Tracer(tool, ports or [STORM_PORT], OUT / f"run-{tool}.out", extra)
+                ready = tracer.wait_ready()
+                time.sleep(STEADY_S)
+                cpu0 = tracer.cpu()
+            before = ns.counters()
+            if mode == "idle":
+                time.sleep(seconds)
+                storm = {"ops": 0, "errors": 0, "seconds": seconds, "cpu_s": 0.0}
+            else:
+                storm = ns.storm(exe, mode, STORM_PORT, seconds, rate=rate)
+            after = ns.counters()
+            cpu_window = tracer.cpu() - cpu0 if tracer else None
+            run = {"ops": storm["ops"], "errors": storm["errors"], "seconds": storm["seconds"],
+                   "ops_per_s": storm["ops"] / storm["seconds"], "storm_cpu_s": storm["cpu_s"],
+                   "kernel_rsts_sent": after["TcpOutRsts"] - before["TcpOutRsts"]}
+            # every reset-storm op ends in exactly one RST received (ECONNREFUSED, or the reset read)
+            run["kernel_events"] = run["kernel_rsts_sent"] + (storm["ops"] if mode not in ("conn", "idle") else 0)
+            # CPU per storm op, the storm's and the tracer's together: unlike the rate, it holds still
+            # when other work on the machine takes CPU away from the storm
+            if storm["ops"]:
+                run["cpu_us_per_op"] = 1e6 * (storm["cpu_s"] + (cpu_window or 0)) / storm["ops"]
+            if tracer:
+                run["lag_s"] = tracer.settle(settle_timeout)
+                hwm = tracer.status("VmHWM")     # per process image (wait4's maxrss counts the parent before exec)
+                tracer.stop()
+                run["rc"] = tracer.proc.returncode
+                if run["rc"] != 0:
+                    log(f"  {tool} exited {run['rc']}: {' | '.join(tracer.stderr[-3:])}")
+                run.update(tracer.results())
+                run.update({"ready_s": ready, "cpu_s": tracer.cpu_total - cpu0, "cpu_window_s": cpu_window,
+                            "maxrss_mb": hwm})
+                run["events_per_s"] = run["events"] / storm["seconds"]
+                run["cpu_ms_per_1k_events"] = (1e6 * run["cpu_s"] / run["events"]) if run["events"] else None
+        finally:
+            if tracer:
+                tracer.kill()
+            if holder:
+                holder.close()
+    return run
+
+
+def fmt(s: dict, spec: str = ".0f", unit: str = "") -> str:
+    """median (min–max) of a summary()"""
+    if s.get("median") is None:
+        return "–"
+    m, lo, hi = (format(s[k], spec) for k in ("median", "min", "max"))
+    return f"{m}{unit} ({lo}–{hi})" if len(s["runs"]) > 1 else f"{m}{unit}"
+
+
+def fmt_ratio(r: float | None, spec: str = ".2f") -> str:
+    return "–" if r is None else f"{r:{spec}}×"
