@@ -119,7 +119,7 @@ class ContainerType(click.ParamType):
               help="Output lines: plain text, rsttrace's JSON, or JSON mapped onto Elastic Common Schema "
                    "(schema/rsttrace-ecs-v1.schema.json).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Append records to FILE ('-' is stdout); one whole line per write; SIGHUP reopens it (log rotation).")
+              help="Append records to FILE ('-' is stdout); whole lines per write; SIGHUP reopens it (log rotation).")
 @click.option("--syslog", "syslog_target", is_flag=False, flag_value="unix:/dev/log", metavar="[unix:PATH|udp:HOST:PORT]",
               help="Also send events as RFC 5424 messages with structured data (default unix:/dev/log).")
 @click.option("--syslog-facility", type=click.Choice(["daemon", "kern", "user", "auth", "authpriv", "syslog",

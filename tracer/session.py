@@ -32,6 +32,8 @@ from .sinks.plain import stderr
 LOST_CHECK_INTERVAL = 0.5     # seconds between reads of the kernel's lost counter
 LISTENERS_INTERVAL = 2.0      # seconds between `listeners` records
 RECONCILE_INTERVAL = 10.0     # seconds between `reconciliation` records (and one at exit)
+MAX_BATCH = 2048              # records decoded per poll before they are enriched and written
+DRAIN_S = 5.0                 # at exit, how long to go on writing what is still in the ring buffer
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Session:
         cov = self.plan.coverage.as_dict()
         self._emit(records.coverage_record(cov, caps.kernel, self._filter_dict(),
                                            (self.attached_at - self.started_at) * 1000))
+        self._flush()
         return caps
 
     def _filter_dict(self) -> dict:
@@ -110,8 +113,11 @@ class Session:
                 "comm": o.comms, "cgroup": o.cgroups, "container": o.containers}
 
     # -- per event -------------------------------------------------------------------------
-    def _on_record(self, data: int, size: int) -> None:
+    def _on_record(self, data: int, size: int) -> bool:
+        if len(self._batch) >= MAX_BATCH:
+            return False           # ends this poll; the record stays in the ring for the next one
         self._batch.append(self.decoder.decode(ctypes.string_at(data, size)))
+        return True
 
     def _process_batch(self) -> None:
         """Enrich and emit what one poll delivered (attribution prepared once for the whole batch)."""
@@ -169,6 +175,13 @@ class Session:
         for sink in self.sinks:
             sink.emit(record)
 
+    def _flush(self) -> None:
+        """End of a poll's worth of records: buffered line outputs write them out."""
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
+
     # -- loop ------------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
         self._stop = True
@@ -199,6 +212,7 @@ class Session:
             self.program.poll(timeout_ms)
             self._process_batch()
             if self._reopen:
+                self._flush()
                 self._reopen_outputs()
             now = time.monotonic()
             if self.limit is not None and self.limit.window_over(now):
@@ -214,6 +228,7 @@ class Session:
             if self.sampler is not None and now >= next_reconcile:
                 self._emit(self.reconciliation_record())
                 next_reconcile = now + RECONCILE_INTERVAL
+            self._flush()
 
     def _resolve_new_listeners(self) -> None:
         """Name each listener's owner as soon as the sampler sees it, before its first drop: by then the
@@ -275,8 +290,14 @@ class Session:
         if self.program is not None:
             try:
                 if not (self.options.count is not None and self.emitted >= self.options.count):
-                    self.program.drain()
-                    self._process_batch()
+                    # Batch by batch; bounded, since a storm may go on filling the ring meanwhile.
+                    deadline = time.monotonic() + DRAIN_S
+                    while True:
+                        self.program.drain()
+                        full = len(self._batch) >= MAX_BATCH
+                        self._process_batch()
+                        if not full or time.monotonic() > deadline:
+                            break
                 self._report_losses()
                 if self.limit is not None:
                     self._report_suppressed(time.monotonic())

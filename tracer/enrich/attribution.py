@@ -170,6 +170,7 @@ class PortListeners:
         if not hits and (cached is None or now - cached[0] >= self.min_gap_s):
             pid = self._pid_in_netns(netns, pid_hint)
             if pid is None:
+                self._listeners[netns] = (now, [])     # no process left in it: not rescanned before min_gap_s
                 return []
             rows = [(lst.addr, lst.port, lst.inode) for lst in listeners_in(f"/proc/{pid}/ns/net")]
             self.dumps += 1

@@ -111,6 +111,7 @@ class RstProgram:
         os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         self._BPF = BPF
+        self._ksyms: dict[int, str] = {}
         _return_freed_memory()
         failure = None
         with _quiet_stderr() as captured:
@@ -142,11 +143,13 @@ class RstProgram:
             for inode in filters.netns:
                 table[ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
 
-    def open_events(self, callback: Callable[[int, int], None]) -> None:
-        """callback(data_pointer, size) for every record, during poll()."""
+    def open_events(self, callback: Callable[[int, int], bool]) -> None:
+        """callback(data_pointer, size) for every record, during poll(); it returns False to end the
+        poll early (a full batch). libbpf then leaves that record in the ring for the next poll:
+        without this a storm keeps one poll() calling back forever, user space never gets control
+        back to write anything, and decoded records pile up in memory."""
         def _cb(ctx, data, size):
-            callback(data, size)
-            return 0
+            return 0 if callback(data, size) else -1
         self.bpf["events"].open_ring_buffer(_cb)
 
     def poll(self, timeout_ms: int) -> None:
@@ -173,7 +176,12 @@ class RstProgram:
         return out
 
     def ksym(self, addr: int) -> str:
-        return self._BPF.ksym(addr, show_offset=False).decode(errors="replace")
+        name = self._ksyms.get(addr)
+        if name is None:
+            name = self._BPF.ksym(addr, show_offset=False).decode(errors="replace")
+            if len(self._ksyms) < 65536:       # kernel text addresses: a small set in practice
+                self._ksyms[addr] = name
+        return name
 
     def close(self) -> None:
         """Detach every program and free every map (idempotent)."""

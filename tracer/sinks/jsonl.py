@@ -17,6 +17,9 @@ class JsonSink:
         doc = record if self._host is None else ecs.to_ecs(record, self._host)
         self.output.write_line(json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
 
+    def flush(self) -> None:
+        self.output.flush()
+
     def reopen(self) -> None:
         self.output.reopen()
 

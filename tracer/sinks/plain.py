@@ -49,6 +49,9 @@ class PlainSink:
             self.output.write_line(f"{record['time'][11:26]} SUPPRESSED {one_line(record)}")
         # coverage and summary are printed to stderr by the session
 
+    def flush(self) -> None:
+        self.output.flush()
+
     def reopen(self) -> None:
         self.output.reopen()
 
