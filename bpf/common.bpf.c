@@ -12,12 +12,15 @@
  *   OFF_*                 struct member offsets from the running kernel's BTF (tracer/kernel/offsets.py).
  *   SYNQ_FULL_GT          inet_csk_reqsk_queue_is_full() tests qlen > max (Linux 6.13+, "allow a
  *                         connection when sk_max_ack_backlog is zero"); else qlen >= max.
+ *   CONNECT_OWNERS        sock:inet_sock_set_state is hooked (listen.bpf.c): client sockets of traced
+ *                         ports carry the process that connected them (owner_tgid/owner_comm).
  */
 #include "rsttrace.h"
 
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define TCP_SYN_SENT 2
 #define TCP_TIME_WAIT 6
 #define TCP_LISTEN 10
 #define TCP_NEW_SYN_RECV 12
@@ -25,10 +28,15 @@
 #define TCPHDR_SYN 0x02
 #define TCPHDR_RST 0x04
 #define TCPHDR_ACK 0x10
+#ifndef BPF_RB_NO_WAKEUP
+#define BPF_RB_NO_WAKEUP 1       /* enum in uapi linux/bpf.h, Linux 5.8+ (the header tree here has none) */
+#endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, RSTTRACE_STAT_MAX);
-BPF_HASH(port_filter, __u16, __u8, 1024);
+/* Traced ports: 1 at the port's index. An array, not a hash: the verifier inlines its lookup into a
+ * bounds check and a load, and port_wanted() runs on every state change and SYN of the host. */
+BPF_ARRAY(port_filter, __u8, 65536);
 BPF_HASH(netns_filter, __u32, __u8, 64);
 /* Exact counts per (kind, kernel reason, netns, service port, ...), kept in the kernel whether or not the
  * record reaches user space: the truth when the ring buffer overflows or output is rate-limited. */
@@ -49,6 +57,8 @@ struct listener_val {
 	__s32 backlog;          /* listen() argument, -1 if the listener predates rsttrace */
 	__u32 owner_tgid;       /* the process that called listen(), 0 if the listener predates rsttrace */
 	char owner_comm[RSTTRACE_COMM_LEN];
+	__u32 netns;            /* inode: user space tells which listeners are known (Session) */
+	__u32 pad;
 };
 BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
 /* How many entries `listeners` holds. The per-packet SYN hook returns at once while it is 0 (no
@@ -57,11 +67,27 @@ BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
  * delete removed one. */
 BPF_ARRAY(listener_count, __s64, 1);
 
+#ifdef CONNECT_OWNERS
+/* Client sockets on traced ports by struct sock *, with the process that called connect() on them
+ * (recorded at the SYN_SENT state change, in process context: listen.bpf.c). An RST for a client
+ * arrives in softirq, and the client usually closes the socket at once: user space would find no
+ * owner in /proc any more. LRU, never deleted: a struct sock reused for another connection is told
+ * apart by the remote address and port the entry was made for. */
+struct connector {
+	__u64 raddr[2];
+	__u16 rport;            /* host byte order */
+	__u16 pad16;
+	__u32 tgid;
+	char comm[RSTTRACE_COMM_LEN];
+};
+BPF_TABLE("lru_hash", __u64, struct connector, connectors, 16384);
+#endif
+
 struct stack_scratch {
 	__u64 ip[STACK_DEPTH];
 };
 BPF_PERCPU_ARRAY(stack_scratch, struct stack_scratch, 1);
-/* Events are built here (a 168-byte record does not fit the 512-byte BPF stack with the rest). */
+/* Events are built here (a 208-byte record does not fit the 512-byte BPF stack with the rest). */
 BPF_PERCPU_ARRAY(event_scratch, struct rsttrace_event, 1);
 
 static __always_inline void count(int slot)
@@ -121,7 +147,9 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 		*n += 1;
 	else if (counts.update(&key, &one) != 0)
 		count(RSTTRACE_STAT_UNCOUNTED);     /* map full: said in every count rsttrace reports */
-	if (events.ringbuf_output(e, sizeof(*e), 0) == 0)
+	/* No wakeup: user space polls the ring on a timer (tracer/kernel/ringbuf.py); a wakeup per record
+	 * would cost every sender an irq_work and the reader a context switch. */
+	if (events.ringbuf_output(e, sizeof(*e), BPF_RB_NO_WAKEUP) == 0)
 		count(RSTTRACE_STAT_SUBMITTED);
 	else
 		count(RSTTRACE_STAT_LOST);
@@ -130,9 +158,9 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 static __always_inline int port_wanted(__u16 lport, __u16 rport)
 {
 #ifdef FILTER_PORTS
-	if (port_filter.lookup(&lport) || port_filter.lookup(&rport))
-		return 1;
-	return 0;
+	__u32 l = lport, r = rport;
+	__u8 *at_l = port_filter.lookup(&l), *at_r = port_filter.lookup(&r);
+	return (at_l && *at_l) || (at_r && *at_r);
 #else
 	return 1;
 #endif
@@ -286,9 +314,12 @@ static __always_inline void learn_listener(void *sk)
 		return;
 	key.net = (__u64)net_of_sock(sk);
 	key.port = port;
+	if (listeners.lookup(&key))     /* known (the usual case): a lookup takes no lock, an insert would */
+		return;
 	struct listener_val val = {};
 	val.sk = (__u64)sk;
 	val.backlog = -1;
+	val.netns = netns_of_net((void *)key.net);
 	if (listeners.insert(&key, &val) == 0)    /* never overwrites an entry made at listen() */
 		listeners_changed(1);
 }
@@ -325,6 +356,45 @@ static __always_inline void read_socket(void *sk, struct rsttrace_event *e)
 		bpf_probe_read_kernel(&e->linger_jiffies, sizeof(e->linger_jiffies), sk + OFF_SOCK_LINGERTIME);
 	}
 }
+
+#ifdef CONNECT_OWNERS
+/* In connect(): remember who connects this socket, if it goes to a traced port. */
+static __always_inline void remember_connector(void *sk)
+{
+	__u16 family = 0, dport = 0;
+	bpf_probe_read_kernel(&dport, sizeof(dport), sk + OFF_SOCK_DPORT);
+	dport = (dport >> 8) | (dport << 8);          /* skc_dport is big-endian */
+	if (!port_wanted(0, dport))
+		return;
+	bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SOCK_FAMILY);
+	struct connector c = {};
+	if (family == AF_INET)
+		bpf_probe_read_kernel(&c.raddr, 4, sk + OFF_SOCK_DADDR);
+	else if (family == AF_INET6)
+		bpf_probe_read_kernel(&c.raddr, 16, sk + OFF_SOCK_V6_DADDR);
+	else
+		return;
+	c.rport = dport;
+	c.tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(c.comm, sizeof(c.comm));
+	__u64 key = (__u64)sk;
+	connectors.update(&key, &c);
+}
+
+/* The process that connected this socket, if it is the connection the entry was made for. */
+static __always_inline void connector_of(void *sk, struct rsttrace_event *e)
+{
+	__u64 key = (__u64)sk, raddr[2] = {};
+	struct connector *c = connectors.lookup(&key);
+	if (!c || c->rport != e->rport)
+		return;
+	__builtin_memcpy(raddr, e->raddr, sizeof(raddr));
+	if (c->raddr[0] != raddr[0] || c->raddr[1] != raddr[1])
+		return;
+	e->owner_tgid = c->tgid;
+	__builtin_memcpy(e->owner_comm, c->comm, sizeof(e->owner_comm));
+}
+#endif
 
 static __always_inline void fill_task(struct rsttrace_event *e)
 {
@@ -410,22 +480,40 @@ static __always_inline void fill_from_segment(struct rsttrace_event *e, struct s
  *   2. accept queue full (sk_acceptq_is_full: qlen > max): drop             (ListenOverflows)
  *   3. syncookies off and less than a quarter of tcp_max_syn_backlog left: drop unless the peer is
  *      "proven" (a TCP metrics entry rsttrace cannot see)                    (ListenDrops only) */
-static __always_inline __u8 syn_verdict(struct rsttrace_event *e)
+struct queue_state {
+	__u32 accept_qlen, accept_qmax, syn_qlen, max_syn_backlog;
+	__u8 syncookies;
+};
+
+/* Just what the verdict needs: most SYNs find room, and then nothing else is read or built. */
+static __always_inline void read_queues(void *sk, struct queue_state *q)
+{
+	void *net = net_of_sock(sk);
+	bpf_probe_read_kernel(&q->accept_qlen, sizeof(q->accept_qlen), sk + OFF_SOCK_ACK_BACKLOG);
+	bpf_probe_read_kernel(&q->accept_qmax, sizeof(q->accept_qmax), sk + OFF_SOCK_MAX_ACK_BACKLOG);
+	bpf_probe_read_kernel(&q->syn_qlen, sizeof(q->syn_qlen), sk + OFF_ICSK_SYN_QLEN);
+	if (net) {
+		bpf_probe_read_kernel(&q->syncookies, sizeof(q->syncookies), net + OFF_NET_SYNCOOKIES);
+		bpf_probe_read_kernel(&q->max_syn_backlog, sizeof(q->max_syn_backlog), net + OFF_NET_MAX_SYN_BACKLOG);
+	}
+}
+
+static __always_inline __u8 syn_verdict(struct queue_state *q)
 {
 #ifdef SYNQ_FULL_GT
-	int synq_full = e->syn_qlen > e->accept_qmax;
+	int synq_full = q->syn_qlen > q->accept_qmax;
 #else
-	int synq_full = e->syn_qlen >= e->accept_qmax;
+	int synq_full = q->syn_qlen >= q->accept_qmax;
 #endif
-	if (e->syncookies == 2)
+	if (q->syncookies == 2)
 		synq_full = 1;
-	if (synq_full && !e->syncookies)
+	if (synq_full && !q->syncookies)
 		return RSTTRACE_VERDICT_SYN_QUEUE_FULL;
-	if (e->accept_qlen > e->accept_qmax)
+	if (q->accept_qlen > q->accept_qmax)
 		return RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL;
 	if (synq_full)
 		return RSTTRACE_VERDICT_SYN_COOKIE;
-	if (!e->syncookies && (int)e->max_syn_backlog - (int)e->syn_qlen < (int)(e->max_syn_backlog >> 2))
+	if (!q->syncookies && (int)q->max_syn_backlog - (int)q->syn_qlen < (int)(q->max_syn_backlog >> 2))
 		return RSTTRACE_VERDICT_SYN_BACKLOG_RESERVE;
 	return RSTTRACE_VERDICT_NONE;
 }
@@ -435,13 +523,20 @@ static __always_inline __u8 syn_verdict(struct rsttrace_event *e)
  * the tcp_conn_request function hook. */
 static __always_inline void report_syn_verdict(void *ctx, void *sk, struct segment *seg, __u8 hook, __u64 stack_skip)
 {
+	struct queue_state q = {};
+	read_queues(sk, &q);
+	__u8 verdict = syn_verdict(&q);
+	if (verdict == RSTTRACE_VERDICT_NONE)
+		return;
 	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED);
 	if (!e)
 		return;
 	read_listener(sk, e);
-	e->verdict = syn_verdict(e);
-	if (e->verdict == RSTTRACE_VERDICT_NONE)
-		return;
+	/* The queues the verdict was taken on (a second read may already see others). */
+	e->accept_qlen = q.accept_qlen;
+	e->accept_qmax = q.accept_qmax;
+	e->syn_qlen = q.syn_qlen;
+	e->verdict = verdict;
 	if (e->verdict == RSTTRACE_VERDICT_SYN_COOKIE)
 		e->kind = RSTTRACE_SYN_COOKIE;
 	e->kernel_reason = RSTTRACE_NO_REASON;

@@ -16,16 +16,27 @@
  *                               format, Linux 6.3+); absent: no 3rd-ACK events from this file.
  */
 
+/* A raw tracepoint program's stack starts with itself and bpf_trace_runN(): skip both, so that the
+ * evidence starts at the traced kernel function (user space drops any such frame left). */
+#define RAW_TP_STACK_SKIP 2
+
 /* sock:inet_sock_set_state (Linux 4.16+), as a raw tracepoint (sk, oldstate, newstate): a TCP
  * socket enters or leaves LISTEN. Raw, because it fires on every state change of every socket:
  * the classic tracepoint would copy addresses into a perf record each time before rsttrace could
- * say "not a listener". */
+ * say "not a listener". With CONNECT_OWNERS it also records who connects to a traced port
+ * (common.bpf.c, connectors). */
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
 	int oldstate = (int)ctx->args[1], newstate = (int)ctx->args[2];
+	void *sk = (void *)ctx->args[0];
+#ifdef CONNECT_OWNERS
+	if (newstate == TCP_SYN_SENT) {   /* tcp_v4/v6_connect(), in the connecting process */
+		remember_connector(sk);
+		return 0;
+	}
+#endif
 	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
 		return 0;
-	void *sk = (void *)ctx->args[0];
 	__u16 protocol = 0, port = 0;
 	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
 	if (protocol != IPPROTO_TCP)      /* SCTP and DCCP listeners pass here too */
@@ -40,6 +51,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 		struct listener_val val = {};
 		val.sk = (__u64)sk;
 		val.backlog = -1;
+		val.netns = netns_of_net((void *)key.net);
 #ifdef LISTEN_BACKLOG_FROM_REGS
 		/* The kernel keeps only min(backlog, somaxconn); which of the two binds is what the user
 		 * must change. We run inside listen(): its argument is in the saved user registers
@@ -69,7 +81,8 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 
 #ifdef HAVE_SK_DATA_READY
 /* sock:sk_data_ready (Linux 6.6+), raw (sk): fires on a listener when a new child joins its accept
- * queue — and on every socket that receives data, hence raw and the early state test. */
+ * queue — and on every socket that receives data, hence raw and the early state test. Needed only
+ * until every listener that predates rsttrace is known: then user space detaches it (Session). */
 RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
 	void *sk = (void *)ctx->args[0];
@@ -110,22 +123,25 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 	struct listener_val *listener = listeners.lookup(&key);
 	if (!listener)
 		return 0;
-	report_syn_verdict(ctx, (void *)listener->sk, &seg, RSTTRACE_HOOK_NONE, 0);
+	report_syn_verdict(ctx, (void *)listener->sk, &seg, RSTTRACE_HOOK_NONE, RAW_TP_STACK_SKIP);
 	return 0;
 }
 
 #endif /* LISTEN_SYN_TRACEPOINT */
 
 #ifdef LISTEN_OVERFLOW_REASON
-enum skb_drop_reason { RSTTRACE_SKB_DROP_REASON_PLACEHOLDER = 0 };  /* named by the tracepoint format */
 
 /* skb:kfree_skb with reason TCP_LISTEN_OVERFLOW (Linux 6.3+) — the handshake's final ACK found the
- * accept queue full when tcp_v4/v6_syn_recv_sock() was to create the child; rx_sk is the listener. */
-TRACEPOINT_PROBE(skb, kfree_skb)
+ * accept queue full when tcp_v4/v6_syn_recv_sock() was to create the child; rx_sk is the listener.
+ * Raw (skb, location, reason, rx_sk: the prototype since rx_sk was added, 6.11, which the loader
+ * requires): the classic tracepoint would build its record for every dropped packet of the host
+ * before rsttrace could look at the reason. */
+RAW_TRACEPOINT_PROBE(kfree_skb)
 {
-	if (args->reason != LISTEN_OVERFLOW_REASON)
+	__u32 reason = (__u32)ctx->args[2];
+	if (reason != LISTEN_OVERFLOW_REASON)
 		return 0;
-	void *skb = (void *)args->skbaddr;
+	void *skb = (void *)ctx->args[0];
 	struct segment seg = {};
 	parse_segment(skb, 1, &seg);
 	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
@@ -133,12 +149,12 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED);
 	if (!e)
 		return 0;
-	e->kernel_reason = args->reason;
+	e->kernel_reason = reason;
 	fill_from_segment(e, &seg);
 	fill_task(e);
-	if (walk_stack(args, e))
+	if (walk_stack_skip(ctx, e, RAW_TP_STACK_SKIP))
 		e->flags |= RSTTRACE_F_SOFTIRQ;
-	void *sk = (void *)args->rx_sk;
+	void *sk = (void *)ctx->args[3];
 	if (sk) {
 		__u8 state = 0;
 		bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
@@ -151,7 +167,7 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 	} else {
 		e->netns = netns_of_skb(skb);
 	}
-	emit(args, e);
+	emit(ctx, e);
 	return 0;
 }
 #endif

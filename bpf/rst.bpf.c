@@ -71,6 +71,10 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	void *skb = (void *)args->skbaddr;
 	if (sk) {
 		read_socket(sk, e);
+#ifdef CONNECT_OWNERS
+		if (e->state != TCP_LISTEN)
+			connector_of(sk, e);
+#endif
 		/* A listener answering the 3rd ACK with RST (tcp_abort_on_overflow=1 gives INVALID_SYN):
 		 * its queues tell whether this was an accept-queue overflow. */
 		if (e->state == TCP_LISTEN) {
@@ -132,6 +136,9 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 		bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
 		e->state = state;
 		read_socket(sk, e);
+#ifdef CONNECT_OWNERS
+		connector_of(sk, e);
+#endif
 	}
 	emit(args, e);
 	return 0;

@@ -74,7 +74,8 @@ struct rsttrace_event {
 	__u32 somaxconn;        /* net.core.somaxconn of the listener's netns (RSTTRACE_F_QUEUES) */
 	__u32 max_syn_backlog;  /* net.ipv4.tcp_max_syn_backlog of that netns */
 	__s32 listen_backlog;   /* the backlog argument given to listen(), -1 if not seen */
-	__u32 owner_tgid;       /* listener events: the process that called listen() (0: not seen) */
+	__u32 owner_tgid;       /* listener events: the process that called listen(); RSTs on a client
+	                         * socket: the process that called connect() (0: not seen) */
 	__u16 family;           /* AF_INET / AF_INET6 */
 	__u16 lport;            /* host byte order */
 	__u16 rport;
@@ -87,7 +88,7 @@ struct rsttrace_event {
 	__u8 laddr[16];         /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[RSTTRACE_COMM_LEN];
-	char owner_comm[RSTTRACE_COMM_LEN]; /* comm of owner_tgid */
+	char owner_comm[RSTTRACE_COMM_LEN]; /* comm of owner_tgid, when it called listen()/connect() */
 };
 
 /* Key of the exact per-CPU counts map: enough of the event for user space to name the reason

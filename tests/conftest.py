@@ -105,6 +105,14 @@ class Tracer:
         self._attached = threading.Event()
         self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_thread.start()
+        # Read stdout as it comes, as a consumer would: a full pipe would stall rsttrace's loop.
+        self._stdout_parts: list[str] = []
+        self._stdout_thread = threading.Thread(target=self._read_stdout, daemon=True)
+        self._stdout_thread.start()
+
+    def _read_stdout(self):
+        while chunk := self.proc.stdout.read(65536):
+            self._stdout_parts.append(chunk)
 
     def _read_stderr(self):
         for line in self.proc.stderr:
@@ -123,14 +131,14 @@ class Tracer:
     def stop(self, sig=signal.SIGINT, timeout: float = 30) -> list[dict]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        # stdout only: stderr belongs to the reader thread (communicate() would race it for the data)
         killer = threading.Timer(timeout, self.proc.kill)
         killer.start()
         try:
-            out = self.proc.stdout.read()
             self.proc.wait()
+            self._stdout_thread.join()
         finally:
             killer.cancel()
+        out = "".join(self._stdout_parts)
         self._stderr_thread.join(timeout=5)
         self.returncode = self.proc.returncode
         self.stdout = out

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from .enrich import counters, reasons
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
-from .enrich.listeners import ListenerSampler
+from .enrich.listeners import ListenerSampler, listeners_everywhere
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
 from .events.decode import TCP_STATES, Decoder, Event
@@ -29,10 +28,12 @@ from .sinks import records
 from .sinks.ratelimit import RateLimit
 from .sinks.plain import stderr
 
+POLL_INTERVAL = 0.05          # seconds between looks at the ring buffer when it was found empty
 LOST_CHECK_INTERVAL = 0.5     # seconds between reads of the kernel's lost counter
+LISTENER_SCAN_INTERVAL = 10.0 # seconds between looks for listeners that predate rsttrace (all netns)
 LISTENERS_INTERVAL = 2.0      # seconds between `listeners` records
 RECONCILE_INTERVAL = 10.0     # seconds between `reconciliation` records (and one at exit)
-MAX_BATCH = 2048              # records decoded per poll before they are enriched and written
+MAX_BATCH = 2048              # records read from the ring at once, then enriched and written
 DRAIN_S = 5.0                 # at exit, how long to go on writing what is still in the ring buffer
 
 
@@ -62,12 +63,16 @@ class Session:
         self.netns_counts: dict[int, Counter[str]] = {}     # netns inode → event kind → count
         self.listen_backlogs: dict[tuple[int, int], int] = {}  # (netns, port) → listen() backlog seen
         self.sampler: ListenerSampler | None = None
+        self._learning_listeners = False          # sk_data_ready attached to learn older listeners
+        self._older_listeners: set[tuple[int, int]] | None = None
+        self._older_scanned_at = 0.0
         self._resolved_listeners: set[int] = set()
-        self._batch: list[Event] = []
+        self.ring = None
         self.emitted = 0
         self.lost_reported = 0
         self.limit = RateLimit(options.max_rate) if options.max_rate else None
         self._reason_cache: dict[tuple, str] = {}
+        self._stacks: dict[tuple, list[str]] = {}
         self._stop = False
         self._reopen = False
         self.program: RstProgram | None = None
@@ -93,13 +98,20 @@ class Session:
                                                 self.options.netns), self.plan)
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
-        self.program.open_events(self._on_record)
+        self.ring = self.program.open_ring()
         self.counters_before = counters.read()
         if any(self.plan.coverage.hooks.get(k) for k in ("syn_dropped", "ack_dropped")):
             self.sampler = ListenerSampler(self.options.ports, netns=self.options.netns)
             self.sampler.add_known_namespaces()
             self.sampler.start()
+        # With --port, the listeners to learn are few and can be listed: once all are known the
+        # per-packet sk_data_ready hook goes (_learn_older_listeners).
+        self._learning_listeners = bool(self.options.ports) and "-DHAVE_SK_DATA_READY" in self.plan.macros
         self.attached_at = time.monotonic()
+        for sink in self.sinks:
+            start = getattr(sink, "start", None)      # sinks with threads start them now (kernel/kallsyms.py)
+            if start is not None:
+                start()
         cov = self.plan.coverage.as_dict()
         self._emit(records.coverage_record(cov, caps.kernel, self._filter_dict(),
                                            (self.attached_at - self.started_at) * 1000))
@@ -113,17 +125,15 @@ class Session:
                 "comm": o.comms, "cgroup": o.cgroups, "container": o.containers}
 
     # -- per event -------------------------------------------------------------------------
-    def _on_record(self, data: int, size: int) -> bool:
-        if len(self._batch) >= MAX_BATCH:
-            return False           # ends this poll; the record stays in the ring for the next one
-        self._batch.append(self.decoder.decode(ctypes.string_at(data, size)))
-        return True
+    def _read_batch(self) -> int:
+        """Read, enrich and emit up to MAX_BATCH records (attribution prepared once for the whole
+        batch); how many were read."""
+        batch = self.decoder.decode_batch(self.ring.read(MAX_BATCH))
+        if batch:
+            self.process_batch(batch)
+        return len(batch)
 
-    def _process_batch(self) -> None:
-        """Enrich and emit what one poll delivered (attribution prepared once for the whole batch)."""
-        batch, self._batch = self._batch, []
-        if not batch:
-            return
+    def process_batch(self, batch: list[Event]) -> None:
         self.attributor.prepare(batch)
         for ev in batch:
             if self._stop and self.options.count is not None and self.emitted >= self.options.count:
@@ -132,9 +142,12 @@ class Session:
 
     def handle(self, ev: Event) -> None:
         if self.program is not None and (self.options.evidence or ev.kernel_reason is None):
-            ev.caller_names = with_hook(ev.hook, [self.program.ksym(a) for a in ev.callers])
+            ev.caller_names = self._symbolize(ev.hook, ev.callers)
         ev.reason = reasons.classify(ev)
-        self.netns_counts.setdefault(ev.netns, Counter())[ev.kind] += 1
+        per_netns = self.netns_counts.get(ev.netns)
+        if per_netns is None:
+            per_netns = self.netns_counts[ev.netns] = Counter()
+        per_netns[ev.kind] += 1
         if self.options.reasons and ev.reason not in self.options.reasons:
             return
         self.attributor.attribute(ev)
@@ -153,6 +166,18 @@ class Session:
         self.emitted += 1
         if self.options.count is not None and self.emitted >= self.options.count:
             self._stop = True
+
+    def _symbolize(self, hook: str | None, callers: list[int]) -> list[str]:
+        """Kernel frames by name; one lookup per distinct stack (a storm has few). The lists are
+        shared between events: nothing downstream changes them."""
+        key = (hook, *callers)
+        names = self._stacks.get(key)
+        if names is None:
+            names = with_hook(hook, [self.program.ksym(a) for a in callers])
+            if len(self._stacks) >= 65536:
+                self._stacks.clear()
+            self._stacks[key] = names
+        return names
 
     def wanted(self, ev: Event) -> bool:
         """The filters that need the attributed process (the kernel has applied port, family and netns)."""
@@ -203,14 +228,16 @@ class Session:
         next_listeners = time.monotonic() + LISTENERS_INTERVAL
         next_reconcile = time.monotonic() + RECONCILE_INTERVAL
         while not self._stop:
-            timeout_ms = 100
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                timeout_ms = max(1, min(timeout_ms, int(left * 1000)))
-            self.program.poll(timeout_ms)
-            self._process_batch()
+            if self._read_batch() < MAX_BATCH:       # the ring is empty (for now): wait a little
+                timeout = POLL_INTERVAL
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    timeout = min(timeout, left)
+                self.ring.wait(timeout)
+            elif deadline is not None and time.monotonic() >= deadline:
+                break
             if self._reopen:
                 self._flush()
                 self._reopen_outputs()
@@ -221,6 +248,8 @@ class Session:
             if now >= next_lost_check:
                 self._report_losses()
                 self._resolve_new_listeners()
+                if self._learning_listeners:
+                    self._learn_older_listeners(now)
                 next_lost_check = now + LOST_CHECK_INTERVAL
             if self.sampler is not None and now >= next_listeners:
                 self._emit(self.listeners_record())
@@ -229,6 +258,18 @@ class Session:
                 self._emit(self.reconciliation_record())
                 next_reconcile = now + RECONCILE_INTERVAL
             self._flush()
+
+    def _learn_older_listeners(self, now: float) -> None:
+        """Listeners that existed before rsttrace reach the BPF table only when they next queue a
+        connection (sock:sk_data_ready, which fires for every socket receiving data on the host).
+        Once every listener on the traced ports in every netns is known, that hook is detached: new
+        listeners arrive through listen() (inet_sock_set_state)."""
+        if self._older_listeners is None or now - self._older_scanned_at >= LISTENER_SCAN_INTERVAL:
+            self._older_listeners = listeners_everywhere(set(self.options.ports))
+            self._older_scanned_at = now
+        if self._older_listeners <= self.program.known_listeners():
+            self.program.stop_learning_listeners()
+            self._learning_listeners = False
 
     def _resolve_new_listeners(self) -> None:
         """Name each listener's owner as soon as the sampler sees it, before its first drop: by then the
@@ -292,12 +333,8 @@ class Session:
                 if not (self.options.count is not None and self.emitted >= self.options.count):
                     # Batch by batch; bounded, since a storm may go on filling the ring meanwhile.
                     deadline = time.monotonic() + DRAIN_S
-                    while True:
-                        self.program.drain()
-                        full = len(self._batch) >= MAX_BATCH
-                        self._process_batch()
-                        if not full or time.monotonic() > deadline:
-                            break
+                    while self._read_batch() == MAX_BATCH and time.monotonic() < deadline:
+                        self._flush()
                 self._report_losses()
                 if self.limit is not None:
                     self._report_suppressed(time.monotonic())
@@ -305,6 +342,8 @@ class Session:
                 exact = self.program.exact_counts()
                 self._refresh_metrics()
             finally:
+                if self.ring is not None:
+                    self.ring.close()
                 self.program.close()
             reconciliation = None
             if self.sampler is not None:
@@ -362,9 +401,14 @@ class Session:
         return reason
 
 
+TRACING_FRAMES = ("bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_")
+
+
 def with_hook(hook: str | None, callers: list[str]) -> list[str]:
     """Kernel frames innermost first, starting with the hooked function: an fentry program runs
-    before that function's frame exists, so its stack starts at the caller."""
+    before that function's frame exists, so its stack starts at the caller. Frames of the tracing
+    machinery itself (the BPF program, the tracepoint's dispatch) are left out."""
+    callers = [name for name in callers if not name.startswith(TRACING_FRAMES)]
     if hook and (not callers or callers[0] != hook):
         return [hook, *callers]
     return callers

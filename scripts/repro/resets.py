@@ -72,7 +72,8 @@ def _peer_pair(addr: str, port: int, server_action) -> dict:
                 out["client_error"] = None if data else "EOF"
             except OSError as exc:
                 out["client_error"] = _error_name(exc)
-            time.sleep(0.5)       # keep the socket (and its fd) alive a little for owner lookup
+            # Keep the socket (and its fd) a little, as a client reporting the error would; 0: close at once.
+            time.sleep(float(os.environ.get("SCENARIO_CLIENT_HOLD_S", "0.5")))
             c.close()
         except OSError as exc:
             out["client_error"] = _error_name(exc)

@@ -45,7 +45,7 @@ def test_auto_plan_on_this_kernel_uses_tracepoints(root):
     cov = plan_hooks(probe()).coverage
     assert cov.hooks["rst_sent"] == "tracepoint:tcp:tcp_send_reset"
     assert cov.hooks["syn_dropped"] == "raw_tracepoint:net:netif_receive_skb"
-    assert cov.hooks["ack_dropped"] == "tracepoint:skb:kfree_skb"
+    assert cov.hooks["ack_dropped"] == "raw_tracepoint:skb:kfree_skb"
 
 
 @pytest.mark.parametrize("backend,word", [("kprobe", "kprobes"), ("fentry", "fentry")])

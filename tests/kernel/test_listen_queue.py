@@ -17,6 +17,13 @@ from conftest import BURST, Background, drop_final_acks, drop_syn_acks, events
 PORT = 8100
 
 
+def raw_tracepoints_of(pid: int) -> set[str]:
+    """The raw tracepoints process `pid` has programs attached to, as the kernel lists them."""
+    out = subprocess.run(["bpftool", "perf", "-j"], capture_output=True, text=True, check=True).stdout
+    return {a.get("tracepoint") for a in json.loads(out or "[]")
+            if a.get("pid") == pid and a.get("fd_type") == "raw_tracepoint"}
+
+
 def delta(before, after, name):
     return after[name] - before[name]
 
@@ -144,12 +151,16 @@ def test_listener_started_before_rsttrace_is_learned_and_reconciled(netns, trace
     # The listener predates rsttrace: it never passes through inet_sock_set_state while traced.
     server = Background(netns, "server", "127.0.0.1", str(PORT), "5", "30")
     t = tracer("--json", "--port", str(PORT))
+    # Until it is learned, the per-packet sk_data_ready hook stays attached; then it goes.
+    assert "sk_data_ready" in raw_tracepoints_of(t.proc.pid)
     before = netns.counters()
     netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "60", "2.5")
     after = netns.counters()
     time.sleep(2.5)                       # let the sampler publish a `listeners` record
+    attached = raw_tracepoints_of(t.proc.pid)
     records = t.stop()
     server.stop()
+    assert "sk_data_ready" not in attached and "netif_receive_skb" in attached
 
     drops = listener_events(records, netns)
     assert len(drops) == delta(before, after, "TcpExtListenOverflows") > 0

@@ -36,6 +36,24 @@ def test_server_reset_by_its_client_is_named_after_it_closed_the_socket(netns, t
     assert f"python3 (pid {facts['server_pid']})'s connection" in received["explanation"]
 
 
+def test_client_reset_by_its_server_is_named_after_it_closed_and_exited(netns, tracer, monkeypatch):
+    # "Connection reset by peer" on the client side: handled in softirq while the *server* closed, and
+    # the client closes and exits at once, before any look at /proc can find its fd. The kernel hook
+    # saw it connect().
+    monkeypatch.setenv("SCENARIO_CLIENT_HOLD_S", "0")
+    t = tracer("--json", "--port", str(PORT), "--netns", netns.name)
+    facts = netns.scenario("unread_close", "127.0.0.1", PORT)
+    records = t.stop()
+
+    assert facts["client_error"] == "ECONNRESET"
+    [received] = events(records, event="rst_received")
+    assert received["local"] == {"addr": "127.0.0.1", "port": facts["client_port"]}
+    assert received["context"] == "softirq" and received["evidence"]["task_on_cpu"]["pid"] == facts["server_pid"]
+    assert received["process"] == {**received["process"], "pid": facts["client_pid"], "comm": "python3",
+                                   "source": "socket_owner"}
+    assert f"python3 (pid {facts['client_pid']})'s connection" in received["explanation"]
+
+
 @pytest.fixture
 def docker_cgroup(root):
     mount = cgroup2_mount()

@@ -116,6 +116,7 @@ def row(event="rst_sent", reason="no_listener", netns=1, port=80, count=1, name=
 @pytest.fixture
 def sink():
     s = metrics.MetricsSink(("127.0.0.1", 0))
+    s.start()
     yield s
     s.close()
 

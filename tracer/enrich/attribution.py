@@ -2,17 +2,19 @@
 
 In process context (close(), connect(), setsockopt) the task on the CPU is the culprit. In softirq
 (packet receive, TCP timers) it is whoever happened to be interrupted, so rsttrace names the
-socket's owner instead — found from the socket inode the BPF program read (sk->sk_socket) in an
-index of /proc/*/fd. A socket can be closed before rsttrace looks (a server that gets "Connection
-reset by peer" closes at once): for a server-side connection rsttrace then names the process that
-listens on its local port, and says so (source `port_listener`). Otherwise nobody is named (an RST
-for a port nobody listens on has no owner).
+socket's owner instead: the process the BPF programs saw calling listen() (listeners) or connect()
+(client sockets of traced ports), else the one holding the socket inode the BPF program read
+(sk->sk_socket), from an index of /proc/*/fd. A server-side socket can be closed before rsttrace
+looks (a server that gets "Connection reset by peer" closes at once): rsttrace then names the
+process that listens on its local port, and says so (source `port_listener`). Otherwise nobody is
+named (an RST for a port nobody listens on has no owner).
 """
 from __future__ import annotations
 
 import ipaddress
 import os
 import time
+from collections import OrderedDict
 
 from ..events.decode import Event
 from .cgroups import Cgroups
@@ -25,6 +27,10 @@ def _read(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+HOT_OWNERS = 8       # owner pids scanned first when a batch has sockets newer than the index
+INFO_TTL_S = 1.0     # how long a process's name and uid are taken as known without reading /proc again
 
 
 def process_info(pid: int) -> dict | None:
@@ -62,19 +68,28 @@ class SocketOwners:
         self.skipped = 0                      # refreshes the CPU budget refused
         self._index: dict[int, list[int]] = {}
         self._built_ns = 0
-        self._info: dict[int, dict] = {}     # pid → last known process info (kept after exit)
+        self._info: dict[int, tuple[float, dict]] = {}  # pid → (read at, last known info), kept after exit
         # inode → pids once resolved, kept across rebuilds: a listener's later events (say, SYNs that
         # race its close) are still named after its process has let go of the fd.
         self._resolved: dict[int, list[int]] = {}
+        self._hot: OrderedDict[int, None] = OrderedDict()   # pids that owned the latest sockets resolved
+        self._recent: dict[int, list[int]] = {}             # the sockets of those, at the last look
         self.rebuilds = 0
 
     def _rebuild(self) -> None:
+        self._index = self._scan(int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
+        self._built_ns = time.monotonic_ns()
+        self.rebuilds += 1
+
+    @staticmethod
+    def _scan(pids) -> dict[int, list[int]]:
+        """socket inode → pids, from the fd links of these processes."""
         index: dict[int, list[int]] = {}
         my_pid = os.getpid()
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == my_pid:
+        for pid in pids:
+            if pid == my_pid:
                 continue
-            fd_dir = f"/proc/{entry.name}/fd"
+            fd_dir = f"/proc/{pid}/fd"
             try:
                 fds = os.listdir(fd_dir)
             except OSError:
@@ -85,13 +100,11 @@ class SocketOwners:
                 except OSError:
                     continue
                 if target.startswith("socket:["):
-                    index.setdefault(int(target[8:-1]), []).append(int(entry.name))
-        self._index = index
-        self._built_ns = time.monotonic_ns()
-        self.rebuilds += 1
+                    index.setdefault(int(target[8:-1]), []).append(pid)
+        return index
 
     def known(self, inode: int) -> bool:
-        return inode in self._resolved or inode in self._index
+        return inode in self._resolved or inode in self._index or inode in self._recent
 
     def refresh_for(self, inodes_and_times: list[tuple[int, int]]) -> None:
         """Rebuild the index once if any of these sockets (inode, event CLOCK_MONOTONIC ns) may be
@@ -100,6 +113,12 @@ class SocketOwners:
         newest = max((t for ino, t in inodes_and_times if ino and not self.known(ino)), default=None)
         if newest is None or self._built_ns > newest:
             return
+        # The likeliest owners of new sockets are the processes that owned the last ones (the client
+        # and server of a storm): their fds first, a few readlinks instead of every fd on the host.
+        if self._hot:
+            self._recent = self._scan(list(self._hot))
+            if all(self.known(ino) for ino, t in inodes_and_times if ino and t >= self._built_ns):
+                return
         now = time.monotonic_ns()
         if now < self._built_ns + int(self._last_cost_ns / self.cpu_share):
             self.skipped += 1
@@ -115,22 +134,29 @@ class SocketOwners:
         """Pids holding socket `inode` as of the last index (see refresh_for)."""
         if not inode:
             return []
-        pids = self._resolved.get(inode) or self._index.get(inode)
+        pids = self._resolved.get(inode) or self._index.get(inode) or self._recent.get(inode)
         if pids:
             self._resolved[inode] = pids
             if len(self._resolved) > 65536:
                 self._resolved.pop(next(iter(self._resolved)))
+            for pid in pids:
+                self._hot[pid] = None
+                self._hot.move_to_end(pid)
+            while len(self._hot) > HOT_OWNERS:
+                self._hot.popitem(last=False)
         return sorted(set(pids or []))
 
     def info(self, pid: int) -> dict | None:
-        """Process info, remembered: a process that exits right after its socket's event is still named."""
-        current = process_info(pid)
-        if current:
-            self._info[pid] = current
+        """Process info, remembered: a process that exits right after its socket's event is still
+        named. Read again once INFO_TTL_S old (a storm names one process thousands of times)."""
+        now = time.monotonic()
+        cached = self._info.get(pid)
+        if cached is None or now - cached[0] >= INFO_TTL_S:
+            # A process that is gone keeps what was known of it (or nothing) until the next look.
+            cached = self._info[pid] = (now, process_info(pid) or (cached[1] if cached else None))
             if len(self._info) > 4096:
                 self._info.pop(next(iter(self._info)))
-        cached = self._info.get(pid)
-        return dict(cached) if cached else None
+        return dict(cached[1]) if cached[1] else None
 
 
 class PortListeners:
@@ -142,7 +168,8 @@ class PortListeners:
     def __init__(self, min_gap_s: float = 0.1):
         self.min_gap_s = min_gap_s
         self._pid_in: dict[int, int] = {}                                  # netns inode → a pid in it
-        self._listeners: dict[int, tuple[float, list[tuple[str, int, int]]]] = {}
+        # netns inode → (dump time, rows (address, port, inode), matches by (address, port))
+        self._listeners: dict[int, tuple[float, list[tuple[str, int, int]], dict]] = {}
         self.dumps = 0
 
     @staticmethod
@@ -166,16 +193,27 @@ class PortListeners:
     def inodes(self, netns: int, addr: str, port: int, pid_hint: int = 0) -> list[int]:
         now = time.monotonic()
         cached = self._listeners.get(netns)
-        hits = match_listeners(cached[1] if cached else [], addr, port)
+        hits = self._match(cached, addr, port) if cached else []
         if not hits and (cached is None or now - cached[0] >= self.min_gap_s):
             pid = self._pid_in_netns(netns, pid_hint)
             if pid is None:
-                self._listeners[netns] = (now, [])     # no process left in it: not rescanned before min_gap_s
+                self._listeners[netns] = (now, [], {})     # no process left in it: not rescanned before min_gap_s
                 return []
             rows = [(lst.addr, lst.port, lst.inode) for lst in listeners_in(f"/proc/{pid}/ns/net")]
             self.dumps += 1
-            self._listeners[netns] = (now, rows)
+            cached = self._listeners[netns] = (now, rows, {})
+            hits = self._match(cached, addr, port)
+        return hits
+
+    @staticmethod
+    def _match(cached, addr: str, port: int) -> list[int]:
+        """match_listeners() against one dump, remembered per address until the next dump."""
+        _, rows, matches = cached
+        hits = matches.get((addr, port))
+        if hits is None:
             hits = match_listeners(rows, addr, port)
+            if len(matches) < 4096:
+                matches[(addr, port)] = hits
         return hits
 
 
@@ -254,6 +292,7 @@ class Attributor:
         self.netns = NetnsNames()
         self.listeners = PortListeners()
         self.cgroups = Cgroups()
+        self._tasks: dict[tuple, tuple[float, dict]] = {}
 
     LISTENER_EVENTS = ("syn_dropped", "ack_dropped", "syn_cookie")
 
@@ -265,27 +304,42 @@ class Attributor:
 
     def prepare(self, events: list[Event]) -> None:
         """Before attributing a batch: one index refresh if any of its sockets may be new."""
-        self.sockets.refresh_for([(ev.sock_ino, ev.ktime_ns) for ev in events if self.needs_owner(ev)])
+        self.sockets.refresh_for([(ev.sock_ino, ev.ktime_ns) for ev in events
+                                  if self.needs_owner(ev) and not ev.owner_pid])
 
     def attribute(self, ev: Event) -> None:
+        """ev.netns_name and ev.process. Process dicts may be shared between events (one per process
+        and source, a few seconds): nothing downstream changes them."""
         ev.netns_name = self.netns.name(ev.netns)
+        if not self.needs_owner(ev):
+            ev.process = self._task(ev)
+            return
         ev.process = self._process(ev)
         if ev.process is not None:
             ev.process["cgroup"], ev.process["container"] = self.cgroups.of(ev.process["pid"])
 
+    def _task(self, ev: Event) -> dict:
+        """The task on the CPU, which did it (process context): one dict per process for a while."""
+        key = (ev.task_pid, ev.task_comm, ev.task_uid)
+        now = time.monotonic()
+        hit = self._tasks.get(key)
+        if hit is None or now - hit[0] >= self.cgroups.ttl:
+            cgroup, container = self.cgroups.of(ev.task_pid)
+            hit = self._tasks[key] = (now, {"pid": ev.task_pid, "comm": ev.task_comm, "uid": ev.task_uid,
+                                            "source": "task", "cgroup": cgroup, "container": container})
+            if len(self._tasks) > 4096:
+                self._tasks.pop(next(iter(self._tasks)))
+        return hit[1]
+
     def _process(self, ev: Event) -> dict | None:
+        """Who owns the socket of an event the task on the CPU did not cause."""
         listener_event = self._listener_event(ev)
-        if not self.needs_owner(ev):
-            return {"pid": ev.task_pid, "comm": ev.task_comm, "uid": ev.task_uid, "source": "task"}
-        # A listener's drop is the listening process's problem, whoever was on the CPU.
+        if ev.owner_pid:
+            # Seen by the BPF program calling listen() (a listener's drop is the listening process's
+            # problem, whoever was on the CPU) or connect() (a client socket): named even if it has
+            # closed the socket or exited since.
+            return self._recorded_owner(ev, "listener_owner" if listener_event else "socket_owner")
         source = "listener_owner" if listener_event else "socket_owner"
-        if listener_event and ev.owner_pid:
-            # Seen calling listen() by the BPF program: named even if it has exited since.
-            info = self.sockets.info(ev.owner_pid) or {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": None}
-            if info.get("comm") != ev.owner_comm and ev.owner_comm:
-                info = {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": info.get("uid")}
-            info["source"] = source
-            return info
         found = self._owner(self.sockets.owners(ev.sock_ino), source)
         if found or listener_event:
             return found
@@ -293,7 +347,14 @@ class Attributor:
         # the business of the process listening on its local port. A client's ephemeral port, or a
         # port nobody listens on (no_listener), finds nobody.
         inodes = self.listeners.inodes(ev.netns, ev.local_addr, ev.local_port, ev.task_pid)
-        return self._owner(self._current_owners(inodes), "port_listener")
+        return self._owner(self._current_owners(inodes), "port_listener") if inodes else None
+
+    def _recorded_owner(self, ev: Event, source: str) -> dict:
+        info = self.sockets.info(ev.owner_pid) or {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": None}
+        if info.get("comm") != ev.owner_comm and ev.owner_comm:
+            info = {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": info.get("uid")}
+        info["source"] = source
+        return info
 
     def _current_owners(self, inodes: list[int]) -> list[int]:
         """Owners of long-lived sockets (listeners) looked up now: one index refresh at most."""

@@ -134,8 +134,8 @@ class Cgroups:
         if hit and now - hit[0] < self.ttl:
             return hit[1], hit[2]
         got = self._read(pid)
-        if got is None:
-            return (hit[1], hit[2]) if hit else (None, None)
+        if got is None:       # gone: keep what was known (or nothing), and do not ask /proc again for a while
+            got = (hit[1], hit[2]) if hit else (None, None)
         self._cache[pid] = (now, *got)
         if len(self._cache) > 8192:
             self._cache.pop(next(iter(self._cache)))

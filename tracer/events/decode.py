@@ -1,12 +1,13 @@
-"""Decode: raw ring-buffer bytes → Event (plain Python values, no BPF types past this point)."""
+"""Decode: ring-buffer records → Events (plain Python values, no BPF types past this point)."""
 from __future__ import annotations
 
-import ipaddress
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..kernel.ringbuf import HEADER_SIZE, record_stride
 from . import record
 
 TCP_STATES = {
@@ -14,14 +15,16 @@ TCP_STATES = {
     7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV",
 }
 TCP_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"))
+_FLAG_NAMES = [[name for bit, name in TCP_FLAG_NAMES if flags & bit] for flags in range(0x40)]
 
 
 def endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
+    # Decoded from the record (the decoder passes these positionally, in this order):
     kind: str                      # rst_sent, rst_received, syn_dropped, ack_dropped, syn_cookie
     ktime_ns: int
     time_ns: int                   # wall clock (ns since the epoch), derived from ktime_ns
@@ -70,14 +73,39 @@ class Event:
 
     @property
     def tcp_flag_names(self) -> list[str]:
-        return [name for bit, name in TCP_FLAG_NAMES if self.tcp_flags & bit]
+        """Shared between events with the same flags: nothing downstream changes it."""
+        return _FLAG_NAMES[self.tcp_flags & 0x3f]
+
+
+# A record as the ring reader hands it over: the ring's 8-byte header (length, page offset), the
+# record, padding to the next record (tracer/kernel/ringbuf.py).
+RING_RECORD = struct.Struct("<I4x" + record.EVENT_FORMAT[1:] + "x" * (record_stride(record.EVENT_SIZE)
+                                                                      - HEADER_SIZE - record.EVENT_SIZE))
+_F = {name: (at + 1 if isinstance(at, int) else slice(at.start + 1, at.stop + 1))
+      for name, at in record.EVENT_FIELDS.items()}      # field → position in a RING_RECORD tuple
+CACHE_MAX = 65536      # distinct addresses / task names remembered (cleared when full: bounded memory)
+# Positions of the fields the decoder reads, as module constants (cheaper than a lookup per field).
+(_KTIME, _SKADDR, _SOCK_COOKIE, _SOCK_INO, _LINGER_JIFFIES, _CALLERS, _KIND, _KERNEL_REASON, _TGID, _UID, _NETNS,
+ _STATE, _UNREAD, _OWNER_TGID, _FAMILY, _LPORT, _RPORT, _FLAGS, _TCP_FLAGS, _VERDICT, _HOOK, _LADDR, _RADDR, _COMM,
+ _OWNER_COMM) = (_F[name] for name in (
+    "ktime_ns", "skaddr", "sock_cookie", "sock_ino", "linger_jiffies", "callers", "kind", "kernel_reason", "tgid",
+    "uid", "netns", "state", "unread_bytes", "owner_tgid", "family", "lport", "rport", "flags", "tcp_flags",
+    "verdict", "hook", "laddr", "raddr", "comm", "owner_comm"))
+KIND_NAMES, VERDICT_NAMES, HOOK_NAMES, NO_REASON = record.KIND_NAMES, record.VERDICT_NAMES, record.HOOK_NAMES, record.NO_REASON
+F_SOFTIRQ, F_LINGER, F_FULLSOCK, F_QUEUES, F_INFERRED, F_ORPHAN = (
+    record.F_SOFTIRQ, record.F_LINGER, record.F_FULLSOCK, record.F_QUEUES, record.F_INFERRED, record.F_ORPHAN)
+AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 
 
 class Decoder:
-    """Turns RawEvent bytes into Events. Kernel enum numbering comes from the running kernel."""
+    """Turns ring-buffer records into Events. Kernel enum numbering comes from the running kernel.
+
+    A storm repeats a few addresses and task names thousands of times: their text forms are cached."""
 
     def __init__(self, reason_names: dict[str, dict[int, str]]):
         self.reason_names = reason_names      # event kind -> kernel enum value -> kernel name
+        self._addr: dict[bytes, str] = {}
+        self._comm: dict[bytes, str] = {}
         self._resync_clock()
 
     def _resync_clock(self) -> None:
@@ -86,80 +114,94 @@ class Decoder:
         self._synced_at = time.monotonic()
 
     def decode(self, data: bytes) -> Event:
-        raw = record.RawEvent.from_buffer_copy(data)
-        return self.from_raw(raw)
+        """One record without its ring header (tests, tools)."""
+        header = struct.pack("<II", record.EVENT_SIZE, 0)
+        return self.decode_batch(header + data + b"\0" * (RING_RECORD.size - HEADER_SIZE - len(data)))[0]
 
-    def from_raw(self, raw: record.RawEvent) -> Event:
+    def decode_batch(self, chunk: bytes) -> list[Event]:
+        """Every record of a ring-reader chunk (discarded ones skipped)."""
         if time.monotonic() - self._synced_at > 10:
             self._resync_clock()
-        if raw.family == socket.AF_INET6:
+        if len(self._addr) > CACHE_MAX or len(self._comm) > CACHE_MAX:
+            self._addr.clear()
+            self._comm.clear()
+        size = record.EVENT_SIZE
+        return [self._event(t) for t in RING_RECORD.iter_unpack(chunk) if t[0] == size]
+
+    def _text_addr(self, raw: bytes, family: int) -> str:
+        text = self._addr.get(raw)
+        if text is None:
+            text = socket.inet_ntop(family, raw)
+            self._addr[raw] = text
+        return text
+
+    def _text_comm(self, raw: bytes) -> str:
+        text = self._comm.get(raw)
+        if text is None:
+            text = raw.split(b"\0", 1)[0].decode(errors="replace")
+            self._comm[raw] = text
+        return text
+
+    def _event(self, t: tuple) -> Event:
+        kind_value = t[_KIND]
+        kind = KIND_NAMES.get(kind_value) or f"kind_{kind_value}"
+        if t[_FAMILY] == AF_INET6:
             family = "ipv6"
-            laddr = str(ipaddress.IPv6Address(bytes(raw.laddr)))
-            raddr = str(ipaddress.IPv6Address(bytes(raw.raddr)))
+            laddr = self._text_addr(t[_LADDR], AF_INET6)
+            raddr = self._text_addr(t[_RADDR], AF_INET6)
         else:
             family = "ipv4"
-            laddr = str(ipaddress.IPv4Address(bytes(raw.laddr[:4])))
-            raddr = str(ipaddress.IPv4Address(bytes(raw.raddr[:4])))
-        kind = record.KIND_NAMES.get(raw.kind, f"kind_{raw.kind}")
-        if raw.kernel_reason == record.NO_REASON:
+            laddr = self._text_addr(t[_LADDR][:4], AF_INET)
+            raddr = self._text_addr(t[_RADDR][:4], AF_INET)
+        kernel_reason = t[_KERNEL_REASON]
+        if kernel_reason == NO_REASON:
             kreason = None
         else:
-            kreason = self.reason_names.get(kind, {}).get(raw.kernel_reason, f"REASON_{raw.kernel_reason}")
-        fullsock = bool(raw.flags & record.F_FULLSOCK)
+            kreason = self.reason_names.get(kind, {}).get(kernel_reason) or f"REASON_{kernel_reason}"
+        flags = t[_FLAGS]
+        state = t[_STATE]
+        ktime = t[_KTIME]
+        # Positional, in Event's field order (a keyword call costs ~2 µs more per event).
         return Event(
-            kind=kind,
-            ktime_ns=raw.ktime_ns,
-            time_ns=raw.ktime_ns + self._mono_to_wall,
-            family=family,
-            local_addr=laddr,
-            local_port=raw.lport,
-            remote_addr=raddr,
-            remote_port=raw.rport,
-            state=TCP_STATES.get(raw.state) if raw.state else None,
-            netns=raw.netns,
-            kernel_reason=kreason,
-            softirq=bool(raw.flags & record.F_SOFTIRQ),
-            task_pid=raw.tgid,
-            task_comm=raw.comm.decode(errors="replace"),
-            task_uid=raw.uid,
-            owner_pid=raw.owner_tgid,
-            owner_comm=raw.owner_comm.decode(errors="replace"),
-            skaddr=raw.skaddr,
-            sock_cookie=raw.sock_cookie,
-            sock_ino=raw.sock_ino,
-            unread_bytes=raw.unread_bytes if fullsock else None,
-            linger=bool(raw.flags & record.F_LINGER),
-            linger_jiffies=raw.linger_jiffies,
-            orphan=bool(raw.flags & record.F_ORPHAN),
-            tcp_flags=raw.tcp_flags,
-            callers=[a for a in raw.callers if a],
-            inferred=bool(raw.flags & record.F_INFERRED),
-            queues=queues_of(raw) if raw.flags & record.F_QUEUES else None,
-            verdict=record.VERDICT_NAMES.get(raw.verdict, "none"),
-            hook=record.HOOK_NAMES.get(raw.hook),
+            kind, ktime, ktime + self._mono_to_wall, family,
+            laddr, t[_LPORT], raddr, t[_RPORT],
+            TCP_STATES.get(state) if state else None,
+            t[_NETNS], kreason, bool(flags & F_SOFTIRQ),
+            t[_TGID], self._text_comm(t[_COMM]), t[_UID],
+            t[_SKADDR], t[_SOCK_COOKIE], t[_SOCK_INO],
+            t[_UNREAD] if flags & F_FULLSOCK else None,
+            bool(flags & F_LINGER), t[_LINGER_JIFFIES], bool(flags & F_ORPHAN),
+            t[_TCP_FLAGS], [a for a in t[_CALLERS] if a],
+            [],                                                         # caller_names
+            queues_of(t) if flags & F_QUEUES else None,
+            t[_OWNER_TGID], self._text_comm(t[_OWNER_COMM]),
+            bool(flags & F_INFERRED),
+            VERDICT_NAMES.get(t[_VERDICT], "none"),
+            HOOK_NAMES.get(t[_HOOK]),
         )
 
 
-def queues_of(raw: record.RawEvent) -> dict[str, Any]:
+def queues_of(t: tuple, F=_F) -> dict[str, Any]:
     """The listener's queues and the netns sysctls at the moment of the event."""
-    backlog = raw.listen_backlog if raw.listen_backlog >= 0 else None
+    backlog = t[F["listen_backlog"]] if t[F["listen_backlog"]] >= 0 else None
+    somaxconn, accept_qmax = t[F["somaxconn"]], t[F["accept_qmax"]]
     if backlog is not None:
-        binding = "somaxconn" if backlog > raw.somaxconn else "listen_backlog"
+        binding = "somaxconn" if backlog > somaxconn else "listen_backlog"
     else:   # only min(backlog, somaxconn) is known: equal to somaxconn means somaxconn capped it (or tied)
-        binding = "somaxconn" if raw.accept_qmax == raw.somaxconn else "listen_backlog"
+        binding = "somaxconn" if accept_qmax == somaxconn else "listen_backlog"
     return {
-        "accept_qlen": raw.accept_qlen,
-        "accept_qmax": raw.accept_qmax,
-        "syn_qlen": raw.syn_qlen,
+        "accept_qlen": t[F["accept_qlen"]],
+        "accept_qmax": accept_qmax,
+        "syn_qlen": t[F["syn_qlen"]],
         # The request (SYN) queue is full at the accept-queue limit; tcp_max_syn_backlog adds a reserve
         # rule when syncookies are off.
-        "syn_qmax": raw.accept_qmax,
+        "syn_qmax": accept_qmax,
         "backlog": backlog,
         "binding_limit": binding,
         "sysctls": {
-            "somaxconn": raw.somaxconn,
-            "tcp_max_syn_backlog": raw.max_syn_backlog,
-            "tcp_syncookies": raw.syncookies,
-            "tcp_abort_on_overflow": raw.abort_on_overflow,
+            "somaxconn": somaxconn,
+            "tcp_max_syn_backlog": t[F["max_syn_backlog"]],
+            "tcp_syncookies": t[F["syncookies"]],
+            "tcp_abort_on_overflow": t[F["abort_on_overflow"]],
         },
     }

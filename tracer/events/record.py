@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import re
+import struct
 
 from ..paths import EVENT_HEADER
 
+_STRUCT_CODES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "__s32": "i", "__s64": "q"}
 _CTYPES = {
     "__u8": ctypes.c_uint8, "__u16": ctypes.c_uint16, "__u32": ctypes.c_uint32, "__u64": ctypes.c_uint64,
     "__s32": ctypes.c_int32, "__s64": ctypes.c_int64, "char": ctypes.c_char,
@@ -41,6 +43,30 @@ with open(EVENT_HEADER) as _f:
     DEFINES, ENUMS, STRUCTS = _parse_header(_f.read())
 
 
+def struct_layout(cls) -> tuple[str, dict[str, int | slice]]:
+    """A `struct` format for a ctypes structure (little-endian; fields in the header are ordered so
+    that only the tail pads to the struct's alignment), and where each field lands in the unpacked
+    tuple: an index, or a slice for arrays of numbers."""
+    fmt, where, at = "<", {}, 0
+    for name, ctype in cls._fields_:
+        if issubclass(ctype, ctypes.Array):
+            base, n = ctype._type_, ctype._length_
+            if base is ctypes.c_char or base is ctypes.c_uint8:      # text and raw bytes: one bytes item
+                fmt += f"{n}s"
+                where[name], at = at, at + 1
+            else:
+                fmt += f"{n}{_STRUCT_CODES[_CTYPE_NAMES[base]]}"
+                where[name], at = slice(at, at + n), at + n
+        else:
+            fmt += _STRUCT_CODES[_CTYPE_NAMES[ctype]]
+            where[name], at = at, at + 1
+    tail = ctypes.sizeof(cls) - struct.calcsize(fmt)
+    return fmt + ("x" * tail), where
+
+
+_CTYPE_NAMES = {v: k for k, v in _CTYPES.items() if k in _STRUCT_CODES}
+
+
 class RawEvent(ctypes.Structure):
     """struct rsttrace_event"""
     _fields_ = STRUCTS["rsttrace_event"]
@@ -50,6 +76,10 @@ class CountKey(ctypes.Structure):
     """struct rsttrace_count_key"""
     _fields_ = STRUCTS["rsttrace_count_key"]
 
+
+# The same record for struct.iter_unpack (the ring reader decodes whole batches at once).
+EVENT_FORMAT, EVENT_FIELDS = struct_layout(RawEvent)
+EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
 
 KIND_NAMES = {value: name[len("RSTTRACE_"):].lower() for name, value in ENUMS["rsttrace_kind"].items()}
 HOOK_NAMES = {value: name[len("RSTTRACE_HOOK_"):].lower() for name, value in ENUMS["rsttrace_hook"].items()

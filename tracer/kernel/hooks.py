@@ -104,7 +104,7 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
             cov.notes[kind] = "needs kprobes, or sock:inet_sock_set_state + net:netif_receive_skb raw tracepoints"
 
     if listen_tp and caps.listen_overflow_reason is not None and backend not in ("kprobe", "fentry"):
-        cov.hooks["ack_dropped"] = "tracepoint:skb:kfree_skb"
+        cov.hooks["ack_dropped"] = "raw_tracepoint:skb:kfree_skb"
         cov.notes["ack_dropped"] = "kernel drop reason TCP_LISTEN_OVERFLOW"
         plan.macros.append(f"-DLISTEN_OVERFLOW_REASON={caps.listen_overflow_reason}")
     elif use_kprobes:
@@ -120,6 +120,7 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
     if listen_tp and ("-DLISTEN_SYN_TRACEPOINT" in plan.macros or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
                                                                       for m in plan.macros)):
         plan.files.append("listen.bpf.c")
+        plan.macros.append("-DCONNECT_OWNERS")
         if "OFF_PT_REGS_ARG2" in (caps.offsets or {}):
             plan.macros.append("-DLISTEN_BACKLOG_FROM_REGS")
         if caps.data_ready is not None:

@@ -1,10 +1,19 @@
-"""Kernel text symbols from /proc/kallsyms: the address ranges of the softirq entry functions.
+"""Kernel text symbols from /proc/kallsyms: the address ranges of the softirq entry functions, and a
+short kallsyms for bcc's compiler (it would read all of it at every compile).
 
 A BPF program tells softirq context from process context by looking for one of these functions on
 its kernel stack (see walk_stack() in bpf/common.bpf.c). Addresses are hidden (all zero) unless
 kptr_restrict allows root to see them; then context detection is reported as unavailable.
 """
 from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import os
+import re
+import tempfile
+import threading
 
 # Every softirq runs through handle_softirqs() since Linux 6.8 (__do_softirq and ksoftirqd call it);
 # before that __do_softirq() itself was the entry. Either one on the stack means softirq context.
@@ -44,3 +53,145 @@ def function_ranges(names: tuple[str, ...], path: str = "/proc/kallsyms") -> dic
                         return {}   # addresses hidden by kptr_restrict
                     pending = (name, start)
     return found
+
+
+# bcc 0.26 reads all of /proc/kallsyms into a hash table at every compile (b_frontend_action.cc,
+# DoMiscWorkAround), only to learn whether bpf_probe_read_kernel exists, and its Python side looks up
+# a few more bpf_* names while attaching (support_raw_tracepoint, support_kfunc). Measured here: 122k
+# symbols, ~200 ms of each start-up. These are the only names it asks for; rsttrace needs Linux 5.8+
+# (the ring buffer), where all of them exist.
+BCC_ASKS_FOR = ("bpf_probe_read_kernel", "bpf_probe_read_user", "bpf_get_raw_tracepoint",
+                "bpf_trampoline_link_prog")
+_CLONE_NEWNS = 0x00020000
+_MS_BIND = 4096
+_MS_PRIVATE = 1 << 18
+
+
+@contextlib.contextmanager
+def short_kallsyms_for_bcc():
+    """During the block, this process alone sees a /proc/kallsyms that holds just BCC_ASKS_FOR: a
+    private mount namespace with a small file bound over it, left again at the end. The process must
+    be single-threaded (unshare(CLONE_NEWNS) refuses otherwise); where anything fails, the block runs
+    with the real file, as it would have anyway. bcc's Python-side symbol cache read during the block
+    is dropped afterwards, so that symbolizing kernel addresses later reads the real file."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    entered = False
+    home = fake = None
+    try:
+        if threading.active_count() == 1:
+            home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            fake = tempfile.NamedTemporaryFile("w", prefix="rsttrace-kallsyms-")
+            fake.write("".join(f"{0xffffffff81000000 + i:016x} T {name}\n" for i, name in enumerate(BCC_ASKS_FOR)))
+            fake.flush()
+            entered = libc.unshare(_CLONE_NEWNS) == 0
+            # /proc private first, so that the bind mount cannot propagate to the host's /proc.
+            if not (entered and libc.mount(None, b"/proc", None, _MS_PRIVATE, None) == 0
+                    and libc.mount(fake.name.encode(), b"/proc/kallsyms", None, _MS_BIND, None) == 0):
+                _leave(libc, home, entered)
+                entered = False
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if entered:
+            _leave(libc, home, entered)
+            _forget_bcc_kernel_symbols()
+        if home is not None:
+            os.close(home)
+        if fake is not None:
+            fake.close()
+
+
+def _leave(libc, home: int | None, entered: bool) -> None:
+    """Back to the mount namespace we came from (the private one, and its bind mount, go with us)."""
+    if entered and home is not None and libc.setns(home, _CLONE_NEWNS) != 0:
+        # Cannot happen for root with the fd we opened; if it does, at least show the real file.
+        libc.umount2(b"/proc/kallsyms", 2)      # MNT_DETACH
+
+
+def _forget_bcc_kernel_symbols() -> None:
+    try:
+        from bcc import BPF
+        BPF._sym_caches.pop(-1, None)
+    except ImportError:
+        pass
+
+
+class KernelSymbols:
+    """Kernel text address → function name, for the callers a BPF program saw on the stack.
+
+    /proc/kallsyms lists the kernel's symbols by address (122k here, 5 MB). The kernel formats every
+    line it is asked for, so reading all of it costs ~50 ms of system time, and bcc's symbolizer
+    reads it 1 KB per syscall (~100 ms in all). This one reads large chunks, only as far as the
+    highest address asked for (the stacks rsttrace sees are in the core kernel's TCP code), and
+    parses only the chunks it looks into. If the listing is out of address order (modules between
+    core symbols), it reads the rest and sorts everything."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: str = "/proc/kallsyms"):
+        self.path = path
+        self._chunks: list[bytes] = []            # whole lines, in address order
+        self._firsts: list[int] = []              # address of each chunk's first line
+        self._parsed: dict[int, tuple[list[int], list[int]]] = {}   # chunk → (line offsets, addresses)
+        self._last = -1                           # highest address read so far
+        self._file = None
+        self._tail = b""
+        self._done = False
+
+    def name(self, addr: int) -> str:
+        while not self._done and addr > self._last:
+            self._read_chunk()
+        i = bisect.bisect_right(self._firsts, addr) - 1
+        if i < 0:
+            return "[unknown]"
+        offsets, addrs = self._lines(i)
+        start = offsets[bisect.bisect_right(addrs, addr) - 1]
+        chunk = self._chunks[i]
+        end = chunk.find(b"\n", start)
+        return chunk[start + 19:end if end >= 0 else len(chunk)].split(b"\t")[0].decode(errors="replace")
+
+    def _lines(self, i: int) -> tuple[list[int], list[int]]:
+        parsed = self._parsed.get(i)
+        if parsed is None:
+            chunk = self._chunks[i]
+            offsets = [0] + [m.end() for m in re.finditer(b"\n", chunk)]
+            parsed = self._parsed[i] = (offsets, [int(chunk[o:o + 16], 16) for o in offsets])
+        return parsed
+
+    def _read_chunk(self) -> None:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        data = self._file.read(self.CHUNK)
+        if not data:
+            self._add(self._tail)
+            self._file.close()
+            self._done = True
+            return
+        data, _, self._tail = (self._tail + data).rpartition(b"\n")
+        if data and not self._add(data):
+            self._sort_all(data + b"\n" + self._tail + self._file.read())
+
+    def _add(self, data: bytes) -> bool:
+        """Keep a chunk of whole lines; False if it breaks address order."""
+        if not data.strip():
+            return True
+        last_line = data.rfind(b"\n") + 1
+        first, last = int(data[:16], 16), int(data[last_line:last_line + 16], 16)
+        if first < self._last or last < first:
+            return False
+        self._chunks.append(data)
+        self._firsts.append(first)
+        self._last = last
+        return True
+
+    def _sort_all(self, rest: bytes) -> None:
+        lines = [line for line in b"\n".join(self._chunks + [rest]).split(b"\n") if len(line) > 19]
+        lines.sort(key=lambda line: int(line[:16], 16))
+        self._file.close()
+        self._done = True
+        self._chunks, self._firsts, self._parsed = [], [], {}
+        self._last = -1
+        for at in range(0, len(lines), 8192):
+            self._add(b"\n".join(lines[at:at + 8192]))

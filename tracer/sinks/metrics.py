@@ -84,8 +84,13 @@ class MetricsSink:
 
         self._server = Server(address, Handler)   # OSError (in use, bad address): the caller says so
         self.address = self._server.server_address[:2]
+        # Bound now (errors before anything is loaded), served once start() is called: the session
+        # does so after the BPF compile, which runs faster in a single-threaded process (kernel/kallsyms.py).
         self._thread = threading.Thread(target=self._server.serve_forever, name="rsttrace-metrics", daemon=True)
-        self._thread.start()
+
+    def start(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
 
     # -- from the session (main thread) ------------------------------------------------------
     def emit(self, record: dict) -> None:
@@ -186,5 +191,6 @@ class MetricsSink:
         return "\n".join(out) + "\n"
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.ident is not None:      # shutdown() waits for a serve_forever() that never ran
+            self._server.shutdown()
         self._server.server_close()

@@ -21,19 +21,24 @@ class LineOutput:
         else:
             self.fd = 1
             self._owned = False
-        self._pending: list[str] = []
+        self._pending: list[bytes] = []
         self._pending_bytes = 0
 
     def write_line(self, text: str) -> None:
-        self._pending.append(text)
-        self._pending_bytes += len(text) + 1
+        self.write_bytes(text.encode())
+
+    def write_bytes(self, line: bytes) -> None:
+        """One line, UTF-8, without its newline."""
+        self._pending.append(line)
+        self._pending_bytes += len(line) + 1
         if self._pending_bytes >= self.MAX_PENDING:
             self.flush()
 
     def flush(self) -> None:
         if not self._pending:
             return
-        data = ("\n".join(self._pending) + "\n").encode()
+        self._pending.append(b"")
+        data = memoryview(b"\n".join(self._pending))
         self._pending, self._pending_bytes = [], 0
         while data:
             n = os.write(self.fd, data)

@@ -13,10 +13,15 @@ from ..events.decode import Event
 SCHEMA = "rsttrace/1"
 
 
+_second = [-1, ""]      # the last whole second formatted: events come in bursts within one second
+
+
 def rfc3339(ns: int) -> str:
     """UTC, microsecond precision: 2026-11-22T09:43:46.123456Z."""
     secs, rem = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem // 1000:06d}Z"
+    if secs != _second[0]:
+        _second[:] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return f"{_second[1]}.{rem // 1000:06d}Z"
 
 
 def base(record_type: str, ns: int | None = None) -> dict[str, Any]:
@@ -24,8 +29,10 @@ def base(record_type: str, ns: int | None = None) -> dict[str, Any]:
 
 
 def event_record(ev: Event) -> dict[str, Any]:
-    rec = base("event", ev.time_ns)
-    rec.update({
+    return {
+        "schema": SCHEMA,
+        "type": "event",
+        "time": rfc3339(ev.time_ns),
         "ktime_ns": ev.ktime_ns,
         "event": ev.kind,
         "reason": ev.reason,
@@ -52,8 +59,7 @@ def event_record(ev: Event) -> dict[str, Any]:
             "tcp_flags": ev.tcp_flag_names,
             "task_on_cpu": {"pid": ev.task_pid, "comm": ev.task_comm},
         },
-    })
-    return rec
+    }
 
 
 def coverage_record(coverage: dict, kernel: str, filters: dict, startup_ms: float) -> dict[str, Any]:
