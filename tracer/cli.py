@@ -131,6 +131,9 @@ class ContainerType(click.ParamType):
 @click.option("--max-rate", type=click.IntRange(min=1), metavar="N",
               help="At most N event records per second; the rest are counted in `suppressed` records "
                    "(the kernel's exact counts are kept either way).")
+@click.option("--ring-mb", type=click.Choice([str(1 << i) for i in range(11)]), default="32", show_default=True,
+              metavar="MIB", help="Size of the ring buffer between the kernel and rsttrace, MiB, a power of two "
+                                 "(1-1024): the burst it absorbs without loss (~4800 events per MiB); resident memory.")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe", "fentry"]), default="auto", show_default=True,
               help="Hook family: auto picks the best per event kind (see `rsttrace doctor`).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
@@ -138,7 +141,7 @@ class ContainerType(click.ParamType):
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
 def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, fmt, output,
-         syslog_target, syslog_facility, metrics_address, max_rate, backend, duration, count):
+         syslog_target, syslog_facility, metrics_address, max_rate, ring_mb, backend, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -180,6 +183,7 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         count=count,
         backend=backend,
         max_rate=max_rate,
+        ring_mb=int(ring_mb),
     )
     run_trace(options, fmt=next(iter(chosen), None), output=output, syslog=syslog,
               syslog_facility=syslog_facility, metrics=metrics)

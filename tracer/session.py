@@ -23,7 +23,7 @@ from .events.decode import TCP_STATES, Decoder, Event
 from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, VERDICT_NAMES
 from .kernel.capabilities import Capabilities, probe
 from .kernel.hooks import plan_hooks
-from .kernel.loader import Filters, RstProgram
+from .kernel.loader import DEFAULT_RING_MB, Filters, RstProgram
 from .sinks import records
 from .sinks.ratelimit import RateLimit
 from .sinks.plain import stderr
@@ -52,6 +52,7 @@ class Options:
     evidence: bool = True                                # symbolize kernel callers into the records
     backend: str = "auto"                                # auto / tracepoint / kprobe / fentry (kernel/hooks.py)
     max_rate: int | None = None                          # event records per second at most (--max-rate)
+    ring_mb: int = DEFAULT_RING_MB                       # kernel → rsttrace ring buffer (--ring-mb)
 
 
 class Session:
@@ -95,7 +96,7 @@ class Session:
         self.caps = caps
         self.plan = plan_hooks(caps, self.options.backend)
         self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family,
-                                                self.options.netns), self.plan)
+                                                self.options.netns), self.plan, self.options.ring_mb)
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.ring = self.program.open_ring()

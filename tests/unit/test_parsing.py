@@ -5,7 +5,7 @@ import pytest
 
 from tracer.enrich import counters
 from tracer.kernel.btf import BTFError, KernelBTF
-from tracer.kernel.kallsyms import function_ranges
+from tracer.kernel.kallsyms import KernelSymbols, function_ranges
 from tracer.kernel.tracefs import parse_format
 from tests_paths import DATA
 
@@ -71,3 +71,39 @@ def test_upstream_kernel_version_from_distribution_strings():
     assert kernel_upstream_version("6.18.44-fc-v769", "Linux version 6.18.44-fc-v769 #1 SMP") == (6, 18, 44)
     assert kernel_upstream_version("5.15.0-91-generic", "Linux version 5.15.0-91-generic #101-Ubuntu SMP",
                                    "Ubuntu 5.15.0-91.101-generic 5.15.131") == (5, 15, 131)
+
+
+KALLSYMS = "".join(f"{0xffffffff81000000 + 0x100 * i:016x} {'T' if i % 3 else 't'} fn{i}\n" for i in range(5000))
+
+
+def test_kernel_symbols_find_the_function_an_address_falls_in(tmp_path):
+    f = tmp_path / "kallsyms"
+    f.write_text("0000000000000000 A fixed_percpu_data\n" + KALLSYMS +
+                 "ffffffffc0201000 t ftrace_trampoline\t[__builtin__ftrace]\n")
+    ks = KernelSymbols(str(f))
+    ks.CHUNK = 4096                       # many chunks: lookups across chunk edges
+    assert ks.name(0xffffffff81000000) == "fn0"
+    assert ks.name(0xffffffff81000000 + 0x100 * 1234 + 0x42) == "fn1234"
+    assert ks.name(0xffffffff81000000 + 0x100 * 4999 + 1) == "fn4999"
+    assert ks.name(0xffffffffc0201010) == "ftrace_trampoline"
+    assert ks.name(0xffffffff81000000 + 0x100 * 10) == "fn10"      # back to an early chunk
+
+
+def test_kernel_symbols_read_only_as_far_as_asked(tmp_path):
+    f = tmp_path / "kallsyms"
+    f.write_text(KALLSYMS)
+    ks = KernelSymbols(str(f))
+    ks.CHUNK = 4096
+    assert ks.name(0xffffffff81000000 + 0x100 * 100) == "fn100"
+    assert len(ks._chunks) < 5                          # of ~40
+
+
+def test_kernel_symbols_out_of_address_order_are_sorted(tmp_path):
+    f = tmp_path / "kallsyms"
+    lines = KALLSYMS.splitlines(keepends=True)
+    f.write_text("".join(lines[2500:] + ["ffffffffa0000000 t mod_fn\t[mod]\n"] + lines[:2500]))
+    ks = KernelSymbols(str(f))
+    ks.CHUNK = 4096
+    assert ks.name(0xffffffff81000000 + 0x100 * 7 + 5) == "fn7"
+    assert ks.name(0xffffffffa0000008) == "mod_fn"
+    assert ks.name(0xffffffff81000000 + 0x100 * 3000) == "fn3000"

@@ -104,3 +104,14 @@ def test_catalog_entries_are_complete():
 def test_reason_inferred_from_callers_and_socket_state(callers, state, unread, linger_zero, orphan, flags, queue_full,
                                                        has_socket, expected):
     assert reasons.infer_rst_reason(callers, state, unread, linger_zero, orphan, flags, queue_full, has_socket) == expected
+
+
+def test_each_summary_renders_as_its_str_format_template_would():
+    from tracer.events.decode import Event
+    ev = Event("rst_sent", 1, 1, "ipv6", "::1", 8080, "2001:db8::2", 51234, "ESTABLISHED", 1, None, False, 42,
+               "we{ird} \"comm\"", 0, 0, 0, 0, 1234, False, 0, False, 0, [])
+    ev.process = {"pid": 42, "comm": "we{ird} \"comm\""}
+    for reason in reasons.CATALOG.values():
+        if reason.summary:
+            expected = reason.summary.format(ev=ev, who=reasons._who(ev), unread=1234)
+            assert reason.one_line(ev) == expected, reason.name

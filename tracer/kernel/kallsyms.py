@@ -144,6 +144,10 @@ class KernelSymbols:
         while not self._done and addr > self._last:
             self._read_chunk()
         i = bisect.bisect_right(self._firsts, addr) - 1
+        if i < 0 and not self._done:       # below all read so far: only the rest can tell (or sort it)
+            while not self._done:
+                self._read_chunk()
+            i = bisect.bisect_right(self._firsts, addr) - 1
         if i < 0:
             return "[unknown]"
         offsets, addrs = self._lines(i)

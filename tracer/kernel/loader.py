@@ -24,11 +24,15 @@ from .hooks import HookPlan
 from .kallsyms import KernelSymbols, short_kallsyms_for_bcc
 from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 
-# 32 MiB: ~155 000 records of 208 bytes (+8 header) waiting before anything is lost — what the fastest
-# reset storm this 2-core machine makes (~75 000 events/s, scripts/bench/capacity) gets ahead of the
-# reader in 2 s, with room to spare: a burst is absorbed, then written. Resident once mapped (ringbuf.py),
-# after the compiler's memory went back: the peak stays the compile's.
-RINGBUF_PAGES = 8192
+# 32 MiB (--ring-mb): ~155 000 records of 208 bytes (+8 header) waiting before anything is lost — what
+# the fastest reset storm this 2-core machine makes (~75 000 events/s, scripts/bench/capacity) gets
+# ahead of the reader in 2 s, with room to spare: a burst is absorbed, then written. Resident once
+# mapped (ringbuf.py), after the compiler's memory went back: the peak stays the compile's.
+DEFAULT_RING_MB = 32
+
+
+def ring_pages(ring_mb: int) -> int:
+    return (ring_mb << 20) // mmap.PAGESIZE
 
 
 @dataclass
@@ -39,8 +43,9 @@ class Filters:
     netns: list[int] = field(default_factory=list)   # network namespace inodes
 
 
-def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], plan: HookPlan) -> list[str]:
-    flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", *plan.macros]
+def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], plan: HookPlan,
+                 ring_mb: int = DEFAULT_RING_MB) -> list[str]:
+    flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(ring_mb)}", *plan.macros]
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
     if caps.rst_reason:
         flags.append("-DHAVE_RST_REASON")
@@ -104,7 +109,7 @@ class RstProgram:
     """The loaded and attached BPF programs: bpf/common.bpf.c + the hook files."""
 
 
-    def __init__(self, caps: Capabilities, filters: Filters, plan: HookPlan):
+    def __init__(self, caps: Capabilities, filters: Filters, plan: HookPlan, ring_mb: int = DEFAULT_RING_MB):
         if caps.send_reset is None or caps.receive_reset is None:
             raise UnsupportedKernelError("tracepoints tcp:tcp_send_reset/tcp_receive_reset are missing",
                                          "rsttrace needs Linux 4.16+ with CONFIG_TRACEPOINTS")
@@ -113,7 +118,8 @@ class RstProgram:
                                          "rsttrace needs a kernel with CONFIG_DEBUG_INFO_BTF=y")
         self.offsets = caps.offsets
         self.plan = plan
-        self.cflags = build_cflags(caps, filters, self.offsets, plan)
+        self.ring_bytes = ring_pages(ring_mb) * mmap.PAGESIZE
+        self.cflags = build_cflags(caps, filters, self.offsets, plan, ring_mb)
         self.files = plan.files
         os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
@@ -155,7 +161,7 @@ class RstProgram:
         """The reader of the events ring buffer (tracer/kernel/ringbuf.py): direct from its memory
         mapping where the machine allows it, else through bcc's callback consumer."""
         if DIRECT_READ and os.environ.get("RSTTRACE_RING_READER") != "callback":
-            return RingReader(self.bpf["events"].map_fd, RINGBUF_PAGES * mmap.PAGESIZE, record.EVENT_SIZE)
+            return RingReader(self.bpf["events"].map_fd, self.ring_bytes, record.EVENT_SIZE)
         return CallbackRingReader(self.bpf, "events", record.EVENT_SIZE)
 
     def known_listeners(self) -> set[tuple[int, int]]:
