@@ -241,7 +241,7 @@ def run_trace(options, fmt: str | None = None, output: str | None = None, syslog
 
     sinks, ui = open_sinks(fmt, output, syslog, syslog_facility, metrics)
     session = Session(options, sinks, started_at=STARTED)
-    install_signal_handlers(session)
+    install_signal_handlers(session, on_terminal=ui or (output in (None, "-") and sys.stdout.isatty()))
     try:
         caps = session.start()
         if ui:

@@ -421,10 +421,13 @@ def _has_bpf_caps() -> bool:
     return bool(caps >> CAP_SYS_ADMIN & 1 or (caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1))
 
 
-def install_signal_handlers(session: Session) -> None:
+def install_signal_handlers(session: Session, on_terminal: bool = False) -> None:
+    """SIGINT/SIGTERM stop (drain, detach, summary). SIGHUP reopens the outputs (logrotate), except
+    for a run that writes to a terminal: there it is the terminal hanging up, and the run stops
+    rather than go on tracing for nobody."""
     signal.signal(signal.SIGINT, session.request_stop)
     signal.signal(signal.SIGTERM, session.request_stop)
-    signal.signal(signal.SIGHUP, session.request_reopen)
+    signal.signal(signal.SIGHUP, session.request_stop if on_terminal else session.request_reopen)
 
 
 def print_summary(summary: dict, out=stderr) -> None:

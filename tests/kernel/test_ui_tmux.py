@@ -232,3 +232,19 @@ def test_piped_output_is_plain_lines_without_escape_codes(netns, tracer):
     assert any(f"no_listener [NO_SOCKET] 127.0.0.1:{PORT} > 127.0.0.1:{refused['client_port']}" in ln
                for ln in lines), lines
     assert any(ln.startswith("rsttrace: 4 events in") for ln in t.stderr_lines), t.stderr_lines
+
+
+def test_closing_the_terminal_stops_rsttrace_and_detaches_everything(tmux):
+    # An SSH session that drops: the terminal hangs up (SIGHUP). On a terminal that means stop —
+    # not "reopen the outputs", which is what SIGHUP means to a service writing a file.
+    ours = start_rsttrace(tmux)
+    pid = child_of(int(tmux.display("#{pane_pid}")))
+    tmux.kill()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "Z":
+                break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z"
+    assert not (loaded_bpf_prog_ids() & ours), "BPF programs left in the kernel after the terminal closed"
