@@ -51,6 +51,10 @@ def require_root(name: str) -> None:
         print(f"scripts/bench/{name}: run as root (it loads BPF programs and makes network namespaces)",
               file=sys.stderr)
         sys.exit(3)
+    # rsttrace as scripts/setup leaves it: byte-compiled (a source edited since, with
+    # PYTHONDONTWRITEBYTECODE set, would be compiled again at every start and counted in start-up).
+    subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "compileall", "-q", str(REPO / "tracer")],
+                   stdout=subprocess.DEVNULL, check=False)
 
 
 def log(msg: str) -> None:

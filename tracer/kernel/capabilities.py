@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import re
 from dataclasses import dataclass, field
 
@@ -173,7 +174,11 @@ def _lockdown() -> str | None:
 
 def probe(mount_tracefs: bool = True) -> Capabilities:
     caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=_effective_caps())
-    caps.bcc_version = _bcc_version()
+    # Loading bcc maps LLVM (~40 ms, mostly in dlopen, which lets other threads run): it happens
+    # while this thread reads BTF, tracefs and kallsyms. Joined before returning, so that the
+    # compile that follows runs in a single-threaded process (kallsyms.py).
+    loading = threading.Thread(target=_bcc_version, name="rsttrace-load-bcc", daemon=True)
+    loading.start()
     texts = []
     for path in ("/proc/version", "/proc/version_signature"):
         try:
@@ -228,6 +233,8 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
     except OSError:
         caps.softirq_ranges = {}
 
+    loading.join()
+    caps.bcc_version = _bcc_version()
     _fill_checks(caps)
     return caps
 
