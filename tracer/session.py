@@ -68,6 +68,7 @@ class Session:
         self._older_listeners: set[tuple[int, int]] | None = None
         self._older_scanned_at = 0.0
         self._resolved_listeners: set[int] = set()
+        self._listener_owners: dict[tuple[int, int], tuple[int, str]] = {}   # recorded at listen()
         self.ring = None
         self.emitted = 0
         self.lost_reported = 0
@@ -268,21 +269,29 @@ class Session:
         if self._older_listeners is None or now - self._older_scanned_at >= LISTENER_SCAN_INTERVAL:
             self._older_listeners = listeners_everywhere(set(self.options.ports))
             self._older_scanned_at = now
-        if self._older_listeners <= self.program.known_listeners():
+        if self._older_listeners <= self.program.known_listeners().keys():
             self.program.stop_learning_listeners()
             self._learning_listeners = False
 
     def _resolve_new_listeners(self) -> None:
         """Name each listener's owner as soon as the sampler sees it, before its first drop: by then the
-        owner index may have just been rebuilt for another socket, and the process may be gone."""
+        owner index may have just been rebuilt for another socket, and the process may be gone. The
+        BPF programs saw most listeners' owners call listen(): only the others are looked up in
+        /proc, once each (a look costs a scan of every fd on the host: ~70 ms with 10k sockets)."""
         if self.sampler is None:
             return
-        current = {lst.inode for st in list(self.sampler.netns.values()) for lst in st.listeners}
-        self._resolved_listeners &= current          # forget closed listeners: bounded over long runs
-        new = [inode for inode in current if inode not in self._resolved_listeners]
-        if new:
-            self.attributor.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in new])
-            self._resolved_listeners.update(inode for inode in new if self.attributor.sockets.owners(inode))
+        current = {(st.inode, lst.port, lst.inode) for st in list(self.sampler.netns.values())
+                   for lst in st.listeners}
+        inodes = {inode for _, _, inode in current}
+        self._resolved_listeners &= inodes           # forget closed listeners: bounded over long runs
+        new = [(netns, port, inode) for netns, port, inode in current if inode not in self._resolved_listeners]
+        if not new:
+            return
+        self._listener_owners = self.program.known_listeners()
+        unknown = [inode for netns, port, inode in new if not self._listener_owners.get((netns, port), (0,))[0]]
+        if unknown:
+            self.attributor.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in unknown])
+        self._resolved_listeners.update(inode for _, _, inode in new)
 
     def listeners_record(self) -> dict:
         rows = self.sampler.snapshot(self._listener_owner)
@@ -293,7 +302,12 @@ class Session:
                 row["binding_limit"] = "somaxconn" if backlog > row["somaxconn"] else "listen_backlog"
         return records.listeners_record(rows)
 
-    def _listener_owner(self, inode: int) -> dict | None:
+    def _listener_owner(self, netns: int, port: int, inode: int) -> dict | None:
+        pid, comm = self._listener_owners.get((netns, port), (0, ""))
+        if pid:
+            owner = self.attributor.recorded_owner(pid, comm, "listener_owner")
+            owner["cgroup"], owner["container"] = self.attributor.cgroups.of(pid)
+            return owner
         return self.attributor.owner_of_socket(inode, "listener_owner")
 
     def reconciliation_record(self) -> dict:

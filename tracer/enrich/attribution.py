@@ -338,7 +338,7 @@ class Attributor:
             # Seen by the BPF program calling listen() (a listener's drop is the listening process's
             # problem, whoever was on the CPU) or connect() (a client socket): named even if it has
             # closed the socket or exited since.
-            return self._recorded_owner(ev, "listener_owner" if listener_event else "socket_owner")
+            return self.recorded_owner(ev.owner_pid, ev.owner_comm, "listener_owner" if listener_event else "socket_owner")
         source = "listener_owner" if listener_event else "socket_owner"
         found = self._owner(self.sockets.owners(ev.sock_ino), source)
         if found or listener_event:
@@ -349,10 +349,12 @@ class Attributor:
         inodes = self.listeners.inodes(ev.netns, ev.local_addr, ev.local_port, ev.task_pid)
         return self._owner(self._current_owners(inodes), "port_listener") if inodes else None
 
-    def _recorded_owner(self, ev: Event, source: str) -> dict:
-        info = self.sockets.info(ev.owner_pid) or {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": None}
-        if info.get("comm") != ev.owner_comm and ev.owner_comm:
-            info = {"pid": ev.owner_pid, "comm": ev.owner_comm, "uid": info.get("uid")}
+    def recorded_owner(self, pid: int, comm: str, source: str) -> dict:
+        """A process the BPF programs saw calling listen()/connect() on the socket: as /proc knows it
+        now, or by the name the kernel recorded (it may have exited, or exec'd since)."""
+        info = self.sockets.info(pid) or {"pid": pid, "comm": comm, "uid": None}
+        if info.get("comm") != comm and comm:
+            info = {"pid": pid, "comm": comm, "uid": info.get("uid")}
         info["source"] = source
         return info
 

@@ -281,7 +281,8 @@ class ListenerSampler:
 
     # -- views -----------------------------------------------------------------------------
     def snapshot(self, owner_of) -> list[dict]:
-        """Listener rows for the `listeners` record; owner_of(inode) → process dict or None."""
+        """Listener rows for the `listeners` record; owner_of(netns inode, port, socket inode) →
+        process dict or None."""
         rows = []
         for st in list(self.netns.values()):
             for lst in st.listeners:
@@ -292,7 +293,7 @@ class ListenerSampler:
                 rows.append({
                     "netns": {"inode": st.inode, "name": st.name},
                     "local": {"addr": lst.addr, "port": lst.port},
-                    "process": owner_of(lst.inode),
+                    "process": owner_of(st.inode, lst.port, lst.inode),
                     "accept_qlen": lst.accept_qlen,
                     "accept_qmax": lst.accept_qmax,
                     "backlog": None,

@@ -164,9 +164,11 @@ class RstProgram:
             return RingReader(self.bpf["events"].map_fd, self.ring_bytes, record.EVENT_SIZE)
         return CallbackRingReader(self.bpf, "events", record.EVENT_SIZE)
 
-    def known_listeners(self) -> set[tuple[int, int]]:
-        """(netns inode, port) of every listener the BPF programs know (bpf/common.bpf.c, listeners)."""
-        return {(val.netns, key.port) for key, val in self.bpf["listeners"].items()}
+    def known_listeners(self) -> dict[tuple[int, int], tuple[int, str]]:
+        """Every listener the BPF programs know (bpf/common.bpf.c, listeners): (netns inode, port) →
+        (pid, comm) of the process seen calling listen(), (0, "") for one that predates rsttrace."""
+        return {(val.netns, key.port): (val.owner_tgid, val.owner_comm.decode(errors="replace"))
+                for key, val in self.bpf["listeners"].items()}
 
     def stop_learning_listeners(self) -> bool:
         """Detach sock:sk_data_ready, which runs for every socket that receives data on the host and is
