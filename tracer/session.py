@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from . import fastpath
 from .enrich import counters, reasons
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
@@ -20,6 +21,7 @@ from .enrich.listeners import ListenerSampler, listeners_everywhere
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
 from .events.decode import TCP_STATES, Decoder, Event
+from .fastpath import FastPath
 from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, VERDICT_NAMES
 from .kernel.capabilities import Capabilities, probe
 from .kernel.hooks import plan_hooks
@@ -34,7 +36,7 @@ LISTENER_SCAN_INTERVAL = 10.0 # seconds between looks for listeners that predate
 LISTENERS_INTERVAL = 2.0      # seconds between `listeners` records
 RECONCILE_INTERVAL = 10.0     # seconds between `reconciliation` records (and one at exit)
 MAX_BATCH = 2048              # records read from the ring at once, then enriched and written
-DRAIN_S = 5.0                 # at exit, how long to go on writing what is still in the ring buffer
+DRAIN_S = 20.0                # at exit, how long to go on writing what is still in the ring buffer
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Options:
     backend: str = "auto"                                # auto / tracepoint / kprobe / fentry (kernel/hooks.py)
     max_rate: int | None = None                          # event records per second at most (--max-rate)
     ring_mb: int = DEFAULT_RING_MB                       # kernel → rsttrace ring buffer (--ring-mb)
+    fast_path: bool = True                               # JSON lines from per-shape templates (fastpath.py)
 
 
 class Session:
@@ -70,6 +73,7 @@ class Session:
         self._resolved_listeners: set[int] = set()
         self._listener_owners: dict[tuple[int, int], tuple[int, str]] = {}   # recorded at listen()
         self.ring = None
+        self.fast: FastPath | None = None
         self.emitted = 0
         self.lost_reported = 0
         self.limit = RateLimit(options.max_rate) if options.max_rate else None
@@ -101,6 +105,8 @@ class Session:
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.ring = self.program.open_ring()
+        if self.options.fast_path and fastpath.supported(self.sinks):
+            self.fast = FastPath(self)
         self.counters_before = counters.read()
         if any(self.plan.coverage.hooks.get(k) for k in ("syn_dropped", "ack_dropped")):
             self.sampler = ListenerSampler(self.options.ports, netns=self.options.netns)
@@ -130,6 +136,8 @@ class Session:
     def _read_batch(self) -> int:
         """Read, enrich and emit up to MAX_BATCH records (attribution prepared once for the whole
         batch); how many were read."""
+        if self.fast is not None:
+            return self.fast.process(self.ring.read(MAX_BATCH))
         batch = self.decoder.decode_batch(self.ring.read(MAX_BATCH))
         if batch:
             self.process_batch(batch)
@@ -142,7 +150,9 @@ class Session:
                 break
             self.handle(ev)
 
-    def handle(self, ev: Event) -> None:
+    def handle(self, ev: Event) -> bool:
+        """Enrich one event and emit its record; whether it passed the user-space filters (--reason,
+        --pid/--comm/--cgroup/--container), --max-rate aside."""
         if self.program is not None and (self.options.evidence or ev.kernel_reason is None):
             ev.caller_names = self._symbolize(ev.hook, ev.callers)
         ev.reason = reasons.classify(ev)
@@ -151,7 +161,7 @@ class Session:
             per_netns = self.netns_counts[ev.netns] = Counter()
         per_netns[ev.kind] += 1
         if self.options.reasons and ev.reason not in self.options.reasons:
-            return
+            return False
         self.attributor.attribute(ev)
         if self.sampler is not None:
             if ev.netns not in self.sampler.netns and ev.process and ev.process.get("pid"):
@@ -159,15 +169,16 @@ class Session:
             if ev.queues and ev.queues.get("backlog") is not None:
                 self.listen_backlogs[(ev.netns, ev.local_port)] = ev.queues["backlog"]
         if not self.wanted(ev):
-            return
+            return False
         if self.limit is not None and not self.limit.allow(time.monotonic(), ev.kind, ev.reason):
-            return       # counted by the limiter (and exactly in the kernel); said in `suppressed` records
+            return True  # counted by the limiter (and exactly in the kernel); said in `suppressed` records
         ev.explanation = reasons.explain(ev)
         self.counts[(ev.kind, ev.reason)] += 1
         self._emit(records.event_record(ev))
         self.emitted += 1
         if self.options.count is not None and self.emitted >= self.options.count:
             self._stop = True
+        return True
 
     def _symbolize(self, hook: str | None, callers: list[int]) -> list[str]:
         """Kernel frames by name; one lookup per distinct stack (a storm has few). The lists are
@@ -345,11 +356,15 @@ class Session:
         summary = None
         if self.program is not None:
             try:
+                # Detached first: nothing new arrives, and every record reserved by then is committed
+                # before the last read (a drain while attached stops at a record still being written).
+                self.program.detach()
+                unwritten = 0
                 if not (self.options.count is not None and self.emitted >= self.options.count):
-                    # Batch by batch; bounded, since a storm may go on filling the ring meanwhile.
-                    deadline = time.monotonic() + DRAIN_S
-                    while self._read_batch() == MAX_BATCH and time.monotonic() < deadline:
+                    deadline = time.monotonic() + DRAIN_S      # a full 32 MiB ring: ~1-3 s to write out
+                    while self._read_batch() and time.monotonic() < deadline:
                         self._flush()
+                    unwritten = self.ring.pending()
                 self._report_losses()
                 if self.limit is not None:
                     self._report_suppressed(time.monotonic())
@@ -376,7 +391,8 @@ class Session:
                 by_kind, stats["lost"], stats["submitted"], time.monotonic() - self.attached_at,
                 {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)},
                 self.kernel_counts(exact), reconciliation,
-                suppressed=self.limit.total_held_back if self.limit else 0, uncounted=stats["uncounted"])
+                suppressed=self.limit.total_held_back if self.limit else 0, uncounted=stats["uncounted"],
+                unwritten=unwritten)
             self._emit(summary)
         return summary or {}
 
@@ -450,8 +466,11 @@ def print_summary(summary: dict, out=stderr) -> None:
     total = sum(sum(r.values()) for r in summary["events"].values())
     held = f", suppressed {summary['suppressed']} (--max-rate)" if summary.get("suppressed") else ""
     out(f"rsttrace: {total} events in {summary['duration_s']:.1f}s, lost {summary['lost']}{held}")
+    if summary.get("unwritten"):
+        out(f"rsttrace: {summary['unwritten']} records were still in the ring buffer when writing gave up "
+            f"after {DRAIN_S:.0f} s (counted below)")
     shown = summary["events"]
-    if summary.get("suppressed") or summary["lost"]:
+    if summary.get("suppressed") or summary["lost"] or summary.get("unwritten"):
         shown = summary["exact_counts"]
         out("  counted in the kernel (every event past the kernel's filters, written or not):")
     for kind, by_reason in shown.items():

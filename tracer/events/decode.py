@@ -118,13 +118,17 @@ class Decoder:
         header = struct.pack("<II", record.EVENT_SIZE, 0)
         return self.decode_batch(header + data + b"\0" * (RING_RECORD.size - HEADER_SIZE - len(data)))[0]
 
-    def decode_batch(self, chunk: bytes) -> list[Event]:
-        """Every record of a ring-reader chunk (discarded ones skipped)."""
+    def refresh(self) -> None:
+        """Once per batch: follow the wall clock, keep the caches bounded."""
         if time.monotonic() - self._synced_at > 10:
             self._resync_clock()
         if len(self._addr) > CACHE_MAX or len(self._comm) > CACHE_MAX:
             self._addr.clear()
             self._comm.clear()
+
+    def decode_batch(self, chunk: bytes) -> list[Event]:
+        """Every record of a ring-reader chunk (discarded ones skipped)."""
+        self.refresh()
         size = record.EVENT_SIZE
         return [self._event(t) for t in RING_RECORD.iter_unpack(chunk) if t[0] == size]
 

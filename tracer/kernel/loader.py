@@ -206,6 +206,18 @@ class RstProgram:
                 self._ksyms[addr] = name
         return name
 
+    def detach(self) -> None:
+        """Detach every program; the maps stay, so that what is in the ring buffer and the counts can
+        still be read — and nothing new arrives while they are (idempotent)."""
+        bpf = getattr(self, "bpf", None)
+        if bpf is None:
+            return
+        for detach, fds in ((bpf.detach_kprobe_event, bpf.kprobe_fds), (bpf.detach_tracepoint, bpf.tracepoint_fds),
+                            (bpf.detach_raw_tracepoint, bpf.raw_tracepoint_fds),
+                            (bpf.detach_kfunc, bpf.kfunc_entry_fds), (bpf.detach_kretfunc, bpf.kfunc_exit_fds)):
+            for name in list(fds):
+                detach(name)
+
     def close(self) -> None:
         """Detach every program and free every map (idempotent)."""
         bpf, self.bpf = getattr(self, "bpf", None), None

@@ -55,8 +55,8 @@ class RingReader:
         self._poll.poll(timeout_s)
 
     def pending(self) -> int:
-        """Bytes the kernel has reserved beyond what we consumed."""
-        return _POS.unpack_from(self._producer, 0)[0] - _POS.unpack_from(self._consumer, 0)[0]
+        """Records the kernel has put in the ring that were not read yet."""
+        return (_POS.unpack_from(self._producer, 0)[0] - _POS.unpack_from(self._consumer, 0)[0]) // self.stride
 
     def read(self, max_records: int) -> bytes:
         """Up to `max_records` committed records as one bytes object (`stride` bytes each, header
@@ -132,6 +132,10 @@ class CallbackRingReader:
             self._bpf.ring_buffer_consume()
         batch, self._taken = self._taken[:max_records], self._taken[max_records:]
         return b"".join(batch)
+
+    def pending(self) -> int:
+        """Records taken from the ring but not read yet (libbpf does not tell what is still in it)."""
+        return len(self._taken)
 
     def close(self) -> None:
         pass

@@ -18,6 +18,8 @@ class JsonSink:
     def __init__(self, output: LineOutput, fmt: str = "json"):
         self.output = output
         self._host = ecs.host_fields() if fmt == "ecs" else None
+        # rsttrace's own JSON takes the event lines the fast path made (fastpath.py); ECS does not.
+        self.write_event_json = output.write_bytes if self._host is None else None
 
     def emit(self, record: dict) -> None:
         doc = record if self._host is None else ecs.to_ecs(record, self._host)
