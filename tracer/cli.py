@@ -327,19 +327,32 @@ def entry() -> None:
         main.main(standalone_mode=False, prog_name="rsttrace")
     except click.exceptions.UsageError as err:
         print(f"rsttrace: {err.format_message()}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _exit(EXIT_USAGE)
     except click.exceptions.Abort:
-        sys.exit(130)
+        _exit(130)
     except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+        _exit(err.exit_code)
     except RsttraceError as err:
         print(f"rsttrace: {err.one_line()}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        _exit(err.exit_code)
     except BrokenPipeError:
-        sys.exit(0)
+        _exit(0)
     except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(0)
+        _exit(130)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Exit without tearing the interpreter and LLVM down piece by piece: by now every output is
+    flushed and closed and every BPF program detached (Session.finish), and the kernel frees the rest
+    at once (measured: ~55 ms of CPU less per run, most of it LLVM's static destructors). An
+    unexpected exception does not come here: it gets Python's traceback and exit status 1."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":   # pragma: no cover
