@@ -74,12 +74,16 @@ class _Marked:
 
 # The per-event fields in the order records.event_record() writes them, and how each is written.
 _SLOTS = (("time", b'"%s"'), ("ktime", b"%d"), ("laddr", b'"%s"'), ("lport", b"%d"), ("raddr", b'"%s"'),
-          ("rport", b"%d"), ("inode", b"%s"), ("cookie", b"%s"), ("unread", b"%d"), ("explanation", b"%s"))
+          ("rport", b"%d"), ("inode", b"%s"), ("cookie", b"%s"), ("unread", b"%d"), ("explanation", None))
+# Where each per-event value sits in the tuple FastPath builds for an event.
+_VALUE = {name: i for i, name in enumerate(("time", "ktime", "laddr", "lport", "raddr", "rport", "inode", "cookie",
+                                            "unread", _LOCAL, _REMOTE))}
+_VALUE[_UNREAD_MARK] = _VALUE["unread"]
 
 
 class Template:
-    """One shape's JSON line with %-slots for the per-event fields, and its explanation likewise."""
-    __slots__ = ("emit", "kind", "reason", "count_key", "per_netns", "line", "unread", "explanation", "order")
+    """One shape's JSON line as a bytes %-format, and the per-event values it takes, in order."""
+    __slots__ = ("emit", "kind", "reason", "count_key", "per_netns", "line", "values")
 
     def __init__(self, ev: Event, emit: bool, per_netns: Counter):
         self.emit = emit                        # passes --reason and the process filters
@@ -88,37 +92,54 @@ class Template:
         self.per_netns = per_netns              # Session.netns_counts[netns]
         if not emit:
             return
-        text = reasons.explain(_Marked(ev))     # type: ignore[arg-type]
-        marks = (_LOCAL, _REMOTE, _UNREAD_MARK)
-        order = [marks.index(text[i:i + 3]) for i in range(len(text) - 2) if text[i:i + 3] in marks]
-        # (local, remote, unread) → the values in the order the explanation uses them
-        self.order = (lambda values: tuple(values[i] for i in order)) if order else None
-        if len(order) > 1:
-            self.order = operator.itemgetter(*order)
-        self.explanation = (text.replace("%", "%%").replace(_LOCAL, "%s").replace(_REMOTE, "%s")
-                            .replace(_UNREAD_MARK, "%s")) if order else text
         rec = records.event_record(ev)
         rec["time"], rec["ktime_ns"] = _M["time"], _M["ktime"]
         rec["local"] = {"addr": _M["laddr"], "port": _M["lport"]}
         rec["remote"] = {"addr": _M["raddr"], "port": _M["rport"]}
         sock = rec["socket"] = dict(rec["socket"], inode=_M["inode"], cookie=_M["cookie"])
-        self.unread = sock["unread_bytes"] is not None     # None for minisockets: the whole shape alike
-        if self.unread:
+        if sock["unread_bytes"] is not None:    # None for minisockets: the whole shape alike
             sock["unread_bytes"] = _M["unread"]
         rec["explanation"] = _M["explanation"]
         line = orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).replace(b"%", b"%%")
+        order: list[str] = []
         at = -1
         for name, form in _SLOTS:
             mark = b'"' + _M[name].encode() + b'"'
-            if name == "unread" and not self.unread:
+            if name == "unread" and sock["unread_bytes"] is None:
                 continue
             where = line.find(mark)
             if where < at or line.count(mark) != 1:
                 raise RuntimeError(f"event record field {name!r} moved: the fast path's slots follow "
                                    "records.event_record()")
             at = where
+            if form is None:                    # the explanation: its own parts, JSON-escaped once
+                form, parts = _explanation_format(ev)
+                order += parts
+            else:
+                order.append(name)
             line = line.replace(mark, form)
         self.line = line
+        self.values = operator.itemgetter(*(_VALUE[name] for name in order))
+
+
+def _explanation_format(ev: Event) -> tuple[bytes, list[str]]:
+    """The event's explanation as a JSON string with %-slots where the per-event parts go (local and
+    remote endpoint, unread bytes: plain ASCII, nothing to escape), and which part goes where."""
+    text = reasons.explain(_Marked(ev))     # type: ignore[arg-type]
+    form, parts = b'"', []
+    while True:
+        found = [(text.find(m), m) for m in (_LOCAL, _REMOTE, _UNREAD_MARK) if m in text]
+        if not found:
+            break
+        where, mark = min(found)
+        form += _json_inner(text[:where]).replace(b"%", b"%%") + (b"%d" if mark == _UNREAD_MARK else b"%s")
+        parts.append(mark)
+        text = text[where + len(mark):]
+    return form + _json_inner(text).replace(b"%", b"%%") + b'"', parts
+
+
+def _json_inner(text: str) -> bytes:
+    return orjson.dumps(text)[1:-1]
 
 
 class FastPath:
@@ -132,7 +153,8 @@ class FastPath:
         self.templates: dict[tuple, Template] = {}
         self._expires = time.monotonic() + TEMPLATE_TTL_S
         self.fast = self.slow = 0               # events each way (tests, benchmarks)
-        self._addrs: dict[bytes, tuple[str, bytes]] = {}
+        self._addrs4: dict[bytes, bytes] = {}
+        self._addrs6: dict[bytes, bytes] = {}
         self._second, self._second_text = -1, b""
 
     def key(self, t: tuple) -> tuple | None:
@@ -158,13 +180,13 @@ class FastPath:
         decoder = self.decoder
         decoder.refresh()
         size = record.EVENT_SIZE
-        templates = self.templates
+        templates, key_of = self.templates, self.key
         plan: list[tuple] = []
         slow: list[Event] = []
         for t in RING_RECORD.iter_unpack(chunk):
             if t[0] != size:
                 continue                        # discarded in the kernel
-            key = self.key(t)
+            key = key_of(t)
             tmpl = templates.get(key) if key is not None else None
             if tmpl is None:
                 ev = decoder._event(t)
@@ -175,63 +197,65 @@ class FastPath:
         if slow:
             self.attributor.prepare(slow)
         s = self.session
-        count = s.options.count
+        count, limit, counts = s.options.count, s.limit, s.counts
+        wall = decoder._mono_to_wall
+        text_time, addr4, addr6 = self._time, self._addr4, self._addr6
         lines: list[bytes] = []
         for t, key, what in plan:
             if s._stop and count is not None and s.emitted >= count:
                 break
-            if type(what) is Template:
-                self.fast += 1
-                self._fill(t, what, lines)
+            if type(what) is not Template:
+                self.slow += 1
+                if lines:                       # keep ring order
+                    self._write(lines)
+                    lines = []
+                passed = s.handle(what)
+                if key is not None and key not in templates:
+                    templates[key] = Template(what, passed, s.netns_counts[what.netns])
                 continue
-            self.slow += 1
-            if lines:                           # keep ring order
-                self._write(lines)
-                lines = []
-            passed = s.handle(what)
-            if key is not None and key not in templates:
-                templates[key] = Template(what, passed, s.netns_counts[what.netns])
+            # What Session.handle does for an event of this shape, from the raw record.
+            self.fast += 1
+            what.per_netns[what.kind] += 1
+            if not what.emit:
+                continue
+            if limit is not None and not limit.allow(time.monotonic(), what.kind, what.reason):
+                continue
+            counts[what.count_key] += 1
+            lport, rport = t[_LPORT], t[_RPORT]
+            if t[_FAMILY] == AF_INET6:
+                laddr, raddr = addr6(t[_LADDR]), addr6(t[_RADDR])
+                local, remote = b"[%s]:%d" % (laddr, lport), b"[%s]:%d" % (raddr, rport)
+            else:
+                laddr, raddr = addr4(t[_LADDR]), addr4(t[_RADDR])
+                local, remote = b"%s:%d" % (laddr, lport), b"%s:%d" % (raddr, rport)
+            ktime, ino, cookie = t[_KTIME], t[_INO], t[_COOKIE]
+            lines.append(what.line % what.values((
+                text_time(ktime + wall), ktime, laddr, lport, raddr, rport, b"%d" % ino if ino else b"null",
+                b"%d" % cookie if cookie else b"null", t[_UNREAD], local, remote)))
+            s.emitted += 1
+            if count is not None and s.emitted >= count:
+                s._stop = True
         if lines:
             self._write(lines)
         return len(plan)
 
-    def _fill(self, t: tuple, tmpl: Template, lines: list) -> None:
-        """What Session.handle does for an event of this shape, from the raw record."""
-        s = self.session
-        tmpl.per_netns[tmpl.kind] += 1
-        if not tmpl.emit:
-            return
-        if s.limit is not None and not s.limit.allow(time.monotonic(), tmpl.kind, tmpl.reason):
-            return
-        s.counts[tmpl.count_key] += 1
-        lport, rport = t[_LPORT], t[_RPORT]
-        if t[_FAMILY] == AF_INET6:
-            laddr, laddr_b = self._addr(t[_LADDR], AF_INET6)
-            raddr, raddr_b = self._addr(t[_RADDR], AF_INET6)
-            local, remote = f"[{laddr}]:{lport}", f"[{raddr}]:{rport}"
-        else:
-            laddr, laddr_b = self._addr(t[_LADDR][:4], AF_INET)
-            raddr, raddr_b = self._addr(t[_RADDR][:4], AF_INET)
-            local, remote = f"{laddr}:{lport}", f"{raddr}:{rport}"
-        order = tmpl.order
-        explanation = tmpl.explanation % order((local, remote, t[_UNREAD])) if order else tmpl.explanation
-        ktime, ino, cookie = t[_KTIME], t[_INO], t[_COOKIE]
-        head = (self._time(ktime + self.decoder._mono_to_wall), ktime, laddr_b, lport, raddr_b, rport,
-                b"%d" % ino if ino else b"null", b"%d" % cookie if cookie else b"null")
-        lines.append(tmpl.line % (head + (t[_UNREAD], orjson.dumps(explanation)) if tmpl.unread
-                                  else head + (orjson.dumps(explanation),)))
-        s.emitted += 1
-        if s.options.count is not None and s.emitted >= s.options.count:
-            s._stop = True
-
-    def _addr(self, raw: bytes, family: int) -> tuple[str, bytes]:
-        text = self._addrs.get(raw)
+    def _addr4(self, raw: bytes) -> bytes:
+        text = self._addrs4.get(raw)
         if text is None:
-            if len(self._addrs) > 65536:
-                self._addrs.clear()
-            name = self.decoder._text_addr(raw, family)
-            text = self._addrs[raw] = (name, name.encode())
+            text = self._addrs4[raw] = self._remember(raw[:4], AF_INET)
         return text
+
+    def _addr6(self, raw: bytes) -> bytes:
+        text = self._addrs6.get(raw)
+        if text is None:
+            text = self._addrs6[raw] = self._remember(raw, AF_INET6)
+        return text
+
+    def _remember(self, raw: bytes, family: int) -> bytes:
+        if len(self._addrs4) + len(self._addrs6) > 65536:
+            self._addrs4.clear()
+            self._addrs6.clear()
+        return self.decoder._text_addr(raw, family).encode()
 
     def _time(self, ns: int) -> bytes:
         """records.rfc3339(), as bytes, the whole seconds part made once a second."""
