@@ -107,3 +107,18 @@ def test_kernel_symbols_out_of_address_order_are_sorted(tmp_path):
     assert ks.name(0xffffffff81000000 + 0x100 * 7 + 5) == "fn7"
     assert ks.name(0xffffffffa0000008) == "mod_fn"
     assert ks.name(0xffffffff81000000 + 0x100 * 3000) == "fn3000"
+
+
+def test_core_kernel_names_are_kept_for_the_next_run_of_this_boot(tmp_path):
+    f = tmp_path / "kallsyms"
+    f.write_text(KALLSYMS + "ffffffffc0201000 t ftrace_trampoline\t[__builtin__ftrace]\n")
+    first = KernelSymbols(str(f), cache=str(tmp_path / "cache"))
+    assert first.name(0xffffffff81000000 + 0x100 * 42 + 3) == "fn42"
+    assert first.name(0xffffffffc0201004) == "ftrace_trampoline"
+    first.save()
+    f.unlink()                                   # the next run finds it all in the cache ...
+    again = KernelSymbols(str(f), cache=str(tmp_path / "cache"))
+    assert again.name(0xffffffff81000000 + 0x100 * 42 + 3) == "fn42"
+    with pytest.raises(FileNotFoundError):       # ... except a module's symbol: modules move
+        again.name(0xffffffffc0201004)
+    assert oct((tmp_path / "cache").stat().st_mode & 0o777) == "0o700"

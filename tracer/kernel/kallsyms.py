@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import json
 import os
 import re
 import tempfile
@@ -130,8 +131,9 @@ class KernelSymbols:
 
     CHUNK = 1 << 20
 
-    def __init__(self, path: str = "/proc/kallsyms"):
+    def __init__(self, path: str = "/proc/kallsyms", cache: str | None = None):
         self.path = path
+        self.cache = BootCache(cache) if cache else None
         self._chunks: list[bytes] = []            # whole lines, in address order
         self._firsts: list[int] = []              # address of each chunk's first line
         self._parsed: dict[int, tuple[list[int], list[int]]] = {}   # chunk → (line offsets, addresses)
@@ -141,6 +143,21 @@ class KernelSymbols:
         self._done = False
 
     def name(self, addr: int) -> str:
+        if self.cache is not None:
+            known = self.cache.get(addr)
+            if known is not None:
+                return known
+        name, core = self._lookup(addr)
+        if self.cache is not None and core:
+            self.cache.put(addr, name)
+        return name
+
+    def save(self) -> None:
+        if self.cache is not None:
+            self.cache.save()
+
+    def _lookup(self, addr: int) -> tuple[str, bool]:
+        """The name, and whether it is the core kernel's (a module's line ends with [module])."""
         while not self._done and addr > self._last:
             self._read_chunk()
         i = bisect.bisect_right(self._firsts, addr) - 1
@@ -149,12 +166,13 @@ class KernelSymbols:
                 self._read_chunk()
             i = bisect.bisect_right(self._firsts, addr) - 1
         if i < 0:
-            return "[unknown]"
+            return "[unknown]", False
         offsets, addrs = self._lines(i)
         start = offsets[bisect.bisect_right(addrs, addr) - 1]
         chunk = self._chunks[i]
         end = chunk.find(b"\n", start)
-        return chunk[start + 19:end if end >= 0 else len(chunk)].split(b"\t")[0].decode(errors="replace")
+        name, _, module = chunk[start + 19:end if end >= 0 else len(chunk)].partition(b"\t")
+        return name.decode(errors="replace"), not module
 
     def _lines(self, i: int) -> tuple[list[int], list[int]]:
         parsed = self._parsed.get(i)
@@ -199,3 +217,47 @@ class KernelSymbols:
         self._last = -1
         for at in range(0, len(lines), 8192):
             self._add(b"\n".join(lines[at:at + 8192]))
+
+
+class BootCache:
+    """Names of the core kernel's functions met in earlier runs since this boot, so that a run need
+    not read /proc/kallsyms at all (~50 ms of CPU at its first event). Valid for one boot: core
+    kernel text does not move until the next one (KASLR picks its place at boot); a module's may,
+    so modules' names are never kept. A small JSON file in a root-only directory of /run (tmpfs:
+    gone at reboot), named after the boot id; unreadable or unwritable, it is simply not used."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = None
+        self._names: dict[int, str] = {}
+        self._new = False
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+            self.path = os.path.join(directory, f"kernel-symbols-{boot}.json")
+            with open(self.path) as f:
+                self._names = {int(k, 16): v for k, v in json.load(f).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def get(self, addr: int) -> str | None:
+        return self._names.get(addr)
+
+    def put(self, addr: int, name: str) -> None:
+        if len(self._names) < 65536:
+            self._names[addr] = name
+            self._new = True
+
+    def save(self) -> None:
+        if not (self._new and self.path):
+            return
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({f"{a:x}": n for a, n in self._names.items()}, f)
+            os.replace(tmp, self.path)
+            self._new = False
+        except OSError:
+            pass

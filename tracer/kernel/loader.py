@@ -29,6 +29,7 @@ from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 # ahead of the reader in 2 s, with room to spare: a burst is absorbed, then written. Resident once
 # mapped (ringbuf.py), after the compiler's memory went back: the peak stays the compile's.
 DEFAULT_RING_MB = 32
+SYMBOL_CACHE_DIR = "/run/rsttrace"        # kernel function names met since boot (kallsyms.BootCache)
 
 
 def ring_pages(ring_mb: int) -> int:
@@ -200,7 +201,7 @@ class RstProgram:
         name = self._ksyms.get(addr)
         if name is None:
             if self._symbols is None:
-                self._symbols = KernelSymbols()
+                self._symbols = KernelSymbols(cache=SYMBOL_CACHE_DIR)
             name = self._symbols.name(addr)
             if len(self._ksyms) < 65536:       # kernel text addresses: a small set in practice
                 self._ksyms[addr] = name
@@ -220,6 +221,8 @@ class RstProgram:
 
     def close(self) -> None:
         """Detach every program and free every map (idempotent)."""
+        if getattr(self, "_symbols", None) is not None:
+            self._symbols.save()
         bpf, self.bpf = getattr(self, "bpf", None), None
         if bpf is not None:
             bpf.cleanup()
