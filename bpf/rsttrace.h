@@ -4,7 +4,8 @@
  * with ctypes, and tests/unit/test_record_layout.py compiles this header with the system C compiler
  * and checks every field's offset and size against the Python side. Change both or neither.
  *
- * Fields are ordered largest first so that the struct has no hidden padding.
+ * Fields are grouped (this connection / the event's shape / this connection), each group ordered so
+ * that the struct has no hidden padding (only 4 bytes at the end, to its 8-byte alignment).
  */
 #ifndef RSTTRACE_H
 #define RSTTRACE_H
@@ -55,10 +56,13 @@ enum rsttrace_hook {
 #define RSTTRACE_F_UNREAD       0x80  /* unread_bytes > 0 */
 
 struct rsttrace_event {
+	/* This connection, at this moment. */
 	__u64 ktime_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u64 skaddr;           /* kernel socket address, identity only (0: no socket) */
 	__u64 sock_cookie;      /* socket cookie where the hook gives one, else 0 */
 	__u64 sock_ino;         /* inode of the owning struct socket (0: orphaned / none) */
+	/* The event's shape, from linger_jiffies to owner_comm: what happened, where in the kernel, who
+	 * — the same bytes for every event of a storm (tracer/fastpath.py keys its templates on them). */
 	__u64 linger_jiffies;   /* sk_lingertime when RSTTRACE_F_LINGER */
 	__u64 callers[RSTTRACE_CALLERS]; /* innermost kernel frames, for evidence */
 	__u32 kind;             /* enum rsttrace_kind */
@@ -67,6 +71,18 @@ struct rsttrace_event {
 	__u32 uid;
 	__u32 netns;            /* network namespace inode */
 	__s32 state;            /* TCP state of the socket, 0 if none */
+	__u32 owner_tgid;       /* listener events: the process that called listen(); RSTs on a client
+	                         * socket: the process that called connect() (0: not seen) */
+	__u16 family;           /* AF_INET / AF_INET6 */
+	__u8 flags;             /* RSTTRACE_F_* */
+	__u8 tcp_flags;         /* flags of the segment a reply RST answered / a drop concerned (0: none) */
+	__u8 verdict;           /* enum rsttrace_verdict: what the listener decided for a SYN */
+	__u8 hook;              /* enum rsttrace_hook: the kernel function hooked (function hooks only) */
+	__u8 syncookies;        /* net.ipv4.tcp_syncookies of that netns */
+	__u8 abort_on_overflow; /* net.ipv4.tcp_abort_on_overflow of that netns */
+	char comm[RSTTRACE_COMM_LEN];
+	char owner_comm[RSTTRACE_COMM_LEN]; /* comm of owner_tgid, when it called listen()/connect() */
+	/* This connection again: bytes, queues, endpoints. */
 	__u32 unread_bytes;     /* rcv_nxt - copied_seq: received, never read by the application */
 	__u32 accept_qlen;      /* listener sk_ack_backlog (RSTTRACE_F_QUEUES) */
 	__u32 accept_qmax;      /* listener sk_max_ack_backlog */
@@ -74,21 +90,10 @@ struct rsttrace_event {
 	__u32 somaxconn;        /* net.core.somaxconn of the listener's netns (RSTTRACE_F_QUEUES) */
 	__u32 max_syn_backlog;  /* net.ipv4.tcp_max_syn_backlog of that netns */
 	__s32 listen_backlog;   /* the backlog argument given to listen(), -1 if not seen */
-	__u32 owner_tgid;       /* listener events: the process that called listen(); RSTs on a client
-	                         * socket: the process that called connect() (0: not seen) */
-	__u16 family;           /* AF_INET / AF_INET6 */
 	__u16 lport;            /* host byte order */
 	__u16 rport;
-	__u8 flags;             /* RSTTRACE_F_* */
-	__u8 tcp_flags;         /* flags of the segment a reply RST answered / a drop concerned (0: none) */
-	__u8 syncookies;        /* net.ipv4.tcp_syncookies of that netns */
-	__u8 abort_on_overflow; /* net.ipv4.tcp_abort_on_overflow of that netns */
-	__u8 verdict;           /* enum rsttrace_verdict: what the listener decided for a SYN */
-	__u8 hook;              /* enum rsttrace_hook: the kernel function hooked (function hooks only) */
 	__u8 laddr[16];         /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
-	char comm[RSTTRACE_COMM_LEN];
-	char owner_comm[RSTTRACE_COMM_LEN]; /* comm of owner_tgid, when it called listen()/connect() */
 };
 
 /* Key of the exact per-CPU counts map: enough of the event for user space to name the reason

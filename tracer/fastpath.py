@@ -20,6 +20,7 @@ looked up again, as the normal path would.
 from __future__ import annotations
 
 import operator
+import struct
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ import orjson
 
 from .enrich import reasons
 from .events import record
-from .events.decode import RING_RECORD, Event, _F
+from .events.decode import RING_RECORD, Event
 from .sinks import records
 
 if TYPE_CHECKING:
@@ -37,16 +38,20 @@ if TYPE_CHECKING:
 TEMPLATE_TTL_S = 5.0
 MAX_TEMPLATES = 4096
 
-# Everything of the record that the shape is made of (besides the per-event fields below).
-_SHAPE = operator.itemgetter(*(_F[name] for name in (
-    "kind", "kernel_reason", "tgid", "uid", "netns", "state", "owner_tgid", "family", "flags", "tcp_flags",
-    "verdict", "hook", "comm", "owner_comm", "linger_jiffies")), *range(_F["callers"].start, _F["callers"].stop))
-_KIND, _FLAGS, _OWNER, _INO, _COOKIE = _F["kind"], _F["flags"], _F["owner_tgid"], _F["sock_ino"], _F["sock_cookie"]
-_FAMILY = _F["family"]
+# The fields the fast path reads from each record (the rest are skipped bytes: no Python objects made
+# of them), after the ring's 8-byte header; the shape is the record's bytes from linger_jiffies to
+# owner_comm (bpf/rsttrace.h groups them), sliced straight out of the chunk.
+_READ = ("ktime_ns", "sock_ino", "sock_cookie", "kind", "owner_tgid", "family", "flags", "unread_bytes", "lport",
+         "rport", "laddr", "raddr")
+_format, _at = record.struct_layout(record.RawEvent, set(_READ))
+_STRIDE = RING_RECORD.size
+FAST_RECORD = struct.Struct("<I4x" + _format[1:] + "x" * (_STRIDE - 8 - record.EVENT_SIZE))
+(_KTIME, _INO, _COOKIE, _KIND, _OWNER, _FAMILY, _FLAGS, _UNREAD, _LPORT, _RPORT, _LADDR, _RADDR) = (
+    _at[name] + 1 for name in _READ)
+SHAPE = slice(8 + record.RawEvent.linger_jiffies.offset,
+              8 + record.RawEvent.owner_comm.offset + record.RawEvent.owner_comm.size)
 F_QUEUES, F_SOFTIRQ = record.F_QUEUES, record.F_SOFTIRQ
 AF_INET, AF_INET6 = 2, 10
-_KTIME, _LADDR, _LPORT, _RADDR, _RPORT, _UNREAD = (_F[n] for n in ("ktime_ns", "laddr", "lport", "raddr", "rport",
-                                                                   "unread_bytes"))
 _RST_KINDS = {value for value, name in record.KIND_NAMES.items() if name in ("rst_sent", "rst_received")}
 
 # Markers for the per-event fields, in the record and in the explanation.
@@ -157,12 +162,12 @@ class FastPath:
         self._addrs6: dict[bytes, bytes] = {}
         self._second, self._second_text = -1, b""
 
-    def key(self, t: tuple) -> tuple | None:
-        """The shape of a raw record, or None if the shape does not decide its enrichment."""
+    def key(self, t: tuple, shape: bytes) -> bytes | tuple | None:
+        """The shape of a record (t: its FAST_RECORD fields), or None if the shape does not decide
+        its enrichment."""
         flags = t[_FLAGS]
         if t[_KIND] not in _RST_KINDS or flags & F_QUEUES:
             return None
-        shape = _SHAPE(t)
         if flags & F_SOFTIRQ or not self.attributor.context_known:
             if t[_OWNER]:
                 return shape                    # the process seen calling connect()
@@ -183,13 +188,15 @@ class FastPath:
         templates, key_of = self.templates, self.key
         plan: list[tuple] = []
         slow: list[Event] = []
-        for t in RING_RECORD.iter_unpack(chunk):
+        at = -_STRIDE
+        for t in FAST_RECORD.iter_unpack(chunk):
+            at += _STRIDE
             if t[0] != size:
                 continue                        # discarded in the kernel
-            key = key_of(t)
+            key = key_of(t, chunk[at + SHAPE.start:at + SHAPE.stop])
             tmpl = templates.get(key) if key is not None else None
             if tmpl is None:
-                ev = decoder._event(t)
+                ev = decoder._event(RING_RECORD.unpack_from(chunk, at))
                 slow.append(ev)
                 plan.append((t, key, ev))
             else:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -116,6 +117,10 @@ class Session:
         # per-packet sk_data_ready hook goes (_learn_older_listeners).
         self._learning_listeners = bool(self.options.ports) and "-DHAVE_SK_DATA_READY" in self.plan.macros
         self.attached_at = time.monotonic()
+        # What start-up made (bcc, LLVM's Python side, modules) lives until exit: out of the cyclic
+        # GC's sight, and collections rarer — the event path makes no cycles (~5 % of its CPU).
+        gc.freeze()
+        gc.set_threshold(5000, 20, 20)
         for sink in self.sinks:
             start = getattr(sink, "start", None)      # sinks with threads start them now (kernel/kallsyms.py)
             if start is not None:

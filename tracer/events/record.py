@@ -43,12 +43,18 @@ with open(EVENT_HEADER) as _f:
     DEFINES, ENUMS, STRUCTS = _parse_header(_f.read())
 
 
-def struct_layout(cls) -> tuple[str, dict[str, int | slice]]:
+def struct_layout(cls, only: set[str] | None = None) -> tuple[str, dict[str, int | slice]]:
     """A `struct` format for a ctypes structure (little-endian; fields in the header are ordered so
     that only the tail pads to the struct's alignment), and where each field lands in the unpacked
-    tuple: an index, or a slice for arrays of numbers."""
+    tuple: an index, or a slice for arrays of numbers. With `only`, the other fields are skipped
+    (pad bytes: nothing made of them)."""
     fmt, where, at = "<", {}, 0
     for name, ctype in cls._fields_:
+        if struct.calcsize(fmt) != getattr(cls, name).offset:
+            raise ValueError(f"{cls.__name__}.{name}: padding before it (reorder the header's fields)")
+        if only is not None and name not in only:
+            fmt += f"{ctypes.sizeof(ctype)}x"
+            continue
         if issubclass(ctype, ctypes.Array):
             base, n = ctype._type_, ctype._length_
             if base is ctypes.c_char or base is ctypes.c_uint8:      # text and raw bytes: one bytes item
