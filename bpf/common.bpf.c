@@ -235,14 +235,32 @@ static __always_inline __u32 netns_of_skb(void *skb)
 	return netns_of_net(net);
 }
 
+/* skb->head, ->network_header and ->transport_header: one read where they sit within 32 bytes of
+ * each other (the loader defines SKB_SPAN_LO/LEN then; 6.18: bytes 178-199), else three. These
+ * run for every packet the host receives while a listener on a traced port exists. */
+static __always_inline void read_skb_offsets(void *skb, unsigned char **head, __u16 *nh, __u16 *th)
+{
+#ifdef SKB_SPAN_LO
+	__u8 f[SKB_SPAN_LEN] = {};
+	if (bpf_probe_read_kernel(f, sizeof(f), skb + SKB_SPAN_LO) != 0)
+		return;
+	__builtin_memcpy(head, f + (OFF_SKB_HEAD - SKB_SPAN_LO), sizeof(*head));
+	__builtin_memcpy(nh, f + (OFF_SKB_NETWORK_HEADER - SKB_SPAN_LO), sizeof(*nh));
+	__builtin_memcpy(th, f + (OFF_SKB_TRANSPORT_HEADER - SKB_SPAN_LO), sizeof(*th));
+#else
+	bpf_probe_read_kernel(head, sizeof(*head), skb + OFF_SKB_HEAD);
+	bpf_probe_read_kernel(nh, sizeof(*nh), skb + OFF_SKB_NETWORK_HEADER);
+	bpf_probe_read_kernel(th, sizeof(*th), skb + OFF_SKB_TRANSPORT_HEADER);
+#endif
+}
+
 /* TCP flags byte of a received segment (the one a reply RST answers). */
 static __always_inline __u8 tcp_flags_of_skb(void *skb)
 {
 	unsigned char *head = 0;
-	__u16 thoff = 0;
+	__u16 nh = 0, thoff = 0;
 	__u8 flags = 0;
-	bpf_probe_read_kernel(&head, sizeof(head), skb + OFF_SKB_HEAD);
-	bpf_probe_read_kernel(&thoff, sizeof(thoff), skb + OFF_SKB_TRANSPORT_HEADER);
+	read_skb_offsets(skb, &head, &nh, &thoff);
 	if (head)
 		bpf_probe_read_kernel(&flags, sizeof(flags), head + thoff + 13);
 	return flags;
@@ -358,18 +376,31 @@ static __always_inline void read_socket(void *sk, struct rsttrace_event *e)
 }
 
 #ifdef CONNECT_OWNERS
-/* In connect(): remember who connects this socket, if it goes to a traced port. */
+/* In connect(): remember who connects this socket, if it goes to a traced port. skc_daddr, skc_dport
+ * and skc_family open struct sock_common: one read where they sit within 32 bytes (SKC_SPAN_LO/LEN
+ * from the loader; 6.18: bytes 0-17), else three. Runs at every connect() on the host. */
 static __always_inline void remember_connector(void *sk)
 {
 	__u16 family = 0, dport = 0;
+	__u32 daddr = 0;
+#ifdef SKC_SPAN_LO
+	__u8 f[SKC_SPAN_LEN] = {};
+	if (bpf_probe_read_kernel(f, sizeof(f), sk + SKC_SPAN_LO) != 0)
+		return;
+	__builtin_memcpy(&dport, f + (OFF_SOCK_DPORT - SKC_SPAN_LO), sizeof(dport));
+	__builtin_memcpy(&family, f + (OFF_SOCK_FAMILY - SKC_SPAN_LO), sizeof(family));
+	__builtin_memcpy(&daddr, f + (OFF_SOCK_DADDR - SKC_SPAN_LO), sizeof(daddr));
+#else
 	bpf_probe_read_kernel(&dport, sizeof(dport), sk + OFF_SOCK_DPORT);
+	bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SOCK_FAMILY);
+	bpf_probe_read_kernel(&daddr, sizeof(daddr), sk + OFF_SOCK_DADDR);
+#endif
 	dport = (dport >> 8) | (dport << 8);          /* skc_dport is big-endian */
 	if (!port_wanted(0, dport))
 		return;
-	bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SOCK_FAMILY);
 	struct connector c = {};
 	if (family == AF_INET)
-		bpf_probe_read_kernel(&c.raddr, 4, sk + OFF_SOCK_DADDR);
+		__builtin_memcpy(&c.raddr, &daddr, 4);
 	else if (family == AF_INET6)
 		bpf_probe_read_kernel(&c.raddr, 16, sk + OFF_SOCK_V6_DADDR);
 	else
@@ -429,35 +460,38 @@ static __always_inline void parse_segment(void *skb, int transport_known, struct
 {
 	unsigned char *head = 0;
 	__u16 nh = 0, th = 0;
-	__u8 ip[40] = {};          /* an IPv4 header without options fits the first 20 bytes */
-	bpf_probe_read_kernel(&head, sizeof(head), skb + OFF_SKB_HEAD);
-	bpf_probe_read_kernel(&nh, sizeof(nh), skb + OFF_SKB_NETWORK_HEADER);
-	if (!head || bpf_probe_read_kernel(ip, 20, head + nh) != 0)
+	read_skb_offsets(skb, &head, &nh, &th);
+	/* An IPv6 header and a TCP header, or an IPv4 one without options and a TCP header: one read
+	 * covers both in the usual case (the head buffer has room past the headers: skb_shared_info). */
+	__u8 pkt[54] = {};
+	if (!head || bpf_probe_read_kernel(pkt, sizeof(pkt), head + nh) != 0)
 		return;
-	__u8 proto;
-	if ((ip[0] >> 4) == 4) {
-		proto = ip[9];
-		th = nh + (ip[0] & 0xf) * 4;
+	__u8 proto, hlen;
+	if ((pkt[0] >> 4) == 4) {
+		proto = pkt[9];
+		hlen = (pkt[0] & 0xf) * 4;
 		seg->family = AF_INET;
-		__builtin_memcpy(seg->saddr, ip + 12, 4);
-		__builtin_memcpy(seg->daddr, ip + 16, 4);
-	} else if ((ip[0] >> 4) == 6) {
-		proto = ip[6];                   /* extension headers are not followed */
-		th = nh + 40;
+		__builtin_memcpy(seg->saddr, pkt + 12, 4);
+		__builtin_memcpy(seg->daddr, pkt + 16, 4);
+	} else if ((pkt[0] >> 4) == 6) {
+		proto = pkt[6];                  /* extension headers are not followed */
+		hlen = 40;
 		seg->family = AF_INET6;
-		if (proto == IPPROTO_TCP)
-			bpf_probe_read_kernel(ip + 20, 20, head + nh + 20);
-		__builtin_memcpy(seg->saddr, ip + 8, 16);
-		__builtin_memcpy(seg->daddr, ip + 24, 16);
+		__builtin_memcpy(seg->saddr, pkt + 8, 16);
+		__builtin_memcpy(seg->daddr, pkt + 24, 16);
 	} else {
 		return;
 	}
 	if (proto != IPPROTO_TCP)
 		return;
-	if (transport_known)
-		bpf_probe_read_kernel(&th, sizeof(th), skb + OFF_SKB_TRANSPORT_HEADER);
+	if (!transport_known)
+		th = nh + hlen;
 	__u8 tcp[14] = {};                  /* ports, sequence and ack numbers, offset, flags */
-	if (bpf_probe_read_kernel(tcp, sizeof(tcp), head + th) != 0)
+	if (th == nh + 20)
+		__builtin_memcpy(tcp, pkt + 20, sizeof(tcp));
+	else if (th == nh + 40)
+		__builtin_memcpy(tcp, pkt + 40, sizeof(tcp));
+	else if (bpf_probe_read_kernel(tcp, sizeof(tcp), head + th) != 0)
 		return;
 	seg->sport = (__u16)tcp[0] << 8 | tcp[1];
 	seg->dport = (__u16)tcp[2] << 8 | tcp[3];

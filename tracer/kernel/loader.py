@@ -48,6 +48,11 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], 
                  ring_mb: int = DEFAULT_RING_MB) -> list[str]:
     flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(ring_mb)}", *plan.macros]
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
+    # Fields the per-packet and per-connect hooks read together, in one read where they sit close
+    # (bpf/common.bpf.c: read_skb_offsets, remember_connector).
+    flags += span_macros("SKB_SPAN", offsets, (("OFF_SKB_HEAD", 8), ("OFF_SKB_NETWORK_HEADER", 2),
+                                               ("OFF_SKB_TRANSPORT_HEADER", 2)))
+    flags += span_macros("SKC_SPAN", offsets, (("OFF_SOCK_DADDR", 4), ("OFF_SOCK_DPORT", 2), ("OFF_SOCK_FAMILY", 2)))
     if caps.rst_reason:
         flags.append("-DHAVE_RST_REASON")
     if caps.receive_reset is not None and caps.receive_reset.has("sock_cookie"):
@@ -65,6 +70,16 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], 
         lo, hi = ranges[i] if i < len(ranges) else (0, 0)
         flags += [f"-DSOFTIRQ_LO{i}={lo}ULL", f"-DSOFTIRQ_HI{i}={hi}ULL"]
     return flags
+
+
+def span_macros(name: str, offsets: dict[str, int], fields: tuple[tuple[str, int], ...], most: int = 32) -> list[str]:
+    """-D{name}_LO/_LEN for one read that covers these (offset macro, size) fields, if they all sit
+    within `most` bytes of each other on this kernel."""
+    if not all(macro in offsets for macro, _ in fields):
+        return []
+    lo = min(offsets[macro] for macro, _ in fields)
+    hi = max(offsets[macro] + size for macro, size in fields)
+    return [f"-D{name}_LO={lo}", f"-D{name}_LEN={hi - lo}"] if hi - lo <= most else []
 
 
 @contextlib.contextmanager
