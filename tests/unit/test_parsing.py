@@ -5,6 +5,7 @@ import pytest
 
 from tracer.enrich import counters
 from tracer.kernel.btf import BTFError, KernelBTF
+from tracer.kernel.bootcache import BootCache
 from tracer.kernel.kallsyms import KernelSymbols, function_ranges
 from tracer.kernel.tracefs import parse_format
 from tests_paths import DATA
@@ -112,13 +113,23 @@ def test_kernel_symbols_out_of_address_order_are_sorted(tmp_path):
 def test_core_kernel_names_are_kept_for_the_next_run_of_this_boot(tmp_path):
     f = tmp_path / "kallsyms"
     f.write_text(KALLSYMS + "ffffffffc0201000 t ftrace_trampoline\t[__builtin__ftrace]\n")
-    first = KernelSymbols(str(f), cache=str(tmp_path / "cache"))
+    first = KernelSymbols(str(f), cache=BootCache(str(tmp_path / "cache")))
     assert first.name(0xffffffff81000000 + 0x100 * 42 + 3) == "fn42"
     assert first.name(0xffffffffc0201004) == "ftrace_trampoline"
     first.save()
     f.unlink()                                   # the next run finds it all in the cache ...
-    again = KernelSymbols(str(f), cache=str(tmp_path / "cache"))
+    again = KernelSymbols(str(f), cache=BootCache(str(tmp_path / "cache")))
     assert again.name(0xffffffff81000000 + 0x100 * 42 + 3) == "fn42"
     with pytest.raises(FileNotFoundError):       # ... except a module's symbol: modules move
         again.name(0xffffffffc0201004)
     assert oct((tmp_path / "cache").stat().st_mode & 0o777) == "0o700"
+
+
+def test_boot_cache_sections_are_keyed_by_what_made_them(tmp_path):
+    cache = BootCache(str(tmp_path))
+    cache.put("btf", {"offsets": {"OFF_X": 8}}, key="fields-v1")
+    cache.save()
+    again = BootCache(str(tmp_path))
+    assert again.get("btf", "fields-v1") == {"offsets": {"OFF_X": 8}}
+    assert again.get("btf", "fields-v2") is None          # another rsttrace's field list: not used
+    assert again.get("missing") is None

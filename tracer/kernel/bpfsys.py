@@ -13,7 +13,7 @@ import platform
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "s390x": 351, "ppc64le": 361, "riscv64": 280}.get(platform.machine())
 
-BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 17
+BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_PROG_GET_NEXT_ID, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 11, 17
 PROG_TYPE_SOCKET_FILTER, PROG_TYPE_KPROBE, PROG_TYPE_SCHED_CLS = 1, 2, 3
 PROG_TYPE_TRACEPOINT, PROG_TYPE_RAW_TRACEPOINT, PROG_TYPE_TRACING = 5, 17, 26
 BPF_TRACE_FENTRY = 24
@@ -95,3 +95,32 @@ def probe_ringbuf() -> int:
 
 def describe(err: int) -> str:
     return "ok" if err == 0 else f"{errno.errorcode.get(err, err)} ({os.strerror(err)})"
+
+
+def loaded_prog_ids() -> set[int]:
+    """Ids of every BPF program the kernel has loaded (BPF_PROG_GET_NEXT_ID: takes no reference)."""
+    ids: set[int] = set()
+    attr = (ctypes.c_char * 16)()
+    start = 0
+    while len(ids) < 1_000_000:
+        _put(attr, 0, 4, start)
+        rc, err = _bpf(BPF_PROG_GET_NEXT_ID, attr)
+        if rc < 0:
+            break            # ENOENT: no more
+        start = int.from_bytes(bytes(attr[4:8]), "little")
+        ids.add(start)
+    return ids
+
+
+def prog_ids_of_fds(fds) -> set[int]:
+    """The program ids behind these file descriptors of ours (their fdinfo says prog_id)."""
+    ids = set()
+    for fd in fds:
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return ids

@@ -6,13 +6,16 @@ recorded in the JSON stream — and what this kernel cannot show.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
-import threading
 import re
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from . import bpfsys
+from . import bpfsys, offsets
+from .bootcache import BootCache
 from .btf import VMLINUX_BTF, BTFError, KernelBTF
 from .offsets import resolve_offsets
 from .kallsyms import SOFTIRQ_ENTRY_FUNCTIONS, function_ranges
@@ -20,6 +23,9 @@ from .tracefs import TracefsError, TracepointFormat, read_format, tracefs_root
 
 KPROBE_FUNCTIONS = ("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_reset", "tcp_conn_request",
                     "tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
+# What cached BTF facts were made from (bootcache.py): another rsttrace (other fields, other
+# functions) must not take them. Changes with every edit of offsets.py or of the list above.
+BTF_FACTS_KEY = hashlib.sha1(Path(offsets.__file__).read_bytes() + repr(KPROBE_FUNCTIONS).encode()).hexdigest()
 
 # Capability bits (include/uapi/linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
@@ -190,17 +196,31 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
     caps.lockdown = _lockdown()
     caps.kernel_headers = os.path.isdir(f"/lib/modules/{caps.kernel}/build/include")
 
-    fentry_target = 0
+    # What BTF and kallsyms say does not change until the next boot: kept from an earlier run
+    # (bootcache.py), else read (~70 ms) and kept for the next one.
+    cache = BootCache()
+    try:      # the BTF file as it is now is part of the key: hidden or emptied, it is read (and fails)
+        btf_key = f"{BTF_FACTS_KEY}:{os.stat(VMLINUX_BTF).st_size}"
+    except OSError:
+        btf_key = None
+    btf_facts = cache.get("btf", btf_key) if btf_key else None
+    if btf_facts is None:
+        try:
+            with KernelBTF() as btf:
+                btf_facts = {"functions": {f: btf.find_function(f) for f in (*KPROBE_FUNCTIONS, "tcp_conn_request")},
+                             "offsets": resolve_offsets(btf)}
+            if btf_key:
+                cache.put("btf", btf_facts, btf_key)
+        except BTFError as err:
+            caps.btf_error = str(err)
     function_ids: dict[str, int] = {}
-    try:
-        with KernelBTF() as btf:
-            caps.btf = True
-            fentry_target = btf.find_function("tcp_conn_request")
-            function_ids = {f: btf.find_function(f) for f in KPROBE_FUNCTIONS}
-            caps.functions = {f for f, fid in function_ids.items() if fid}
-            caps.offsets = resolve_offsets(btf)
-    except BTFError as err:
-        caps.btf_error = str(err)
+    fentry_target = 0
+    if btf_facts is not None:
+        caps.btf = True
+        function_ids = {f: btf_facts["functions"][f] for f in KPROBE_FUNCTIONS}
+        fentry_target = btf_facts["functions"]["tcp_conn_request"]
+        caps.functions = {f for f, fid in function_ids.items() if fid}
+        caps.offsets = btf_facts["offsets"]
 
     try:
         caps.tracefs = tracefs_root(mount=mount_tracefs and caps.euid == 0)
@@ -228,10 +248,16 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         # Loading is not attaching: some functions refuse a trampoline (seen: tcp_v4_syn_recv_sock on 6.1).
         caps.fentry_functions = {f for f, fid in function_ids.items()
                                  if fid and bpfsys.probe_fentry_attach(fid) == 0}
-    try:
-        caps.softirq_ranges = function_ranges(SOFTIRQ_ENTRY_FUNCTIONS)
-    except OSError:
-        caps.softirq_ranges = {}
+    ranges = cache.get("softirq_ranges", ",".join(SOFTIRQ_ENTRY_FUNCTIONS))
+    if ranges is None:
+        try:
+            ranges = function_ranges(SOFTIRQ_ENTRY_FUNCTIONS)
+            if ranges:        # hidden addresses (kptr_restrict) may be shown later: not kept
+                cache.put("softirq_ranges", ranges, ",".join(SOFTIRQ_ENTRY_FUNCTIONS))
+        except OSError:
+            ranges = {}
+    caps.softirq_ranges = {name: tuple(span) for name, span in ranges.items()}
+    cache.save()
 
     loading.join()
     caps.bcc_version = _bcc_version()

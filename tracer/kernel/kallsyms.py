@@ -10,11 +10,12 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
-import json
 import os
 import re
 import tempfile
 import threading
+
+from .bootcache import BootCache
 
 # Every softirq runs through handle_softirqs() since Linux 6.8 (__do_softirq and ksoftirqd call it);
 # before that __do_softirq() itself was the entry. Either one on the stack means softirq context.
@@ -131,9 +132,11 @@ class KernelSymbols:
 
     CHUNK = 1 << 20
 
-    def __init__(self, path: str = "/proc/kallsyms", cache: str | None = None):
+    def __init__(self, path: str = "/proc/kallsyms", cache: BootCache | None = None):
         self.path = path
-        self.cache = BootCache(cache) if cache else None
+        self.cache = cache                        # names met in earlier runs of this boot (bootcache.py)
+        self._known: dict[str, str] = (cache.get("kernel_symbols") or {}) if cache else {}
+        self._new = False
         self._chunks: list[bytes] = []            # whole lines, in address order
         self._firsts: list[int] = []              # address of each chunk's first line
         self._parsed: dict[int, tuple[list[int], list[int]]] = {}   # chunk → (line offsets, addresses)
@@ -143,18 +146,20 @@ class KernelSymbols:
         self._done = False
 
     def name(self, addr: int) -> str:
-        if self.cache is not None:
-            known = self.cache.get(addr)
-            if known is not None:
-                return known
+        known = self._known.get(f"{addr:x}")
+        if known is not None:
+            return known
         name, core = self._lookup(addr)
-        if self.cache is not None and core:
-            self.cache.put(addr, name)
+        if core and len(self._known) < 65536:     # a module's symbol may move: never kept
+            self._known[f"{addr:x}"] = name
+            self._new = True
         return name
 
     def save(self) -> None:
-        if self.cache is not None:
+        if self.cache is not None and self._new:
+            self.cache.put("kernel_symbols", self._known)
             self.cache.save()
+            self._new = False
 
     def _lookup(self, addr: int) -> tuple[str, bool]:
         """The name, and whether it is the core kernel's (a module's line ends with [module])."""
@@ -218,46 +223,3 @@ class KernelSymbols:
         for at in range(0, len(lines), 8192):
             self._add(b"\n".join(lines[at:at + 8192]))
 
-
-class BootCache:
-    """Names of the core kernel's functions met in earlier runs since this boot, so that a run need
-    not read /proc/kallsyms at all (~50 ms of CPU at its first event). Valid for one boot: core
-    kernel text does not move until the next one (KASLR picks its place at boot); a module's may,
-    so modules' names are never kept. A small JSON file in a root-only directory of /run (tmpfs:
-    gone at reboot), named after the boot id; unreadable or unwritable, it is simply not used."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.path = None
-        self._names: dict[int, str] = {}
-        self._new = False
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                boot = f.read().strip()
-            self.path = os.path.join(directory, f"kernel-symbols-{boot}.json")
-            with open(self.path) as f:
-                self._names = {int(k, 16): v for k, v in json.load(f).items()}
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def get(self, addr: int) -> str | None:
-        return self._names.get(addr)
-
-    def put(self, addr: int, name: str) -> None:
-        if len(self._names) < 65536:
-            self._names[addr] = name
-            self._new = True
-
-    def save(self) -> None:
-        if not (self._new and self.path):
-            return
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({f"{a:x}": n for a, n in self._names.items()}, f)
-            os.replace(tmp, self.path)
-            self._new = False
-        except OSError:
-            pass

@@ -13,6 +13,7 @@ import mmap
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,8 @@ from ..events import record
 from ..paths import BPF_DIR, KERNEL_HEADERS_DIR
 from .capabilities import Capabilities
 from .hooks import HookPlan
+from . import bpfsys
+from .bootcache import BootCache
 from .kallsyms import KernelSymbols, short_kallsyms_for_bcc
 from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 
@@ -29,7 +32,6 @@ from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 # ahead of the reader in 2 s, with room to spare: a burst is absorbed, then written. Resident once
 # mapped (ringbuf.py), after the compiler's memory went back: the peak stays the compile's.
 DEFAULT_RING_MB = 32
-SYMBOL_CACHE_DIR = "/run/rsttrace"        # kernel function names met since boot (kallsyms.BootCache)
 
 
 def ring_pages(ring_mb: int) -> int:
@@ -216,7 +218,7 @@ class RstProgram:
         name = self._ksyms.get(addr)
         if name is None:
             if self._symbols is None:
-                self._symbols = KernelSymbols(cache=SYMBOL_CACHE_DIR)
+                self._symbols = KernelSymbols(cache=BootCache())
             name = self._symbols.name(addr)
             if len(self._ksyms) < 65536:       # kernel text addresses: a small set in practice
                 self._ksyms[addr] = name
@@ -235,12 +237,19 @@ class RstProgram:
                 detach(name)
 
     def close(self) -> None:
-        """Detach every program and free every map (idempotent)."""
+        """Detach every program and free every map (idempotent), and wait — up to 2 s — until the
+        kernel has let go of the programs too: a detached program is freed an RCU grace period after
+        its last reference, and after rsttrace exits `bpftool prog show` must list none of it."""
         if getattr(self, "_symbols", None) is not None:
             self._symbols.save()
         bpf, self.bpf = getattr(self, "bpf", None), None
-        if bpf is not None:
-            bpf.cleanup()
+        if bpf is None:
+            return
+        ours = bpfsys.prog_ids_of_fds(fn.fd for fn in bpf.funcs.values())
+        bpf.cleanup()
+        deadline = time.monotonic() + 2.0
+        while ours & bpfsys.loaded_prog_ids() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 def _return_freed_memory() -> None:
