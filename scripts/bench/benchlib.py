@@ -180,6 +180,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
         return [str(RSTTRACE), "--json", "-o", output, "--port", port_arg], None
     if tool == "bpftrace":
         return ["bpftrace", "-e", bpftrace_program(ports)], None
+    if tool == "floor":          # empty programs on rsttrace's hooks (floor.py); ports do not matter
+        return ["/usr/bin/python3", str(BENCH / "floor.py")], None
     if tool == "bcc":
         headers = kernel_headers()
         if headers is None:
@@ -189,7 +191,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     raise ValueError(tool)
 
 
-READY_WORDS = {"rsttrace": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets"}
+READY_WORDS = {"rsttrace": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
+               "floor": "attached: empty programs"}
 
 
 def peers_available() -> list[str]:

@@ -1,0 +1,45 @@
+#!/usr/bin/python3
+"""The floor of the overhead benchmark: empty BPF programs on the hooks rsttrace attaches on a kernel
+without kprobes (raw tracepoints sock:inet_sock_set_state, net:netif_receive_skb, skb:kfree_skb;
+tracepoints tcp:tcp_send_reset, tcp:tcp_receive_reset). Each returns at once, so what the connection
+storm loses with this attached is the kernel's own price of running a program on those hooks — what
+any tracer of listen-queue drops pays there — and rsttrace's figure above it is its own work.
+(bpftrace 0.17, Debian 12's, has no raw tracepoints; its tracepoints build a record first.)
+
+    /usr/bin/python3 scripts/bench/floor.py
+
+Compiled against rsttrace's own tiny header tree (bpf/kernel-headers: no kernel headers needed).
+Prints "attached: empty programs" on stderr once attached; exits on SIGINT or SIGTERM.
+"""
+import os
+import signal
+import sys
+from pathlib import Path
+
+from bcc import BPF
+
+PROGRAM = r"""
+enum sk_rst_reason { SK_RST_REASON_NOT_SPECIFIED };   /* named by the 6.10+ tcp_send_reset format */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }
+RAW_TRACEPOINT_PROBE(netif_receive_skb) { return 0; }
+RAW_TRACEPOINT_PROBE(kfree_skb) { return 0; }
+TRACEPOINT_PROBE(tcp, tcp_send_reset) { return 0; }
+TRACEPOINT_PROBE(tcp, tcp_receive_reset) { return 0; }
+"""
+
+
+def main() -> int:
+    os.environ["BCC_KERNEL_SOURCE"] = str(Path(__file__).resolve().parents[2] / "bpf" / "kernel-headers")
+    bpf = BPF(text=PROGRAM)
+    print("attached: empty programs", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    bpf.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
