@@ -52,6 +52,7 @@ class RingReader:
         # was 90 % empty).
         self._consumer_pos = memoryview(self._consumer).cast("Q")
         self._producer_pos = memoryview(self._producer)[:8].cast("Q")
+        self._words = self._data.cast("I")       # record headers, one native load each, likewise
         self._poll = select.epoll()
         self._poll.register(map_fd, select.EPOLLIN)
 
@@ -76,10 +77,9 @@ class RingReader:
         stride = self.stride
         # Headers first, then the data they vouch for (see the module note on ordering).
         if start + n * stride <= self.data_size:
-            headers = self._data[start:start + n * stride].cast("I")[::stride // 4].tolist()
+            headers = self._words[start // 4:(start + n * stride) // 4:stride // 4].tolist()
         else:
-            headers = [struct.unpack_from("<I", self._data, (start + i * stride) % self.data_size)[0]
-                       for i in range(n)]
+            headers = [self._words[(start + i * stride) % self.data_size // 4] for i in range(n)]
         committed = 0
         for length in headers:
             if length & BUSY_BIT:
@@ -102,6 +102,7 @@ class RingReader:
         self._poll.close()
         self._consumer_pos.release()
         self._producer_pos.release()
+        self._words.release()
         self._data.release()
         self._producer.close()
         self._consumer.close()
