@@ -80,6 +80,7 @@ class Capabilities:
     kernel_version: tuple[int, int, int] | None = None   # upstream x.y.z (see kernel_upstream_version)
     functions: set[str] = field(default_factory=set)   # kernel functions rsttrace may kprobe, present in BTF
     fentry_functions: set[str] = field(default_factory=set)   # of those, the ones fentry can attach to
+    boot_cache: BootCache | None = field(default=None, repr=False)   # read once here; the loader adds symbols
 
     def has_cap(self, bit: int) -> bool:
         return bool(self.effective_caps >> bit & 1)
@@ -198,7 +199,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
 
     # What BTF and kallsyms say does not change until the next boot: kept from an earlier run
     # (bootcache.py), else read (~70 ms) and kept for the next one.
-    cache = BootCache()
+    cache = caps.boot_cache = BootCache()
     try:      # the BTF file as it is now is part of the key: hidden or emptied, it is read (and fails)
         btf_key = f"{BTF_FACTS_KEY}:{os.stat(VMLINUX_BTF).st_size}"
     except OSError:

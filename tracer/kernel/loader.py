@@ -143,6 +143,7 @@ class RstProgram:
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         self._ksyms: dict[int, str] = {}
         self._symbols: KernelSymbols | None = None     # read on first use (kallsyms.py)
+        self._boot_cache = caps.boot_cache
         _return_freed_memory()
         failure = None
         with _quiet_stderr() as captured, short_kallsyms_for_bcc():
@@ -218,7 +219,7 @@ class RstProgram:
         name = self._ksyms.get(addr)
         if name is None:
             if self._symbols is None:
-                self._symbols = KernelSymbols(cache=BootCache())
+                self._symbols = KernelSymbols(cache=self._boot_cache or BootCache())
             name = self._symbols.name(addr)
             if len(self._ksyms) < 65536:       # kernel text addresses: a small set in practice
                 self._ksyms[addr] = name
