@@ -29,7 +29,7 @@ import orjson
 
 from .enrich import reasons
 from .events import record
-from .events.decode import RING_RECORD, Event
+from .events.decode import AF_INET, AF_INET6, CACHE_MAX, RING_RECORD, Event
 from .sinks import records
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ FAST_RECORD = struct.Struct("<I4x" + _format[1:] + "x" * (_STRIDE - 8 - record.E
 SHAPE = slice(8 + record.RawEvent.linger_jiffies.offset,
               8 + record.RawEvent.owner_comm.offset + record.RawEvent.owner_comm.size)
 F_QUEUES, F_SOFTIRQ = record.F_QUEUES, record.F_SOFTIRQ
-AF_INET, AF_INET6 = 2, 10
 _RST_KINDS = {value for value, name in record.KIND_NAMES.items() if name in ("rst_sent", "rst_received")}
 
 # Markers for the per-event fields, in the record and in the explanation.
@@ -259,7 +258,7 @@ class FastPath:
         return text
 
     def _remember(self, raw: bytes, family: int) -> bytes:
-        if len(self._addrs4) + len(self._addrs6) > 65536:
+        if len(self._addrs4) + len(self._addrs6) > CACHE_MAX:
             self._addrs4.clear()
             self._addrs6.clear()
         return self.decoder._text_addr(raw, family).encode()
