@@ -83,12 +83,28 @@ struct connector {
 BPF_TABLE("lru_hash", __u64, struct connector, connectors, 16384);
 #endif
 
-struct stack_scratch {
+/* Events are built in per-CPU scratch (a 208-byte record and a 48-frame stack do not fit the
+ * 512-byte BPF stack with the rest) — one slot per program, because programs of different hooks
+ * nest on one CPU: a softirq's skb:kfree_skb or net:netif_receive_skb (raw tracepoints) runs inside
+ * a tcp:tcp_send_reset program that close() entered in process context. With one shared slot the
+ * inner event overwrote the outer one half-built (measured on 6.18: 16-20 % of process-context RSTs
+ * reported as the interrupting SYN drop; tests/kernel/test_nesting.py). A program never nests in
+ * itself (one per-CPU guard per program, or one for all kprobe and classic tracepoint programs): the
+ * kernel skips such a run and counts it in the program's recursion_misses, which rsttrace reports.
+ * Kprobe and fentry hooks use their RSTTRACE_HOOK_* number as slot; the tracepoint programs the
+ * numbers after them. */
+#define HOOK_SLOTS		(RSTTRACE_HOOK_TCP_V6_SYN_RECV_SOCK + 1)
+_Static_assert(HOOK_SLOTS == 7, "a new RSTTRACE_HOOK_* value needs its scratch slot");
+#define SLOT_SYN_AT_RECEIVE	RSTTRACE_HOOK_NONE    /* net:netif_receive_skb (no hooked function) */
+#define SLOT_ACK_AT_FREE	(HOOK_SLOTS + 0)      /* skb:kfree_skb */
+#define SLOT_RST_SENT_TP	(HOOK_SLOTS + 1)      /* tcp:tcp_send_reset */
+#define SLOT_RST_RECEIVED_TP	(HOOK_SLOTS + 2)      /* tcp:tcp_receive_reset */
+#define SCRATCH_SLOTS		(HOOK_SLOTS + 3)
+struct scratch {
+	struct rsttrace_event event;     /* first: walk_stack finds its slot's frames from the event */
 	__u64 ip[STACK_DEPTH];
 };
-BPF_PERCPU_ARRAY(stack_scratch, struct stack_scratch, 1);
-/* Events are built here (a 208-byte record does not fit the 512-byte BPF stack with the rest). */
-BPF_PERCPU_ARRAY(event_scratch, struct rsttrace_event, 1);
+BPF_PERCPU_ARRAY(scratch, struct scratch, SCRATCH_SLOTS);
 
 static __always_inline void count(int slot)
 {
@@ -97,13 +113,13 @@ static __always_inline void count(int slot)
 		*v += 1;
 }
 
-/* A zeroed per-CPU record to fill (tracepoint programs do not nest on one CPU). */
-static __always_inline struct rsttrace_event *new_event(__u32 kind)
+/* A zeroed per-CPU record to fill, in the calling program's own slot (see struct scratch). */
+static __always_inline struct rsttrace_event *new_event(__u32 kind, int slot)
 {
-	int zero = 0;
-	struct rsttrace_event *e = event_scratch.lookup(&zero);
-	if (!e)
+	struct scratch *sc = scratch.lookup(&slot);
+	if (!sc)
 		return 0;
+	struct rsttrace_event *e = &sc->event;
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ktime_ns = bpf_ktime_get_ns();
 	e->kind = kind;
@@ -180,10 +196,7 @@ static __always_inline int family_wanted(__u16 family)
  * was interrupted, so its pid/comm must not be reported as the culprit. */
 static __always_inline int walk_stack_skip(void *ctx, struct rsttrace_event *e, __u64 skip)
 {
-	int zero = 0;
-	struct stack_scratch *s = stack_scratch.lookup(&zero);
-	if (!s)
-		return 0;
+	struct scratch *s = (struct scratch *)e;     /* e is the event of a scratch slot */
 	long len = bpf_get_stack(ctx, s->ip, sizeof(s->ip), skip & 0xff);
 	if (len <= 0)
 		return 0;
@@ -562,7 +575,7 @@ static __always_inline void report_syn_verdict(void *ctx, void *sk, struct segme
 	__u8 verdict = syn_verdict(&q);
 	if (verdict == RSTTRACE_VERDICT_NONE)
 		return;
-	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED);
+	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED, hook);   /* the hook is the slot */
 	if (!e)
 		return;
 	read_listener(sk, e);

@@ -79,7 +79,7 @@ static __always_inline int active_reset(void *ctx, void *sk)
 {
 	if (!sk)
 		return 0;
-	struct rsttrace_event *e = new_event(RSTTRACE_RST_SENT);
+	struct rsttrace_event *e = new_event(RSTTRACE_RST_SENT, RSTTRACE_HOOK_TCP_SEND_ACTIVE_RESET);
 	if (!e)
 		return 0;
 	e->hook = RSTTRACE_HOOK_TCP_SEND_ACTIVE_RESET;
@@ -109,7 +109,7 @@ static __always_inline int reply_reset(void *ctx, void *sk, void *skb, __u8 hook
 		return 0;
 	if (!family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
-	struct rsttrace_event *e = new_event(RSTTRACE_RST_SENT);
+	struct rsttrace_event *e = new_event(RSTTRACE_RST_SENT, hook);
 	if (!e)
 		return 0;
 	e->kernel_reason = RSTTRACE_NO_REASON;
@@ -204,7 +204,7 @@ static __always_inline int syn_recv_sock(void *ctx, void *sk, void *skb, int fam
 	parse_segment(skb, 1, &seg);
 	if (!seg.ok || seg.family != family || !port_wanted(seg.dport, seg.sport) || !family_wanted(seg.family))
 		return 0;
-	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED);
+	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED, hook);
 	if (!e)
 		return 0;
 	read_listener(sk, e);

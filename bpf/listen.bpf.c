@@ -146,7 +146,7 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 	parse_segment(skb, 1, &seg);
 	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
-	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED);
+	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED, SLOT_ACK_AT_FREE);
 	if (!e)
 		return 0;
 	e->kernel_reason = reason;

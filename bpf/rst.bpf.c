@@ -41,7 +41,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	if (!port_wanted(lport, rport))
 		return 0;
 
-	struct rsttrace_event *e = new_event(RSTTRACE_RST_SENT);
+	struct rsttrace_event *e = new_event(RSTTRACE_RST_SENT, SLOT_RST_SENT_TP);
 	if (!e)
 		return 0;
 	e->family = family;
@@ -108,7 +108,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	if (!family_wanted(family) || !port_wanted(args->sport, args->dport))
 		return 0;
 
-	struct rsttrace_event *e = new_event(RSTTRACE_RST_RECEIVED);
+	struct rsttrace_event *e = new_event(RSTTRACE_RST_RECEIVED, SLOT_RST_RECEIVED_TP);
 	if (!e)
 		return 0;
 	e->kernel_reason = RSTTRACE_NO_REASON;
