@@ -348,6 +348,7 @@ class Session:
             rows = self.count_rows(self.program.exact_counts())
             stats = self.program.stats()
             stats["suppressed"] = self.limit.total_held_back if self.limit else 0
+            stats["skipped_runs"] = self.program.skipped_runs()
             for sink in wanting:
                 sink.update_counts(rows, stats)
 
@@ -377,6 +378,7 @@ class Session:
                     self._report_suppressed(time.monotonic())
                 stats = self.program.stats()
                 exact = self.program.exact_counts()
+                skipped = self.program.skipped_runs()
                 self._refresh_metrics()
             finally:
                 if self.ring is not None:
@@ -399,7 +401,7 @@ class Session:
                 {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)},
                 self.kernel_counts(exact), reconciliation,
                 suppressed=self.limit.total_held_back if self.limit else 0, uncounted=stats["uncounted"],
-                unwritten=unwritten)
+                unwritten=unwritten, skipped_runs=skipped)
             self._emit(summary)
         return summary or {}
 
@@ -476,6 +478,12 @@ def print_summary(summary: dict, out=stderr) -> None:
     if summary.get("unwritten"):
         out(f"rsttrace: {summary['unwritten']} records were still in the ring buffer when writing gave up "
             f"after {DRAIN_S:.0f} s (counted below)")
+    skipped = summary.get("skipped_runs") or {}
+    if skipped:
+        out(f"rsttrace: the kernel skipped {sum(skipped.values())} runs of rsttrace's programs ("
+            + ", ".join(f"{hook} {n}" for hook, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+            + "): another BPF program was running on that CPU when the event fired (an interrupt nested "
+              "in it); those events are in no record and no count")
     shown = summary["events"]
     if summary.get("suppressed") or summary["lost"] or summary.get("unwritten"):
         shown = summary["exact_counts"]

@@ -104,8 +104,14 @@ def test_final_ack_meeting_a_full_accept_queue(netns, tracer, abort_on_overflow)
         assert a["queues"]["sysctls"]["tcp_abort_on_overflow"] == abort_on_overflow
         assert a["process"]["pid"] == server.facts["server_pid"]
     # Nothing overflowed before `before` (the stuck clients' SYNs found room): every listener event
-    # is one the kernel counted in the window, SYN-time or ACK-time.
-    assert len(listener_events(records, netns)) == delta(before, after, "TcpExtListenOverflows")
+    # is one the kernel counted in the window, SYN-time or ACK-time — or in a run of the listener
+    # hooks the kernel said it skipped (summary skipped_runs: a BPF program already running there).
+    summary = records[-1]
+    seen, counted = len(listener_events(records, netns)), delta(before, after, "TcpExtListenOverflows")
+    skipped = sum(n for hook, n in summary["skipped_runs"].items() if "kfree_skb" in hook or "netif_receive_skb" in hook)
+    assert counted - skipped <= seen <= counted, (
+        f"seen {seen}, counted {counted}: {[(r['event'], r['time'][11:23], r['remote']['port']) for r in listener_events(records, netns)]}"
+        f" exact {summary['exact_counts']} lost {summary['lost']} skipped {summary['skipped_runs']}")
     if abort_on_overflow:
         resets = [r for r in events(records, event="rst_sent", netns__inode=netns.inode) if r["remote"]["port"] in (40000, 40001)]
         assert resets and all(r["reason"] == "accept_queue_full" and r["kernel_reason"] == "INVALID_SYN" for r in resets)

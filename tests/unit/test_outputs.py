@@ -38,7 +38,7 @@ def every_record_type() -> list[dict]:
         records.listeners_record([]),
         records.reconciliation_record([]),
         records.summary_record({"rst_sent": {"no_listener": 2}}, 0, 9, 3.5, {"netns": "x", "delta": {}}, COUNTS,
-                               None, suppressed=7, uncounted=0),
+                               None, suppressed=7, uncounted=0, skipped_runs={"raw_tracepoint:kfree_skb": 2}),
     ]
 
 
@@ -134,11 +134,13 @@ def samples(text: str) -> dict[str, float]:
 
 def test_exposition_is_valid_text_format(sink):
     sink.emit(every_record_type()[0])
-    sink.update_counts([row(), row(reason="closed_with_unread_data", count=2)], {"submitted": 3, "lost": 0})
+    sink.update_counts([row(), row(reason="closed_with_unread_data", count=2)],
+                       {"submitted": 3, "lost": 0, "skipped_runs": {"tracepoint:tcp:tcp_receive_reset": 7}})
     got = samples(sink.render())
     assert got['rsttrace_events_total{event="rst_sent",reason="no_listener",netns="blue",port="80"}'] == 1
     assert got['rsttrace_hook_attached{event="ack_dropped",hook="none"}'] == 0
     assert got["rsttrace_records_delivered_total"] == 3
+    assert got['rsttrace_bpf_runs_skipped_total{hook="tracepoint:tcp:tcp_receive_reset"}'] == 7
 
 
 def test_port_labels_are_bounded_and_series_stay_monotonic(sink, monkeypatch):

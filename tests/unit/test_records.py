@@ -12,6 +12,8 @@ import pytest
 from tracer.enrich import reasons
 from tracer.events.decode import Event
 from tracer.sinks import records
+from tracer.kernel.loader import attach_point
+from tracer.session import print_summary
 from tracer.sinks.plain import format_event
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,3 +85,25 @@ def test_process_cgroup_and_container_validate_and_show_in_the_plain_line():
     # Records of older producers (no cgroup/container keys) stay valid: the fields are optional.
     ev.process = {"pid": 42, "comm": "nginx", "uid": 33, "source": "task"}
     jsonschema.validate(records.event_record(ev), SCHEMA)
+
+
+@pytest.mark.parametrize("program, where", [
+    ("tracepoint__tcp__tcp_send_reset", "tracepoint:tcp:tcp_send_reset"),
+    ("raw_tracepoint__kfree_skb", "raw_tracepoint:kfree_skb"),
+    ("kfunc__vmlinux__tcp_conn_request", "fentry:tcp_conn_request"),
+    ("kprobe__tcp_v4_send_reset", "kprobe:tcp_v4_send_reset"),
+    ("something_else", "something_else"),
+])
+def test_skipped_runs_name_the_attach_point(program, where):
+    assert attach_point(program) == where
+
+
+def test_summary_says_what_the_kernel_skipped():
+    lines = []
+    summary = records.summary_record({"rst_sent": {"linger_zero": 5}}, 0, 5, 1.0, {"netns": "x", "delta": {}},
+                                     {"rst_sent": {"linger_zero": 5}},
+                                     skipped_runs={"tracepoint:tcp:tcp_receive_reset": 40, "tracepoint:tcp:tcp_send_reset": 2})
+    print_summary(summary, out=lines.append)
+    said = [line for line in lines if "skipped" in line]
+    assert len(said) == 1 and "skipped 42 runs" in said[0]
+    assert said[0].index("tcp_receive_reset 40") < said[0].index("tcp_send_reset 2")

@@ -206,6 +206,23 @@ class RstProgram:
             out[name] = sum(table[ctypes.c_int(slot)])
         return out
 
+    def skipped_runs(self) -> dict[str, int]:
+        """Runs of rsttrace's programs the kernel skipped, by attach point (only those with some): an
+        event fired while a BPF program was already running on that CPU — the same program (raw
+        tracepoints, fentry), or any kprobe/tracepoint program (classic tracepoints and kprobes share
+        one per-CPU guard) — typically a softirq interrupting a program run in process context. The
+        events of those runs are in no record and no count."""
+        bpf = getattr(self, "bpf", None)
+        if bpf is None:
+            return {}
+        out = {}
+        for name, fn in bpf.funcs.items():
+            n = bpfsys.recursion_misses(fn.fd)
+            if n:
+                label = attach_point(name.decode() if isinstance(name, bytes) else name)
+                out[label] = out.get(label, 0) + n
+        return out
+
     def exact_counts(self) -> list[tuple[record.CountKey, int]]:
         """The kernel's exact per-key counts (every event that passed the filters, delivered or not)."""
         table = self.bpf["counts"]
@@ -251,6 +268,18 @@ class RstProgram:
         deadline = time.monotonic() + 2.0
         while ours & bpfsys.loaded_prog_ids() and time.monotonic() < deadline:
             time.sleep(0.005)
+
+
+def attach_point(program: str) -> str:
+    """bcc's name of a program → where it is attached: tracepoint__tcp__tcp_send_reset →
+    tracepoint:tcp:tcp_send_reset, raw_tracepoint__kfree_skb → raw_tracepoint:kfree_skb,
+    kfunc__vmlinux__tcp_conn_request → fentry:tcp_conn_request, kprobe__tcp_v4_send_reset →
+    kprobe:tcp_v4_send_reset."""
+    for prefix, kind in (("tracepoint__", "tracepoint"), ("raw_tracepoint__", "raw_tracepoint"),
+                         ("kfunc__vmlinux__", "fentry"), ("kfunc__", "fentry"), ("kprobe__", "kprobe")):
+        if program.startswith(prefix):
+            return f"{kind}:{program[len(prefix):].replace('__', ':')}"
+    return program
 
 
 def _return_freed_memory() -> None:

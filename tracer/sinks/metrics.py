@@ -169,6 +169,11 @@ class MetricsSink:
                                                                   "(missing from rsttrace_events_total)")):
             family(name, "counter", help_text)
             out.append(f"{name} {stats.get(key, 0)}")
+        family("rsttrace_bpf_runs_skipped_total", "counter",
+               "Runs of rsttrace's BPF programs the kernel skipped because a BPF program was already running "
+               "on that CPU (their events are missing from rsttrace_events_total), by attach point")
+        for hook, n in sorted((stats.get("skipped_runs") or {}).items()):
+            out.append(f"rsttrace_bpf_runs_skipped_total{_labels(hook=hook)} {n}")
         family("rsttrace_hook_attached", "gauge", "1 if rsttrace sees this event kind on this kernel (label hook: how)")
         for event, hook in sorted(self._coverage.items()):
             out.append(f"rsttrace_hook_attached{_labels(event=event, hook=hook or 'none')} {1 if hook else 0}")

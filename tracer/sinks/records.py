@@ -88,15 +88,17 @@ def suppressed_record(window_s: float, held_back: dict[str, dict[str, int]], tot
 def summary_record(counts: dict[str, dict[str, int]], lost: int, submitted: int, duration_s: float,
                    kernel_counters: dict[str, Any], exact: dict[str, dict[str, int]],
                    reconciliation: list[dict] | None = None, suppressed: int = 0,
-                   uncounted: int = 0, unwritten: int = 0) -> dict[str, Any]:
+                   uncounted: int = 0, unwritten: int = 0,
+                   skipped_runs: dict[str, int] | None = None) -> dict[str, Any]:
     """counts: events emitted (after user-space filters and --max-rate); exact: every event the BPF
     programs saw, counted in the kernel, whether or not its record was delivered (uncounted: events
     that found the count map full, so exact_counts misses them; unwritten: records still in the ring
-    buffer when the exit drain gave up)."""
+    buffer when the exit drain gave up; skipped_runs: program runs the kernel skipped, by attach
+    point — their events are in neither)."""
     rec = base("summary")
     rec.update({"duration_s": round(duration_s, 3), "events": counts, "exact_counts": exact,
                 "delivered": submitted, "lost": lost, "suppressed": suppressed, "uncounted": uncounted,
-                "unwritten": unwritten,
+                "unwritten": unwritten, "skipped_runs": skipped_runs or {},
                 "kernel_counters": kernel_counters, "reconciliation": reconciliation})
     return rec
 
