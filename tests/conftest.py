@@ -169,6 +169,11 @@ def tracer(root, validator):
             t.proc.wait()
 
 
+def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
+    """How far kernel counter `name` moved between two Netns.counters() snapshots."""
+    return after[name] - before[name]
+
+
 def events(records: list[dict], **match) -> list[dict]:
     """Event records whose fields equal `match` (dotted keys for nested fields)."""
     out = []

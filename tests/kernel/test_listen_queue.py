@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import BURST, Background, drop_final_acks, drop_syn_acks, events
+from conftest import BURST, Background, delta, drop_final_acks, drop_syn_acks, events
 
 PORT = 8100
 
@@ -22,10 +22,6 @@ def raw_tracepoints_of(pid: int) -> set[str]:
     out = subprocess.run(["bpftool", "perf", "-j"], capture_output=True, text=True, check=True).stdout
     return {a.get("tracepoint") for a in json.loads(out or "[]")
             if a.get("pid") == pid and a.get("fd_type") == "raw_tracepoint"}
-
-
-def delta(before, after, name):
-    return after[name] - before[name]
 
 
 def listener_events(records, ns):

@@ -17,14 +17,10 @@ import os
 
 import pytest
 
-from conftest import REPO, events
+from conftest import REPO, delta, events
 
 NESTED = str(REPO / "scripts" / "repro" / "nested.py")
 FULL_PORT, RESET_PORT = 8100, 8101
-
-
-def delta(before, after, name):
-    return after[name] - before[name]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one sends, the other handles")

@@ -112,28 +112,25 @@ def loaded_prog_ids() -> set[int]:
     return ids
 
 
+def fdinfo_value(fd: int, name: str) -> int | None:
+    """A number the kernel shows for a BPF file descriptor of ours (/proc/self/fdinfo: prog_id,
+    recursion_misses, ...), or None where it shows none."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def prog_ids_of_fds(fds) -> set[int]:
-    """The program ids behind these file descriptors of ours (their fdinfo says prog_id)."""
-    ids = set()
-    for fd in fds:
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("prog_id:"):
-                        ids.add(int(line.split()[1]))
-        except (OSError, ValueError):
-            continue
-    return ids
+    """The program ids behind these file descriptors of ours."""
+    return {pid for pid in (fdinfo_value(fd, "prog_id") for fd in fds) if pid is not None}
 
 
 def recursion_misses(fd: int) -> int:
     """How often the kernel skipped the program behind `fd` because a program was already running on
     that CPU (fdinfo recursion_misses, Linux 5.12+; 0 where the kernel does not say)."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("recursion_misses:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    return fdinfo_value(fd, "recursion_misses") or 0
