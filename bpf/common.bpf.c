@@ -68,19 +68,35 @@ BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
 BPF_ARRAY(listener_count, __s64, 1);
 
 #ifdef CONNECT_OWNERS
-/* Client sockets on traced ports by struct sock *, with the process that called connect() on them
- * (recorded at the SYN_SENT state change, in process context: listen.bpf.c). An RST for a client
- * arrives in softirq, and the client usually closes the socket at once: user space would find no
- * owner in /proc any more. LRU, never deleted: a struct sock reused for another connection is told
- * apart by the remote address and port the entry was made for. */
+/* Client sockets on traced ports, with the process that called connect() on them (recorded at the
+ * SYN_SENT state change, in process context: listen.bpf.c). An RST for a client arrives in softirq,
+ * and the client usually closes the socket at once: user space would find no owner in /proc any more.
+ * Direct-mapped by struct sock *: a connect() takes the slot its socket hashes to, replacing whatever
+ * was there — no lock, no allocation. (An LRU hash did the same job at ~350 ns per connect(): its
+ * update took 0.74 % of a connect storm's CPU, scripts/bench/profile kernel --own-port.) Never
+ * deleted: an entry is trusted only for the socket, remote address and port it was made for. */
+#define CONNECTOR_SLOTS 16384            /* a power of 2 */
 struct connector {
+	__u64 sk;               /* 0 while the slot is being written */
 	__u64 raddr[2];
 	__u16 rport;            /* host byte order */
 	__u16 pad16;
 	__u32 tgid;
 	char comm[RSTTRACE_COMM_LEN];
 };
-BPF_TABLE("lru_hash", __u64, struct connector, connectors, 16384);
+BPF_ARRAY(connectors, struct connector, CONNECTOR_SLOTS);
+
+static __always_inline struct connector *connector_slot(void *sk)
+{
+	/* Fibonacci hashing: slab objects sit a fixed stride apart, their low bits say little. */
+	__u32 slot = (((__u64)sk >> 4) * 0x9E3779B97F4A7C15ULL) >> 50;
+	_Static_assert(CONNECTOR_SLOTS == 1 << (64 - 50), "the shift takes log2(CONNECTOR_SLOTS) bits");
+	return connectors.lookup(&slot);
+}
+
+/* Keeps the compiler from moving the slot's `sk` past the fields it guards. x86-64 orders stores
+ * with stores and loads with loads, so this is all a writer and a reader on two CPUs need there. */
+#define compiler_barrier() asm volatile("" ::: "memory")
 #endif
 
 /* Events are built in per-CPU scratch (a 208-byte record and a 48-frame stack do not fit the
@@ -254,7 +270,7 @@ static __always_inline __u32 netns_of_skb(void *skb)
 static __always_inline void read_skb_offsets(void *skb, unsigned char **head, __u16 *nh, __u16 *th)
 {
 #ifdef SKB_SPAN_LO
-	__u8 f[SKB_SPAN_LEN] = {};
+	__u8 f[SKB_SPAN_LEN];           /* not zeroed first: a failed read zeroes it */
 	if (bpf_probe_read_kernel(f, sizeof(f), skb + SKB_SPAN_LO) != 0)
 		return;
 	__builtin_memcpy(head, f + (OFF_SKB_HEAD - SKB_SPAN_LO), sizeof(*head));
@@ -411,32 +427,46 @@ static __always_inline void remember_connector(void *sk)
 	dport = (dport >> 8) | (dport << 8);          /* skc_dport is big-endian */
 	if (!port_wanted(0, dport))
 		return;
-	struct connector c = {};
+	__u64 raddr[2] = {};
 	if (family == AF_INET)
-		__builtin_memcpy(&c.raddr, &daddr, 4);
+		__builtin_memcpy(raddr, &daddr, 4);
 	else if (family == AF_INET6)
-		bpf_probe_read_kernel(&c.raddr, 16, sk + OFF_SOCK_V6_DADDR);
+		bpf_probe_read_kernel(raddr, 16, sk + OFF_SOCK_V6_DADDR);
 	else
 		return;
-	c.rport = dport;
-	c.tgid = bpf_get_current_pid_tgid() >> 32;
-	bpf_get_current_comm(c.comm, sizeof(c.comm));
-	__u64 key = (__u64)sk;
-	connectors.update(&key, &c);
+	struct connector *c = connector_slot(sk);
+	if (!c)
+		return;
+	c->sk = 0;                      /* a reader on another CPU sees no entry, not half of one */
+	compiler_barrier();
+	c->raddr[0] = raddr[0];
+	c->raddr[1] = raddr[1];
+	c->rport = dport;
+	c->tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(c->comm, sizeof(c->comm));
+	compiler_barrier();
+	c->sk = (__u64)sk;
 }
 
-/* The process that connected this socket, if it is the connection the entry was made for. */
+/* The process that connected this socket, if its slot still holds the connection it was made for. */
 static __always_inline void connector_of(void *sk, struct rsttrace_event *e)
 {
-	__u64 key = (__u64)sk, raddr[2] = {};
-	struct connector *c = connectors.lookup(&key);
-	if (!c || c->rport != e->rport)
+	struct connector *c = connector_slot(sk);
+	if (!c || c->sk != (__u64)sk)
 		return;
+	compiler_barrier();
+	__u64 raddr[2] = {};
 	__builtin_memcpy(raddr, e->raddr, sizeof(raddr));
-	if (c->raddr[0] != raddr[0] || c->raddr[1] != raddr[1])
+	if (c->rport != e->rport || c->raddr[0] != raddr[0] || c->raddr[1] != raddr[1])
 		return;
-	e->owner_tgid = c->tgid;
+	__u32 tgid = c->tgid;
 	__builtin_memcpy(e->owner_comm, c->comm, sizeof(e->owner_comm));
+	compiler_barrier();
+	if (c->sk != (__u64)sk) {       /* rewritten meanwhile: what was copied may be half of each */
+		__builtin_memset(e->owner_comm, 0, sizeof(e->owner_comm));
+		return;
+	}
+	e->owner_tgid = tgid;
 }
 #endif
 
@@ -468,30 +498,27 @@ struct segment {
 };
 
 /* The IP and TCP headers of a segment, in as few reads as possible: this runs for every packet
- * the host receives (netif_receive_skb), so a non-TCP or non-SYN packet must cost little. */
-static __always_inline void parse_segment(void *skb, int transport_known, struct segment *seg)
+ * the host receives (netif_receive_skb), so a non-TCP or non-SYN packet must cost little — two reads,
+ * no copying. `syn_only`: stop (seg->ok 0) unless it is a SYN without ACK or RST, before the
+ * addresses are copied. */
+static __always_inline void parse_segment_if(void *skb, int transport_known, int syn_only, struct segment *seg)
 {
 	unsigned char *head = 0;
 	__u16 nh = 0, th = 0;
 	read_skb_offsets(skb, &head, &nh, &th);
 	/* An IPv6 header and a TCP header, or an IPv4 one without options and a TCP header: one read
-	 * covers both in the usual case (the head buffer has room past the headers: skb_shared_info). */
-	__u8 pkt[54] = {};
+	 * covers both in the usual case (the head buffer has room past the headers: skb_shared_info).
+	 * Not zeroed first: a failed read zeroes it. */
+	__u8 pkt[54];
 	if (!head || bpf_probe_read_kernel(pkt, sizeof(pkt), head + nh) != 0)
 		return;
-	__u8 proto, hlen;
-	if ((pkt[0] >> 4) == 4) {
+	__u8 version = pkt[0] >> 4, proto, hlen;
+	if (version == 4) {
 		proto = pkt[9];
 		hlen = (pkt[0] & 0xf) * 4;
-		seg->family = AF_INET;
-		__builtin_memcpy(seg->saddr, pkt + 12, 4);
-		__builtin_memcpy(seg->daddr, pkt + 16, 4);
-	} else if ((pkt[0] >> 4) == 6) {
+	} else if (version == 6) {
 		proto = pkt[6];                  /* extension headers are not followed */
 		hlen = 40;
-		seg->family = AF_INET6;
-		__builtin_memcpy(seg->saddr, pkt + 8, 16);
-		__builtin_memcpy(seg->daddr, pkt + 24, 16);
 	} else {
 		return;
 	}
@@ -499,17 +526,33 @@ static __always_inline void parse_segment(void *skb, int transport_known, struct
 		return;
 	if (!transport_known)
 		th = nh + hlen;
-	__u8 tcp[14] = {};                  /* ports, sequence and ack numbers, offset, flags */
+	__u8 tcp[14];                       /* ports, sequence and ack numbers, offset, flags */
 	if (th == nh + 20)
 		__builtin_memcpy(tcp, pkt + 20, sizeof(tcp));
 	else if (th == nh + 40)
 		__builtin_memcpy(tcp, pkt + 40, sizeof(tcp));
 	else if (bpf_probe_read_kernel(tcp, sizeof(tcp), head + th) != 0)
 		return;
+	seg->flags = tcp[13];
+	if (syn_only && (seg->flags & (TCPHDR_SYN | TCPHDR_ACK | TCPHDR_RST)) != TCPHDR_SYN)
+		return;
 	seg->sport = (__u16)tcp[0] << 8 | tcp[1];
 	seg->dport = (__u16)tcp[2] << 8 | tcp[3];
-	seg->flags = tcp[13];
+	if (version == 4) {
+		seg->family = AF_INET;
+		__builtin_memcpy(seg->saddr, pkt + 12, 4);
+		__builtin_memcpy(seg->daddr, pkt + 16, 4);
+	} else {
+		seg->family = AF_INET6;
+		__builtin_memcpy(seg->saddr, pkt + 8, 16);
+		__builtin_memcpy(seg->daddr, pkt + 24, 16);
+	}
 	seg->ok = 1;
+}
+
+static __always_inline void parse_segment(void *skb, int transport_known, struct segment *seg)
+{
+	parse_segment_if(skb, transport_known, 0, seg);
 }
 
 static __always_inline void fill_from_segment(struct rsttrace_event *e, struct segment *seg)
@@ -532,17 +575,37 @@ struct queue_state {
 	__u8 syncookies;
 };
 
-/* Just what the verdict needs: most SYNs find room, and then nothing else is read or built. */
-static __always_inline void read_queues(void *sk, struct queue_state *q)
+/* Just what the verdict needs: most SYNs find room, and then nothing else is read or built. Where
+ * fields sit together, one read takes them (SK_BACKLOG_SPAN: sk_ack_backlog and sk_max_ack_backlog,
+ * adjacent since 4.14; NET_SYN_SPAN: the two netns sysctls, ~100 bytes apart on 6.18). `net`: the
+ * listener's netns where the caller has it (0: read from the socket). */
+static __always_inline void read_queues(void *sk, void *net, struct queue_state *q)
 {
-	void *net = net_of_sock(sk);
+	if (!net)
+		net = net_of_sock(sk);
+#ifdef SK_BACKLOG_SPAN_LO
+	__u8 b[SK_BACKLOG_SPAN_LEN];
+	if (bpf_probe_read_kernel(b, sizeof(b), sk + SK_BACKLOG_SPAN_LO) == 0) {
+		__builtin_memcpy(&q->accept_qlen, b + (OFF_SOCK_ACK_BACKLOG - SK_BACKLOG_SPAN_LO), 4);
+		__builtin_memcpy(&q->accept_qmax, b + (OFF_SOCK_MAX_ACK_BACKLOG - SK_BACKLOG_SPAN_LO), 4);
+	}
+#else
 	bpf_probe_read_kernel(&q->accept_qlen, sizeof(q->accept_qlen), sk + OFF_SOCK_ACK_BACKLOG);
 	bpf_probe_read_kernel(&q->accept_qmax, sizeof(q->accept_qmax), sk + OFF_SOCK_MAX_ACK_BACKLOG);
+#endif
 	bpf_probe_read_kernel(&q->syn_qlen, sizeof(q->syn_qlen), sk + OFF_ICSK_SYN_QLEN);
-	if (net) {
-		bpf_probe_read_kernel(&q->syncookies, sizeof(q->syncookies), net + OFF_NET_SYNCOOKIES);
-		bpf_probe_read_kernel(&q->max_syn_backlog, sizeof(q->max_syn_backlog), net + OFF_NET_MAX_SYN_BACKLOG);
+	if (!net)
+		return;
+#ifdef NET_SYN_SPAN_LO
+	__u8 n[NET_SYN_SPAN_LEN];
+	if (bpf_probe_read_kernel(n, sizeof(n), net + NET_SYN_SPAN_LO) == 0) {
+		q->syncookies = n[OFF_NET_SYNCOOKIES - NET_SYN_SPAN_LO];
+		__builtin_memcpy(&q->max_syn_backlog, n + (OFF_NET_MAX_SYN_BACKLOG - NET_SYN_SPAN_LO), 4);
 	}
+#else
+	bpf_probe_read_kernel(&q->syncookies, sizeof(q->syncookies), net + OFF_NET_SYNCOOKIES);
+	bpf_probe_read_kernel(&q->max_syn_backlog, sizeof(q->max_syn_backlog), net + OFF_NET_MAX_SYN_BACKLOG);
+#endif
 }
 
 static __always_inline __u8 syn_verdict(struct queue_state *q)
@@ -568,10 +631,11 @@ static __always_inline __u8 syn_verdict(struct queue_state *q)
 /* A SYN meets listener `sk`: replay tcp_conn_request()'s verdict on the queues read now, and report
  * a drop or a cookie (nothing when the SYN is accepted). Shared by the netif_receive_skb replay and
  * the tcp_conn_request function hook. */
-static __always_inline void report_syn_verdict(void *ctx, void *sk, struct segment *seg, __u8 hook, __u64 stack_skip)
+static __always_inline void report_syn_verdict(void *ctx, void *sk, void *net, struct segment *seg, __u8 hook,
+					       __u64 stack_skip)
 {
 	struct queue_state q = {};
-	read_queues(sk, &q);
+	read_queues(sk, net, &q);
 	__u8 verdict = syn_verdict(&q);
 	if (verdict == RSTTRACE_VERDICT_NONE)
 		return;

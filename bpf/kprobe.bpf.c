@@ -177,7 +177,7 @@ static __always_inline int conn_request(void *ctx, void *sk, void *skb)
 	parse_segment(skb, 1, &seg);
 	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
-	report_syn_verdict(ctx, sk, &seg, RSTTRACE_HOOK_TCP_CONN_REQUEST, SYN_STACK_SKIP);
+	report_syn_verdict(ctx, sk, 0, &seg, RSTTRACE_HOOK_TCP_CONN_REQUEST, SYN_STACK_SKIP);
 	return 0;
 }
 

@@ -107,10 +107,8 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 		return 0;       /* no listener on a traced port: nothing a SYN could be dropped by */
 	void *skb = (void *)ctx->args[0];
 	struct segment seg = {};
-	parse_segment(skb, 0, &seg);
-	if (!seg.ok || (seg.flags & (TCPHDR_SYN | TCPHDR_ACK | TCPHDR_RST)) != TCPHDR_SYN)
-		return 0;
-	if (!family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
+	parse_segment_if(skb, 0, 1, &seg);       /* SYNs only */
+	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
 
 	void *dev = 0, *net = 0;
@@ -123,7 +121,7 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 	struct listener_val *listener = listeners.lookup(&key);
 	if (!listener)
 		return 0;
-	report_syn_verdict(ctx, (void *)listener->sk, &seg, RSTTRACE_HOOK_NONE, RAW_TP_STACK_SKIP);
+	report_syn_verdict(ctx, (void *)listener->sk, net, &seg, RSTTRACE_HOOK_NONE, RAW_TP_STACK_SKIP);
 	return 0;
 }
 

@@ -51,10 +51,13 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], 
     flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(ring_mb)}", *plan.macros]
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
     # Fields the per-packet and per-connect hooks read together, in one read where they sit close
-    # (bpf/common.bpf.c: read_skb_offsets, remember_connector).
+    # (bpf/common.bpf.c: read_skb_offsets, remember_connector) ...
     flags += span_macros("SKB_SPAN", offsets, (("OFF_SKB_HEAD", 8), ("OFF_SKB_NETWORK_HEADER", 2),
                                                ("OFF_SKB_TRANSPORT_HEADER", 2)))
     flags += span_macros("SKC_SPAN", offsets, (("OFF_SOCK_DADDR", 4), ("OFF_SOCK_DPORT", 2), ("OFF_SOCK_FAMILY", 2)))
+    # ... and the per-SYN verdict (read_queues): the accept queue's length and limit, the two sysctls
+    flags += span_macros("SK_BACKLOG_SPAN", offsets, (("OFF_SOCK_ACK_BACKLOG", 4), ("OFF_SOCK_MAX_ACK_BACKLOG", 4)))
+    flags += span_macros("NET_SYN_SPAN", offsets, (("OFF_NET_SYNCOOKIES", 1), ("OFF_NET_MAX_SYN_BACKLOG", 4)), most=128)
     if caps.rst_reason:
         flags.append("-DHAVE_RST_REASON")
     if caps.receive_reset is not None and caps.receive_reset.has("sock_cookie"):
