@@ -109,6 +109,63 @@ class Netns:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+class LongStorm:
+    """One storm that runs through a whole measurement in its netns, measured in windows: connections
+    per second from the netns's Tcp ActiveOpens (read through /proc/PID/net/snmp of the storm: no
+    fork per sample), CPU from its worker processes' /proc/PID/stat. The overhead benchmark compares
+    windows next to each other in time: what a fresh netns and a fresh storm vary by drops out."""
+
+    def __init__(self, ns: Netns, exe: str, mode: str, seconds: float, procs: int = 2):
+        self.proc = subprocess.Popen(ns.argv(exe, mode, str(STORM_PORT), str(seconds), str(procs)),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while len(self._workers()) < procs:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"rststorm {mode} did not start: {self.proc.stderr.read().strip()}")
+            time.sleep(0.05)
+
+    def _workers(self) -> list[str]:
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return f.read().split()
+        except OSError:
+            return []
+
+    def sample(self) -> tuple[float, int, float]:
+        """(monotonic seconds, connections opened so far, the workers' CPU seconds so far)"""
+        cpu = 0.0
+        for pid in self._workers():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                cpu += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            except OSError:
+                pass
+        with open(f"/proc/{self.proc.pid}/net/snmp") as f:
+            lines = f.read().splitlines()
+        opens = next(int(values.split()[header.split().index("ActiveOpens")])
+                     for header, values in zip(lines[0::2], lines[1::2]) if header.startswith("Tcp:"))
+        return time.monotonic(), opens, cpu
+
+    def window(self, seconds: float, tracer: "Tracer | None" = None) -> dict:
+        """Rate and CPU per connection (the storm's and the tracer's) over the next `seconds`."""
+        t0, n0, c0 = self.sample()
+        tc0 = tracer.cpu() if tracer else 0.0
+        time.sleep(seconds)
+        t1, n1, c1 = self.sample()
+        tracer_cpu = tracer.cpu() - tc0 if tracer else 0.0
+        conns = n1 - n0
+        if self.proc.poll() is not None or conns <= 0:
+            raise RuntimeError(f"the storm stopped: {self.proc.stderr.read().strip()}")
+        return {"conns_per_s": conns / (t1 - t0), "cpu_us_per_conn": 1e6 * (c1 - c0 + tracer_cpu) / conns,
+                "tracer_cpu_pct": 100 * tracer_cpu / (t1 - t0), "seconds": t1 - t0}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()             # its workers die with it (PR_SET_PDEATHSIG)
+        self.proc.wait(timeout=30)
+
+
 class IdleConnections:
     """COUNT established, idle loopback connections held open in a netns by one rststorm process."""
 
