@@ -11,6 +11,8 @@
  *                               registers are known: listen()'s backlog argument is kept per listener.
  *   HAVE_SK_DATA_READY          sock:sk_data_ready exists (Linux 6.6+): listeners that predate
  *                               rsttrace are learned when they queue a child.
+ *   HAVE_SOCK_RECV_LENGTH       sock:sock_recv_length exists (Linux 6.3+): user space learns a listener
+ *                               that predates rsttrace at once, by a recv() on a copy of its fd.
  *   LISTEN_SYN_TRACEPOINT       SYN verdicts from net:netif_receive_skb (else kprobe.bpf.c has them).
  *   LISTEN_OVERFLOW_REASON=N    skb_drop_reason value of TCP_LISTEN_OVERFLOW (from the kfree_skb
  *                               format, Linux 6.3+); absent: no 3rd-ACK events from this file.
@@ -86,6 +88,29 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
 	void *sk = (void *)ctx->args[0];
+	__u8 state = 0;
+	bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
+	if (state != TCP_LISTEN)
+		return 0;
+	__u16 protocol = 0;
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
+	if (protocol == IPPROTO_TCP)
+		learn_listener(sk);
+	return 0;
+}
+#endif
+
+#ifdef HAVE_SOCK_RECV_LENGTH
+/* sock:sock_recv_length (Linux 6.3+), raw (sk, ret, flags): fires after every recvmsg() on the host,
+ * whatever it returned. User space takes a copy of the fd of each listener that predates rsttrace
+ * (pidfd_getfd) and calls recv(MSG_DONTWAIT) on it — a listener answers ENOTCONN and nothing else
+ * happens — so that the listener passes here and is learned before its first SYN (tracer/kernel/
+ * listener_poke.py). Attached only for that moment: user space detaches it after the first pokes. */
+RAW_TRACEPOINT_PROBE(sock_recv_length)
+{
+	void *sk = (void *)ctx->args[0];
+	if (!sk || (int)ctx->args[1] != -107)      /* -ENOTCONN: what a listener answers */
+		return 0;
 	__u8 state = 0;
 	bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
 	if (state != TCP_LISTEN)

@@ -19,6 +19,7 @@ from .enrich import counters, reasons
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
 from .enrich.listeners import ListenerSampler, listeners_everywhere
+from .kernel import listener_poke
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys
 from .events.decode import TCP_STATES, Decoder, Event
@@ -69,7 +70,7 @@ class Session:
         self.listen_backlogs: dict[tuple[int, int], int] = {}  # (netns, port) → listen() backlog seen
         self.sampler: ListenerSampler | None = None
         self._learning_listeners = False          # sk_data_ready attached to learn older listeners
-        self._older_listeners: set[tuple[int, int]] | None = None
+        self._older_listeners: dict[tuple[int, int], list[int]] | None = None   # → socket inodes
         self._older_scanned_at = 0.0
         self._resolved_listeners: set[int] = set()
         self._listener_owners: dict[tuple[int, int], tuple[int, str]] = {}   # recorded at listen()
@@ -118,6 +119,11 @@ class Session:
         # With --port, the listeners to learn are few and can be listed: once all are known the
         # per-packet sk_data_ready hook goes (_learn_older_listeners).
         self._learning_listeners = bool(self.options.ports) and "-DHAVE_SK_DATA_READY" in self.plan.macros
+        # The poke (tracer/kernel/listener_poke.py) learns those at once, where the kernel has the hook
+        # for it; it runs on every recvmsg() of the host, so it stays only for the first pokes.
+        self._poking = self._learning_listeners and "-DHAVE_SOCK_RECV_LENGTH" in self.plan.macros
+        if not self._poking:
+            self.program.stop_poke_hook()
         self.attached_at = time.monotonic()
         # What start-up made (bcc, LLVM's Python side, modules) lives until exit: out of the cyclic
         # GC's sight, and collections rarer — the event path makes no cycles (~5 % of its CPU).
@@ -287,9 +293,26 @@ class Session:
         if self._older_listeners is None or now - self._older_scanned_at >= LISTENER_SCAN_INTERVAL:
             self._older_listeners = listeners_everywhere(set(self.options.ports))
             self._older_scanned_at = now
-        if self._older_listeners <= self.program.known_listeners().keys():
+            if self._poking:
+                self._poke_older_listeners()
+        if self._older_listeners.keys() <= self.program.known_listeners().keys():
             self.program.stop_learning_listeners()
             self._learning_listeners = False
+
+    def _poke_older_listeners(self) -> None:
+        """One round, at start: a recv() on a copy of each unknown older listener's fd makes it pass
+        through sock:sock_recv_length, where the BPF side learns it (tracer/kernel/listener_poke.py).
+        Listeners that predate rsttrace all exist by the first scan (later ones call listen() while
+        traced), so the hook goes after it; any listener the poke missed is left to sk_data_ready."""
+        known = self.program.known_listeners().keys()
+        inodes = [inode for key, found in self._older_listeners.items() if key not in known for inode in found]
+        if inodes:
+            now_ns = time.monotonic_ns()
+            self.attributor.sockets.refresh_for([(inode, now_ns) for inode in inodes])
+            for inode in inodes:
+                any(listener_poke.poke(pid, inode) for pid in self.attributor.sockets.owners(inode))
+        self.program.stop_poke_hook()
+        self._poking = False
 
     def _resolve_new_listeners(self) -> None:
         """Name each listener's owner as soon as the sampler sees it, before its first drop: by then the

@@ -149,12 +149,25 @@ def test_syn_flood_reconciles_with_cookie_and_queue_counters(netns, tracer, sync
         assert "tcp_syncookies=0" in dropped[0]["explanation"]
 
 
+def wait_learned(pid: int, seconds: float = 5.0) -> set[str]:
+    """The raw tracepoints of rsttrace `pid` once the hooks that learn older listeners (sk_data_ready,
+    sock_recv_length for the poke) are gone — every listener on the traced ports is known — or at the
+    deadline."""
+    deadline = time.monotonic() + seconds
+    while True:
+        attached = raw_tracepoints_of(pid)
+        if not attached & {"sk_data_ready", "sock_recv_length"} or time.monotonic() > deadline:
+            return attached
+        time.sleep(0.05)
+
+
 def test_listener_started_before_rsttrace_is_learned_and_reconciled(netns, tracer):
     # The listener predates rsttrace: it never passes through inet_sock_set_state while traced.
     server = Background(netns, "server", "127.0.0.1", str(PORT), "5", "30")
     t = tracer("--json", "--port", str(PORT))
-    # Until it is learned, the per-packet sk_data_ready hook stays attached; then it goes.
-    assert "sk_data_ready" in raw_tracepoints_of(t.proc.pid)
+    # rsttrace pokes it at start (a recv() on a copy of its fd): known before its first SYN, and
+    # the per-packet sk_data_ready hook goes.
+    assert "netif_receive_skb" in wait_learned(t.proc.pid) - {"sk_data_ready", "sock_recv_length"}
     before = netns.counters()
     netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "60", "2.5")
     after = netns.counters()
@@ -178,3 +191,28 @@ def test_listener_started_before_rsttrace_is_learned_and_reconciled(netns, trace
     [ours] = [n for n in final["netns"] if n["inode"] == netns.inode]
     assert ours["rsttrace"]["syn_dropped"] == ours["kernel"]["TcpExtListenDrops"]
     assert ours["coverage_pct"]["listen_drops"] == 100.0
+
+
+def test_stuck_listener_that_predates_rsttrace_has_every_syn_drop_reported(netns, tracer):
+    # Incident 1's shape, with rsttrace started late: the application stopped accepting before
+    # rsttrace started and its accept queue is full, so it queues no child (no sk_data_ready) and
+    # its SYNs are dropped without a trace — until rsttrace pokes it (tracer/kernel/listener_poke.py).
+    server = Background(netns, "server", "127.0.0.1", str(PORT), "2", "30")
+    filled = json.loads(netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "3", "1.0").stdout)
+    assert filled["outcome"].get("connected") == 3                   # the queue now holds 3 of 2: full
+    t = tracer("--json", "--port", str(PORT))
+    attached = wait_learned(t.proc.pid)
+    assert not attached & {"sk_data_ready", "sock_recv_length"}      # learned, and both hooks gone
+    before = netns.counters()
+    clients = json.loads(netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "20", "1.5").stdout)
+    after = netns.counters()
+    records = t.stop()
+    server.stop()
+
+    assert clients["outcome"].get("connected", 0) == 0
+    drops = listener_events(records, netns)
+    overflows = delta(before, after, "TcpExtListenOverflows")
+    assert overflows >= 20 and len(drops) == overflows
+    assert all(d["event"] == "syn_dropped" and d["reason"] == "accept_queue_full" for d in drops)
+    assert {(d["queues"]["accept_qlen"], d["queues"]["accept_qmax"]) for d in drops} == {(3, 2)}
+    assert drops[0]["process"]["pid"] == server.facts["server_pid"]

@@ -132,9 +132,9 @@ def listeners_in(ns_path: str) -> list[Listener]:
     return found
 
 
-def listeners_everywhere(ports: set[int]) -> set[tuple[int, int]]:
-    """(netns inode, port) of the TCP listeners on these ports in every network namespace that has a
-    process (a listening socket is held by one), as inet_diag reports them."""
+def listeners_everywhere(ports: set[int]) -> dict[tuple[int, int], list[int]]:
+    """(netns inode, port) → socket inodes of the TCP listeners on these ports in every network
+    namespace that has a process (a listening socket is held by one), as inet_diag reports them."""
     paths: dict[int, str] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -143,7 +143,12 @@ def listeners_everywhere(ports: set[int]) -> set[tuple[int, int]]:
                 paths.setdefault(os.stat(path).st_ino, path)
             except OSError:
                 continue
-    return {(inode, lst.port) for inode, path in paths.items() for lst in listeners_in(path) if lst.port in ports}
+    found: dict[tuple[int, int], list[int]] = {}
+    for netns, path in paths.items():
+        for lst in listeners_in(path):
+            if lst.port in ports:
+                found.setdefault((netns, lst.port), []).append(lst.inode)
+    return found
 
 
 def _parse_diag_msg(msg: bytes) -> Listener | None:

@@ -66,6 +66,7 @@ class Capabilities:
     receive_reset: TracepointFormat | None = None
     set_state: TracepointFormat | None = None        # sock:inet_sock_set_state
     data_ready: TracepointFormat | None = None       # sock:sk_data_ready
+    recv_length: TracepointFormat | None = None      # sock:sock_recv_length (Linux 6.3+)
     kfree_skb: TracepointFormat | None = None        # skb:kfree_skb
     netif_receive_skb: bool = False                  # net:netif_receive_skb (raw tracepoint)
     prog_load: dict[str, int] = field(default_factory=dict)   # program type -> errno (0 = loads)
@@ -229,6 +230,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.receive_reset = read_format(caps.tracefs, "tcp", "tcp_receive_reset")
         caps.set_state = read_format(caps.tracefs, "sock", "inet_sock_set_state")
         caps.data_ready = read_format(caps.tracefs, "sock", "sk_data_ready")
+        caps.recv_length = read_format(caps.tracefs, "sock", "sock_recv_length")
         caps.kfree_skb = read_format(caps.tracefs, "skb", "kfree_skb")
         caps.netif_receive_skb = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "netif_receive_skb"))
         caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \

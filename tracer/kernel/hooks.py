@@ -93,11 +93,17 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
         cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:net:netif_receive_skb"
         cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_INFERRED
         plan.macros.append("-DLISTEN_SYN_TRACEPOINT")
-        cov.blind_spots.append(
-            "a listener that existed before rsttrace started is known from its next queued connection "
-            "(sk_data_ready) or 3rd-ACK overflow; SYN drops before that are only counted by the kernel"
-            if caps.data_ready is not None else
-            "listeners that existed before rsttrace started are known only after an ACK-time overflow")
+        if caps.recv_length is not None and caps.data_ready is not None:
+            cov.blind_spots.append(
+                "a listener that existed before rsttrace started is known a moment after start, from a recv() "
+                "on a copy of its fd (with --port); one whose fd no process holds, from its next queued "
+                "connection (sk_data_ready) or 3rd-ACK overflow — SYN drops before that are only counted by the kernel")
+        else:
+            cov.blind_spots.append(
+                "a listener that existed before rsttrace started is known from its next queued connection "
+                "(sk_data_ready) or 3rd-ACK overflow; SYN drops before that are only counted by the kernel"
+                if caps.data_ready is not None else
+                "listeners that existed before rsttrace started are known only after an ACK-time overflow")
     else:
         for kind in ("syn_dropped", "syn_cookie"):
             cov.hooks[kind] = None
@@ -125,6 +131,8 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
             plan.macros.append("-DLISTEN_BACKLOG_FROM_REGS")
         if caps.data_ready is not None:
             plan.macros.append("-DHAVE_SK_DATA_READY")
+        if caps.recv_length is not None:
+            plan.macros.append("-DHAVE_SOCK_RECV_LENGTH")
     if kprobe_file:
         plan.files.append("kprobe.bpf.c")
         if caps.has_function("tcp_v6_send_reset"):

@@ -195,8 +195,16 @@ class RstProgram:
     def stop_learning_listeners(self) -> bool:
         """Detach sock:sk_data_ready, which runs for every socket that receives data on the host and is
         needed only to learn listeners that predate rsttrace (bpf/listen.bpf.c). True if it was attached."""
+        return self._detach_raw(b"sk_data_ready")
+
+    def stop_poke_hook(self) -> bool:
+        """Detach sock:sock_recv_length, attached only while user space pokes the listeners that
+        predate rsttrace (bpf/listen.bpf.c). True if it was attached."""
+        return self._detach_raw(b"sock_recv_length")
+
+    def _detach_raw(self, tracepoint: bytes) -> bool:
         try:
-            self.bpf.detach_raw_tracepoint(tp=b"sk_data_ready")
+            self.bpf.detach_raw_tracepoint(tp=tracepoint)
         except Exception:      # bcc: not attached
             return False
         return True
