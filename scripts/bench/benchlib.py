@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import signal
 import statistics
@@ -491,3 +492,93 @@ def fmt(s: dict, spec: str = ".0f", unit: str = "") -> str:
 
 def fmt_ratio(r: float | None, spec: str = ".2f") -> str:
     return "–" if r is None else f"{r:{spec}}×"
+
+
+# -- overhead in windows of one storm ------------------------------------------------------------
+WARMUP_S = 2.0      # the storm's first seconds (TIME_WAIT filling up) are not measured
+GAP_S = 0.5         # after a tracer exits, before a no-tracer window
+
+
+def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: float, idle: int = 0) -> dict:
+    """The overhead benchmark's method (scripts/bench/overhead, scaling). `conds`: condition name →
+    {"tool", "ports"}; "no_tracer" (the baseline) and "no_tracer_again" (A/A, from the baseline
+    windows) have no tool. One storm through the whole measurement, in windows of `seconds`: a no-tracer window, then a
+    traced one, in turn, `runs` cycles over the traced conditions (each cycle in another order). A
+    traced window's rate loss is taken against the mean of the no-tracer windows either side of it;
+    the A/A control takes each inner no-tracer window against the two no-tracer windows nearest to it
+    (as far away in time as a traced window's baselines, or further). A tracer is started before its
+    window (ready, then STEADY_S) and stopped after it, outside every window. `idle`: that many idle
+    established connections held in the storm's netns through every window."""
+    traced = [c for c in conds if c not in ("no_tracer", "no_tracer_again")]
+    sequence = []
+    for i in range(runs):
+        for name in traced[i % len(traced):] + traced[:i % len(traced)]:
+            sequence += ["no_tracer", name]
+    sequence.append("no_tracer")
+    # long enough for every window and every tracer's start and stop (a tracer start is ~1.5 s)
+    budget = len(sequence) * seconds + (len(sequence) // 2) * 8 + 30
+    windows: list[tuple[str, dict]] = []
+    with Netns() as ns:
+        holder = IdleConnections(ns, exe, OTHER_PORT + 1000, idle) if idle else None
+        storm = LongStorm(ns, exe, "conn", budget)
+        try:
+            time.sleep(WARMUP_S)
+            for name in sequence:
+                spec = conds[name]
+                if not spec.get("tool"):
+                    time.sleep(GAP_S)         # the last tracer's exit and detach are behind us
+                    windows.append((name, storm.window(seconds)))
+                    continue
+                tracer = Tracer(spec["tool"], spec["ports"], OUT / f"run-{spec['tool']}.out")
+                try:
+                    tracer.wait_ready()
+                    time.sleep(STEADY_S)
+                    windows.append((name, storm.window(seconds, tracer)))
+                finally:
+                    tracer.stop()
+                w = windows[-1][1]
+                log(f"  {len(windows):3d} {name}: {w['conns_per_s']:.0f}/s {w['cpu_us_per_conn']:.1f} µs, "
+                    f"against {windows[-2][1]['conns_per_s']:.0f}/s before")
+        finally:
+            storm.stop()
+            if holder:
+                holder.close()
+
+    def loss(i: int, j: int, k: int, key: str) -> float:
+        base = (windows[j][1][key] + windows[k][1][key]) / 2
+        return 100 * (1 - windows[i][1][key] / base)
+
+    losses: dict[str, list[float]] = {c: [] for c in ["no_tracer_again", *traced]}
+    extra_cost: dict[str, list[float]] = {c: [] for c in losses}
+    cpu: dict[str, list[float]] = {c: [] for c in losses}
+    for i, (name, w) in enumerate(windows):
+        if name == "no_tracer":
+            if 2 <= i <= len(windows) - 3:
+                losses["no_tracer_again"].append(loss(i, i - 2, i + 2, "conns_per_s"))
+                extra_cost["no_tracer_again"].append(-loss(i, i - 2, i + 2, "cpu_us_per_conn"))
+            continue
+        losses[name].append(loss(i, i - 1, i + 1, "conns_per_s"))
+        extra_cost[name].append(-loss(i, i - 1, i + 1, "cpu_us_per_conn"))
+        cpu[name].append(w["tracer_cpu_pct"])
+    floor = losses.get("empty_programs")
+    above = {c: [a - b for a, b in zip(losses[c], floor)] for c in traced if c.startswith("rsttrace") and floor}
+    rates = {c: [w["conns_per_s"] for n, w in windows if n == c] for c in ["no_tracer", *traced]}
+    cost = {c: [w["cpu_us_per_conn"] for n, w in windows if n == c] for c in ["no_tracer", *traced]}
+    return {"method": "windows of one storm, each traced window against the no-tracer windows either side",
+            "windows": [{"condition": n, **w} for n, w in windows],
+            "conns_per_s": {c: summary(v) for c, v in rates.items()},
+            "loss_above_floor_pct": {c: summary(v) for c, v in above.items()},
+            "cpu_us_per_conn": {c: summary(v) for c, v in cost.items()},
+            "loss_pct": {c: summary(v) for c, v in losses.items()},
+            "loss_mean_pct": {c: mean_ci(v) for c, v in losses.items()},
+            "cpu_cost_pct": {c: summary(v) for c, v in extra_cost.items()},
+            "tracer_cpu_pct": {c: summary(v) for c, v in cpu.items()}}
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and the half-width of its 95 % confidence interval (t distribution)."""
+    n = len(values)
+    if n < 2:
+        return {"mean": values[0] if values else None, "ci95": None, "n": n}
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.2)
+    return {"mean": statistics.mean(values), "ci95": t95 * statistics.stdev(values) / math.sqrt(n), "n": n}
