@@ -310,7 +310,9 @@ class Session:
             now_ns = time.monotonic_ns()
             self.attributor.sockets.refresh_for([(inode, now_ns) for inode in inodes])
             for inode in inodes:
-                any(listener_poke.poke(pid, inode) for pid in self.attributor.sockets.owners(inode))
+                for pid in self.attributor.sockets.owners(inode):
+                    if listener_poke.poke(pid, inode):      # one owner's copy is enough
+                        break
         self.program.stop_poke_hook()
         self._poking = False
 
