@@ -81,6 +81,20 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 	return 0;
 }
 
+/* A socket a hook names, learned if it is a TCP listener (the two learning hooks below; SCTP and DCCP
+ * listeners are in LISTEN state too). */
+static __always_inline void learn_if_tcp_listener(void *sk)
+{
+	__u8 state = 0;
+	bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
+	if (state != TCP_LISTEN)
+		return;
+	__u16 protocol = 0;
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
+	if (protocol == IPPROTO_TCP)
+		learn_listener(sk);
+}
+
 #ifdef HAVE_SK_DATA_READY
 /* sock:sk_data_ready (Linux 6.6+), raw (sk): fires on a listener when a new child joins its accept
  * queue — and on every socket that receives data, hence raw and the early state test. Needed only
@@ -88,14 +102,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
 	void *sk = (void *)ctx->args[0];
-	__u8 state = 0;
-	bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
-	if (state != TCP_LISTEN)
-		return 0;
-	__u16 protocol = 0;
-	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
-	if (protocol == IPPROTO_TCP)
-		learn_listener(sk);
+	learn_if_tcp_listener(sk);
 	return 0;
 }
 #endif
@@ -103,7 +110,7 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
 #ifdef HAVE_SOCK_RECV_LENGTH
 /* sock:sock_recv_length (Linux 6.3+), raw (sk, ret, flags): fires after every recvmsg() on the host,
  * whatever it returned. User space takes a copy of the fd of each listener that predates rsttrace
- * (pidfd_getfd) and calls recv(MSG_DONTWAIT) on it — a listener answers ENOTCONN and nothing else
+ * (pidfd_getfd) and calls recv(MSG_PEEK|MSG_DONTWAIT) on it — a listener answers ENOTCONN, nothing else
  * happens — so that the listener passes here and is learned before its first SYN (tracer/kernel/
  * listener_poke.py). Attached only for that moment: user space detaches it after the first pokes. */
 RAW_TRACEPOINT_PROBE(sock_recv_length)
@@ -111,14 +118,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
 	void *sk = (void *)ctx->args[0];
 	if (!sk || (int)ctx->args[1] != -107)      /* -ENOTCONN: what a listener answers */
 		return 0;
-	__u8 state = 0;
-	bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
-	if (state != TCP_LISTEN)
-		return 0;
-	__u16 protocol = 0;
-	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
-	if (protocol == IPPROTO_TCP)
-		learn_listener(sk);
+	learn_if_tcp_listener(sk);
 	return 0;
 }
 #endif

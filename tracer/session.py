@@ -19,9 +19,8 @@ from .enrich import counters, reasons
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
 from .enrich.listeners import ListenerSampler, listeners_everywhere
-from .kernel import listener_poke
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
-from .kernel import bpfsys
+from .kernel import bpfsys, listener_poke
 from .events.decode import TCP_STATES, Decoder, Event
 from .fastpath import FastPath
 from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, VERDICT_NAMES
