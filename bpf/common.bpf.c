@@ -21,6 +21,7 @@
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 #define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
 #define TCP_TIME_WAIT 6
 #define TCP_LISTEN 10
 #define TCP_NEW_SYN_RECV 12
@@ -58,7 +59,7 @@ struct listener_val {
 	__u32 owner_tgid;       /* the process that called listen(), 0 if the listener predates rsttrace */
 	char owner_comm[RSTTRACE_COMM_LEN];
 	__u32 netns;            /* inode: user space tells which listeners are known (Session) */
-	__u32 pad;
+	__u32 synq_seen;        /* SYN queue length at its last SYN, less the children since (report_syn_outcome) */
 };
 BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
 /* How many entries `listeners` holds. The per-packet SYN hook returns at once while it is 0 (no
@@ -254,14 +255,28 @@ static __always_inline __u32 netns_of_sock(void *sk)
 	return netns_of_net(net);
 }
 
-static __always_inline __u32 netns_of_skb(void *skb)
+/* The struct net a received skb arrived in: its device's, or once tcp_v4/v6_rcv() has cleared skb->dev
+ * (Linux 4.4+, before a listener's handling), its input route's device's — in the same netns (for a
+ * local route, the netns's loopback device). Bit 0 of _skb_refdst: not refcounted. */
+static __always_inline void *net_of_skb(void *skb)
 {
 	void *dev = 0, *net = 0;
 	bpf_probe_read_kernel(&dev, sizeof(dev), skb + OFF_SKB_DEV);
-	if (!dev)
-		return 0;
-	bpf_probe_read_kernel(&net, sizeof(net), dev + OFF_NETDEV_NET);
-	return netns_of_net(net);
+	if (!dev) {
+		__u64 refdst = 0;
+		bpf_probe_read_kernel(&refdst, sizeof(refdst), skb + OFF_SKB_REFDST);
+		if (refdst & ~1ULL)
+			bpf_probe_read_kernel(&dev, sizeof(dev), (void *)(refdst & ~1ULL) + OFF_DST_DEV);
+	}
+	if (dev)
+		bpf_probe_read_kernel(&net, sizeof(net), dev + OFF_NETDEV_NET);
+	return net;
+}
+
+static __always_inline __u32 netns_of_skb(void *skb)
+{
+	void *net = net_of_skb(skb);
+	return net ? netns_of_net(net) : 0;
 }
 
 /* skb->head, ->network_header and ->transport_header: one read where they sit within 32 bytes of
@@ -367,6 +382,7 @@ static __always_inline void learn_listener(void *sk)
 	val.sk = (__u64)sk;
 	val.backlog = -1;
 	val.netns = netns_of_net((void *)key.net);
+	bpf_probe_read_kernel(&val.synq_seen, sizeof(val.synq_seen), sk + OFF_ICSK_SYN_QLEN);
 	if (listeners.insert(&key, &val) == 0)    /* never overwrites an entry made at listen() */
 		listeners_changed(1);
 }
@@ -628,25 +644,18 @@ static __always_inline __u8 syn_verdict(struct queue_state *q)
 	return RSTTRACE_VERDICT_NONE;
 }
 
-/* A SYN meets listener `sk`: replay tcp_conn_request()'s verdict on the queues read now, and report
- * a drop or a cookie (nothing when the SYN is accepted). Shared by the netif_receive_skb replay and
- * the tcp_conn_request function hook. */
-static __always_inline void report_syn_verdict(void *ctx, void *sk, void *net, struct segment *seg, __u8 hook,
-					       __u64 stack_skip)
+/* A SYN event: the verdict and the queues it was taken on. */
+static __always_inline void emit_syn_verdict(void *ctx, void *sk, struct queue_state *q, __u8 verdict,
+					     struct segment *seg, __u8 hook, __u64 stack_skip)
 {
-	struct queue_state q = {};
-	read_queues(sk, net, &q);
-	__u8 verdict = syn_verdict(&q);
-	if (verdict == RSTTRACE_VERDICT_NONE)
-		return;
 	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED, hook);   /* the hook is the slot */
 	if (!e)
 		return;
 	read_listener(sk, e);
 	/* The queues the verdict was taken on (a second read may already see others). */
-	e->accept_qlen = q.accept_qlen;
-	e->accept_qmax = q.accept_qmax;
-	e->syn_qlen = q.syn_qlen;
+	e->accept_qlen = q->accept_qlen;
+	e->accept_qmax = q->accept_qmax;
+	e->syn_qlen = q->syn_qlen;
 	e->verdict = verdict;
 	if (e->verdict == RSTTRACE_VERDICT_SYN_COOKIE)
 		e->kind = RSTTRACE_SYN_COOKIE;
@@ -660,4 +669,58 @@ static __always_inline void report_syn_verdict(void *ctx, void *sk, void *net, s
 		e->flags |= RSTTRACE_F_SOFTIRQ;
 	read_socket(sk, e);         /* the listener's owner inode and netns */
 	emit(ctx, e);
+}
+
+/* A SYN is about to meet listener `sk` (netif_receive_skb, or tcp_conn_request's entry): replay
+ * tcp_conn_request()'s verdict on the queues read now, and report a drop or a cookie (nothing when
+ * the SYN is accepted). */
+static __always_inline void report_syn_verdict(void *ctx, void *sk, void *net, struct segment *seg, __u8 hook,
+					       __u64 stack_skip)
+{
+	struct queue_state q = {};
+	read_queues(sk, net, &q);
+	__u8 verdict = syn_verdict(&q);
+	if (verdict != RSTTRACE_VERDICT_NONE)
+		emit_syn_verdict(ctx, sk, &q, verdict, seg, hook, stack_skip);
+}
+
+/* A SYN has met the listener (skb:consume_skb in tcp_rcv_state_process, right after
+ * tcp_conn_request() returned): tell its verdict from the queues now. A dropped SYN and a cookie
+ * leave the queues as they found them; an accepted one has added its request to the SYN queue. The
+ * tests only grow stricter as the queues grow, so:
+ *   - no verdict on the queues now: accepted — unless the SYN queue did not grow and the accept
+ *     queue is one short of full: an accept() took a child since, and the SYN met a full queue;
+ *   - a verdict even with one request less in the SYN queue: not accepted, and that verdict (the
+ *     queues now are the ones it met — the accept queue full, incident 1, is always this case);
+ *   - else the SYN met the SYN queue at the edge: it took the last place or found none. It took it
+ *     if the SYN queue grew since the listener's previous SYN (synq_seen: that SYN's figure, less
+ *     the children created since, which left the queue). Requests that expire, and children made
+ *     from a cookie, are not seen: the one case reported by inference on inference (hooks.py). */
+static __always_inline void report_syn_outcome(void *ctx, struct listener_val *listener, void *net,
+					       struct segment *seg, __u64 stack_skip)
+{
+	void *sk = (void *)listener->sk;
+	struct queue_state q = {};
+	read_queues(sk, net, &q);
+	__u32 seen = listener->synq_seen;
+	listener->synq_seen = q.syn_qlen;
+	__u8 verdict = syn_verdict(&q);
+	if (verdict == RSTTRACE_VERDICT_NONE) {
+		/* An accept() on another CPU between the decision and now may have taken one child from a
+		 * full accept queue: a SYN that added no request met the queue one longer. */
+		struct queue_state met = q;
+		met.accept_qlen++;
+		if (q.syn_qlen > seen || q.accept_qlen != q.accept_qmax ||
+		    syn_verdict(&met) != RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL)
+			return;
+		emit_syn_verdict(ctx, sk, &met, RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL, seg, RSTTRACE_HOOK_NONE, stack_skip);
+		return;
+	}
+	if (q.syn_qlen > seen) {
+		struct queue_state met = q;
+		met.syn_qlen--;
+		if (syn_verdict(&met) == RSTTRACE_VERDICT_NONE)
+			return;                 /* it took the last place */
+	}
+	emit_syn_verdict(ctx, sk, &q, verdict, seg, RSTTRACE_HOOK_NONE, stack_skip);
 }

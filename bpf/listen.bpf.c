@@ -1,9 +1,10 @@
 /* listen.bpf.c — listen-queue decisions, from tracepoints only (no kprobes needed).
  *
  * The kernel drops a SYN in tcp_conn_request() (accept queue full, SYN queue full without cookies)
- * with consume_skb(): no drop reason, no tracepoint. So rsttrace replays that decision: for each
- * SYN headed to a known listener it reads, at net:netif_receive_skb, the listener's queues and the
- * netns sysctls, and applies tcp_conn_request()'s own tests. These events carry
+ * with consume_skb(): no drop reason. So rsttrace reads the decision from the listener's queues and
+ * the netns sysctls, and applies tcp_conn_request()'s own tests: after it, where
+ * tcp_rcv_state_process() consumes the SYN (skb:consume_skb, 6.3+: once per SYN to a listener), or
+ * before it, at net:netif_receive_skb (every packet of the host). These events carry
  * RSTTRACE_F_INFERRED. The 3rd-ACK overflow does have a drop reason (skb:kfree_skb,
  * TCP_LISTEN_OVERFLOW) and is reported as the kernel says it.
  *
@@ -13,9 +14,14 @@
  *                               rsttrace are learned when they queue a child.
  *   HAVE_SOCK_RECV_LENGTH       sock:sock_recv_length exists (Linux 6.3+): user space learns a listener
  *                               that predates rsttrace at once, by a recv() on a copy of its fd.
- *   LISTEN_SYN_TRACEPOINT       SYN verdicts from net:netif_receive_skb (else kprobe.bpf.c has them).
+ *   LISTEN_SYN_CONSUMED         SYN verdicts from skb:consume_skb after tcp_conn_request() (6.3+).
+ *   LISTEN_SYN_TRACEPOINT       SYN verdicts replayed at net:netif_receive_skb (older kernels; with
+ *                               kprobes, kprobe.bpf.c has them at tcp_conn_request()).
  *   LISTEN_OVERFLOW_REASON=N    skb_drop_reason value of TCP_LISTEN_OVERFLOW (from the kfree_skb
  *                               format, Linux 6.3+); absent: no 3rd-ACK events from this file.
+ *   COOKIE_NO_SOCKET_REASON=N   skb_drop_reason value of NO_SOCKET, with COOKIE_CHECK0_LO/HI (and
+ *                               COOKIE_CHECK1_LO/HI): cookie_v4/v6_check()'s text, where a SYN
+ *                               cookie's ACK that met a full accept queue is freed (Linux 6.9+).
  */
 
 /* A raw tracepoint program's stack starts with itself and bpf_trace_runN(): skip both, so that the
@@ -75,8 +81,16 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 			listeners.update(&key, &val);     /* a new listener on a port whose old one we missed */
 	} else {
 		struct listener_val *val = listeners.lookup(&key);
-		if (val && val->sk == (__u64)sk && listeners.delete(&key) == 0)
-			listeners_changed(-1);
+		if (!val)
+			return 0;
+		if (val->sk == (__u64)sk) {
+			if (listeners.delete(&key) == 0)
+				listeners_changed(-1);
+		} else if (newstate == TCP_SYN_RECV && val->synq_seen) {
+			/* A child, cloned from the listener (inet_csk_clone_lock): its request leaves the
+			 * SYN queue (report_syn_outcome). */
+			val->synq_seen--;
+		}
 	}
 	return 0;
 }
@@ -152,6 +166,37 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 
 #endif /* LISTEN_SYN_TRACEPOINT */
 
+#ifdef LISTEN_SYN_CONSUMED
+/* skb:consume_skb (raw: skb, location; `location` since Linux 6.3), where the caller is
+ * tcp_rcv_state_process() [SYN_CONSUMER_LO, SYN_CONSUMER_HI): its LISTEN branch consumes every SYN
+ * the listener has decided on — accepted, answered with a cookie, or dropped (tcp_conn_request()
+ * returns 0 on its drop paths, Linux 4.4+). So this runs for the SYNs that reach a listener, after
+ * the decision, instead of for every packet of the host before it (netif_receive_skb: 6 runs per
+ * connection, parsing each). One compare turns every other consume_skb of the host away. */
+RAW_TRACEPOINT_PROBE(consume_skb)
+{
+	__u64 location = ctx->args[1];
+	if (location - SYN_CONSUMER_LO >= SYN_CONSUMER_HI - SYN_CONSUMER_LO)
+		return 0;
+	if (!have_listeners())
+		return 0;
+	void *skb = (void *)ctx->args[0];
+	struct segment seg = {};
+	parse_segment_if(skb, 1, 1, &seg);       /* the transport header is set by now; SYNs only */
+	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
+		return 0;
+	void *net = net_of_skb(skb);        /* skb->dev is cleared by now: the route's device */
+	struct listener_key key = {};
+	key.net = (__u64)net;
+	key.port = seg.dport;
+	struct listener_val *listener = listeners.lookup(&key);
+	if (!listener)
+		return 0;
+	report_syn_outcome(ctx, listener, net, &seg, RAW_TP_STACK_SKIP);
+	return 0;
+}
+#endif /* LISTEN_SYN_CONSUMED */
+
 #ifdef LISTEN_OVERFLOW_REASON
 
 /* skb:kfree_skb with reason TCP_LISTEN_OVERFLOW (Linux 6.3+) — the handshake's final ACK found the
@@ -159,9 +204,63 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
  * Raw (skb, location, reason, rx_sk: the prototype since rx_sk was added, 6.11, which the loader
  * requires): the classic tracepoint would build its record for every dropped packet of the host
  * before rsttrace could look at the reason. */
+#ifdef COOKIE_NO_SOCKET_REASON
+static __always_inline int in_cookie_check(__u64 location)
+{
+	if (location - COOKIE_CHECK0_LO < COOKIE_CHECK0_HI - COOKIE_CHECK0_LO)
+		return 1;
+#ifdef COOKIE_CHECK1_LO
+	if (location - COOKIE_CHECK1_LO < COOKIE_CHECK1_HI - COOKIE_CHECK1_LO)
+		return 1;
+#endif
+	return 0;
+}
+
+/* A SYN cookie's ACK that tcp_v4/v6_syn_recv_sock() refused a child — the accept queue is full (it
+ * counts ListenOverflows), or memory ran out — is dropped by cookie_v4/v6_check() (Linux 6.9+ gives
+ * the reason) with reason NO_SOCKET and no socket. The listener is found by netns and port; its queues,
+ * read now, may already be shorter (an accept() on another CPU): RSTTRACE_F_INFERRED. */
+static __always_inline int report_cookie_ack_dropped(struct bpf_raw_tracepoint_args *ctx, void *skb)
+{
+	if (!in_cookie_check(ctx->args[1]))
+		return 0;
+	struct segment seg = {};
+	parse_segment(skb, 1, &seg);
+	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
+		return 0;
+	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED, SLOT_ACK_AT_FREE);
+	if (!e)
+		return 0;
+	e->kernel_reason = COOKIE_NO_SOCKET_REASON;
+	e->flags |= RSTTRACE_F_INFERRED;
+	fill_from_segment(e, &seg);
+	fill_task(e);
+	if (walk_stack_skip(ctx, e, RAW_TP_STACK_SKIP))
+		e->flags |= RSTTRACE_F_SOFTIRQ;
+	void *net = net_of_skb(skb);
+	e->netns = net ? netns_of_net(net) : 0;
+	struct listener_key key = {};
+	key.net = (__u64)net;
+	key.port = seg.dport;
+	struct listener_val *listener = listeners.lookup(&key);
+	if (listener) {
+		void *sk = (void *)listener->sk;
+		e->state = TCP_LISTEN;
+		read_socket(sk, e);
+		read_listener(sk, e);
+	}
+	emit(ctx, e);
+	return 0;
+}
+#endif
+
 RAW_TRACEPOINT_PROBE(kfree_skb)
 {
 	__u32 reason = (__u32)ctx->args[2];
+#ifdef COOKIE_NO_SOCKET_REASON
+	if (reason == COOKIE_NO_SOCKET_REASON)
+		return report_cookie_ack_dropped(ctx, (void *)ctx->args[0]);
+#endif
 	if (reason != LISTEN_OVERFLOW_REASON)
 		return 0;
 	void *skb = (void *)ctx->args[0];

@@ -4,6 +4,7 @@ A server listens with a small backlog and accepts slowly or never; a client fire
 concurrent connects. Every wait is bounded; the script prints one JSON line of facts.
 
     python3 burst.py server ADDR PORT BACKLOG [SECONDS]   listen, never accept, exit after SECONDS
+    python3 burst.py accepting ADDR PORT BACKLOG [SECONDS]  listen, accept and close as fast as it can
     python3 burst.py clients ADDR PORT N [SECONDS]        N concurrent connects, then report outcomes
     python3 burst.py burst ADDR PORT BACKLOG N            both of the above (server forked)
     python3 burst.py synflood ADDR PORT N                 N raw SYNs from distinct source ports
@@ -40,6 +41,26 @@ def serve(addr: str, port: int, backlog: int, seconds: float, ready_fd: int | No
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    srv.close()
+
+
+def serve_accepting(addr: str, port: int, backlog: int, seconds: float) -> None:
+    """A server that keeps up as well as one thread can: its queues fill only at the moment of a burst."""
+    srv = socket.socket(family(addr), socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, port))
+    srv.listen(backlog)
+    srv.settimeout(0.2)
+    print(json.dumps({"server_pid": os.getpid(), "backlog": backlog}), flush=True)
+    accepted = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            continue
+        conn.close()
+        accepted += 1
     srv.close()
 
 
@@ -145,6 +166,9 @@ if __name__ == "__main__":
     rest = [float(a) for a in sys.argv[4:]]
     if cmd == "server":
         serve(addr, port, int(rest[0]), rest[1] if len(rest) > 1 else 30.0)
+        sys.exit(0)
+    if cmd == "accepting":
+        serve_accepting(addr, port, int(rest[0]), rest[1] if len(rest) > 1 else 30.0)
         sys.exit(0)
     if cmd == "clients":
         result = connect_many(addr, port, int(rest[0]), rest[1] if len(rest) > 1 else 3.0)

@@ -44,7 +44,7 @@ def test_every_kprobe_program_passes_this_kernels_verifier(root):
 def test_auto_plan_on_this_kernel_uses_tracepoints(root):
     cov = plan_hooks(probe()).coverage
     assert cov.hooks["rst_sent"] == "tracepoint:tcp:tcp_send_reset"
-    assert cov.hooks["syn_dropped"] == "raw_tracepoint:net:netif_receive_skb"
+    assert cov.hooks["syn_dropped"] == "raw_tracepoint:skb:consume_skb"     # after the decision (6.3+)
     assert cov.hooks["ack_dropped"] == "raw_tracepoint:skb:kfree_skb"
 
 

@@ -40,6 +40,19 @@ def test_kallsyms_range_ends_at_next_symbol(tmp_path):
         "handle_softirqs": (0xffffffff81369570, 0xffffffff81369810)}
 
 
+def test_kallsyms_every_name_is_found_with_its_own_end(tmp_path):
+    f = tmp_path / "kallsyms"
+    f.write_text("ffffffff81000000 T _text\nffffffff82081000 T tcp_rcv_state_process\n"
+                 "ffffffff82082000 T cookie_v4_check\nffffffff82083000 t next_one\n"
+                 "ffffffff8219a930 T cookie_v6_check\nffffffff8219b000 T last\n")
+    names = ("tcp_rcv_state_process", "cookie_v4_check", "cookie_v6_check", "absent")
+    assert function_ranges(names, str(f), every=True) == {
+        "tcp_rcv_state_process": (0xffffffff82081000, 0xffffffff82082000),
+        "cookie_v4_check": (0xffffffff82082000, 0xffffffff82083000),
+        "cookie_v6_check": (0xffffffff8219a930, 0xffffffff8219b000)}
+    assert function_ranges(names, str(f)) == {"tcp_rcv_state_process": (0xffffffff82081000, 0xffffffff82082000)}
+
+
 def test_kallsyms_hidden_addresses_mean_no_ranges(tmp_path):
     f = tmp_path / "kallsyms"
     f.write_text("0000000000000000 T _text\n0000000000000000 t handle_softirqs\n0000000000000000 T other\n")

@@ -51,6 +51,17 @@ def test_final_ack_drop_says_client_retransmits():
     assert "final ACK dropped" in reasons.explain(ev) and "retransmit" in reasons.explain(ev)
 
 
+def test_cookie_ack_drop_says_it_was_a_cookie():
+    ev = queue_event(kind="ack_dropped", verdict="none", qlen=2, qmax=1, backlog=1)
+    ev.kernel_reason = "NO_SOCKET"
+    ev.reason = reasons.classify(ev)
+    assert ev.reason == "accept_queue_full"
+    assert reasons.explain(ev).startswith("final ACK of a SYN cookie dropped on 127.0.0.1:8100")
+    assert "full (2/1);" in reasons.explain(ev)
+    ev.queues["accept_qlen"] = 1
+    assert "full (1/1 when read, after an accept());" in reasons.explain(ev)
+
+
 def test_inet_diag_listener_message_parses():
     sockid = struct.pack("!HH", 8100, 0) + socket.inet_aton("127.0.0.1") + b"\0" * 12 + b"\0" * 16 + b"\0" * 12
     msg = struct.pack("=BBBB", socket.AF_INET, 10, 0, 0) + sockid + struct.pack("=IIIII", 0, 6, 5, 0, 4242)

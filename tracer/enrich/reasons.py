@@ -303,7 +303,10 @@ def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger
     if kind in ("syn_dropped", "syn_cookie"):
         return VERDICT_REASONS.get(verdict, "unknown")
     if kind == "ack_dropped":
-        full = kernel_reason == "TCP_LISTEN_OVERFLOW" or verdict == "accept_queue_full"
+        # NO_SOCKET: a SYN cookie's ACK that cookie_v4/v6_check() could not make a child for. That is
+        # the accept queue, unless memory ran out; its length read a moment later cannot tell (the
+        # listener may have accepted since), so the event is marked inferred.
+        full = kernel_reason in ("TCP_LISTEN_OVERFLOW", "NO_SOCKET") or verdict == "accept_queue_full"
         return "accept_queue_full" if full else "unknown"
     if kind != "rst_sent":
         return "unknown"
@@ -381,6 +384,8 @@ def explain_queue(ev: Event) -> str:
     owner = _who(ev) if ev.process else "the listener"
     what = {"syn_dropped": "SYN dropped", "ack_dropped": "final ACK dropped", "rst_sent": "final ACK answered with RST",
             "syn_cookie": "SYN answered with a cookie"}.get(ev.kind, ev.kind)
+    if ev.kind == "ack_dropped" and ev.kernel_reason == "NO_SOCKET":
+        what = "final ACK of a SYN cookie dropped"
     asked = f"listen({q['backlog']})" if q["backlog"] is not None else "listen(?)"
     if ev.reason == "accept_queue_full":
         if q["binding_limit"] == "somaxconn":
@@ -392,8 +397,10 @@ def explain_queue(ev: Event) -> str:
         tail = ""
         if ev.kind == "ack_dropped" and not sc["tcp_abort_on_overflow"]:
             tail = "; the client believes it is connected and will retransmit"
-        return (f"{what} on {ev.local} from {ev.remote}: accept queue of {owner} full "
-                f"({q['accept_qlen']}/{q['accept_qmax']}); {limit}{tail}")
+        seen = f"{q['accept_qlen']}/{q['accept_qmax']}"
+        if q["accept_qlen"] <= q["accept_qmax"]:
+            seen += " when read, after an accept()"     # the cookie path's queues are read a moment later
+        return f"{what} on {ev.local} from {ev.remote}: accept queue of {owner} full ({seen}); {limit}{tail}"
     if ev.reason == "syn_cookie":
         return (f"{what} on {ev.local} from {ev.remote}: SYN queue full ({q['syn_qlen']}/{q['syn_qmax']}) — a SYN "
                 f"flood or a burst above the backlog {q['accept_qmax']}; raise the listen() backlog if legitimate")

@@ -18,7 +18,7 @@ from . import bpfsys, offsets
 from .bootcache import BootCache
 from .btf import VMLINUX_BTF, BTFError, KernelBTF
 from .offsets import resolve_offsets
-from .kallsyms import SOFTIRQ_ENTRY_FUNCTIONS, function_ranges
+from .kallsyms import LOCATED_FUNCTIONS, SOFTIRQ_ENTRY_FUNCTIONS, SYN_CONSUMER, function_ranges
 from .tracefs import TracefsError, TracepointFormat, read_format, tracefs_root
 
 KPROBE_FUNCTIONS = ("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_reset", "tcp_conn_request",
@@ -69,6 +69,8 @@ class Capabilities:
     recv_length: TracepointFormat | None = None      # sock:sock_recv_length (Linux 6.3+)
     kfree_skb: TracepointFormat | None = None        # skb:kfree_skb
     netif_receive_skb: bool = False                  # net:netif_receive_skb (raw tracepoint)
+    consume_skb: TracepointFormat | None = None      # skb:consume_skb (its `location` since Linux 6.3)
+    text_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)   # LOCATED_FUNCTIONS' [start, end)
     prog_load: dict[str, int] = field(default_factory=dict)   # program type -> errno (0 = loads)
     kprobe_pmu: bool = False
     ringbuf: bool = False
@@ -105,10 +107,25 @@ class Capabilities:
         return None
 
     @property
+    def no_socket_reason(self) -> int | None:
+        """skb_drop_reason value of NO_SOCKET: what cookie_v4/v6_check() give a cookie's ACK that found
+        the accept queue full (Linux 6.9+; before, the drop had no reason)."""
+        if self.listen_overflow_reason is None:
+            return None
+        return next((v for v, name in self.kfree_skb.symbols("reason").items() if name == "NO_SOCKET"), None)
+
+    @property
     def listen_hooks(self) -> bool:
         """Can the listen-queue hooks (bpf/listen.bpf.c) run here?"""
         return (self.set_state is not None and self.netif_receive_skb
                 and self.prog_load.get("raw_tracepoint") == 0 and "OFF_ICSK_SYN_QLEN" in self.offsets)
+
+    @property
+    def syn_after_decision(self) -> bool:
+        """Can SYN verdicts be read after tcp_conn_request() took them (skb:consume_skb called from
+        tcp_rcv_state_process(), bpf/listen.bpf.c), instead of replayed at every received packet?"""
+        return (self.listen_hooks and SYN_CONSUMER in self.text_ranges
+                and bool(self.consume_skb and self.consume_skb.has("location")))
 
     @property
     def synq_full_gt(self) -> bool:
@@ -233,6 +250,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.recv_length = read_format(caps.tracefs, "sock", "sock_recv_length")
         caps.kfree_skb = read_format(caps.tracefs, "skb", "kfree_skb")
         caps.netif_receive_skb = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "netif_receive_skb"))
+        caps.consume_skb = read_format(caps.tracefs, "skb", "consume_skb")
         caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \
             os.path.exists(os.path.join(caps.tracefs, "kprobe_events"))
     except TracefsError as err:
@@ -260,6 +278,15 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         except OSError:
             ranges = {}
     caps.softirq_ranges = {name: tuple(span) for name, span in ranges.items()}
+    located = cache.get("text_ranges", ",".join(LOCATED_FUNCTIONS))
+    if located is None:
+        try:
+            located = function_ranges(LOCATED_FUNCTIONS, every=True)
+            if located:
+                cache.put("text_ranges", located, ",".join(LOCATED_FUNCTIONS))
+        except OSError:
+            located = {}
+    caps.text_ranges = {name: tuple(span) for name, span in located.items()}
     cache.save()
 
     loading.join()

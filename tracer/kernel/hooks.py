@@ -3,8 +3,10 @@
     rst_sent      tcp:tcp_send_reset with `reason` (6.10+)  >  kprobes on tcp_send_active_reset /
                   tcp_v4/v6_send_reset (reason inferred)  >  tcp:tcp_send_reset without reason
     rst_received  tcp:tcp_receive_reset (4.15+)
-    syn_dropped,  kprobe on tcp_conn_request (the decision point)  >  raw tracepoint
-    syn_cookie    net:netif_receive_skb replaying tcp_conn_request's tests on the listener's queues
+    syn_dropped,  kprobe on tcp_conn_request (the decision point)  >  raw tracepoint skb:consume_skb
+    syn_cookie    where tcp_rcv_state_process() consumes the SYN it decided on (6.3+: the queues after the
+                  decision)  >  raw tracepoint net:netif_receive_skb replaying tcp_conn_request's tests on
+                  the queues before it (every packet of the host passes there)
     ack_dropped   skb:kfree_skb reason TCP_LISTEN_OVERFLOW (6.3+, the kernel's own word)  >  kprobe on
                   tcp_v4/v6_syn_recv_sock
 
@@ -14,15 +16,23 @@ family where it can run (for tests and comparisons).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedKernelError
 from .capabilities import Capabilities, Coverage
+from .kallsyms import COOKIE_CHECKERS, SYN_CONSUMER
 
 BACKENDS = ("auto", "tracepoint", "kprobe", "fentry")
 
 SYN_INFERRED = ("inferred: the listener's queues and the netns sysctls are read as the SYN arrives and "
                 "tcp_conn_request()'s own tests are replayed (the kernel drops these SYNs without a tracepoint)")
+SYN_DECIDED = ("inferred: the listener's queues and the netns sysctls are read where tcp_rcv_state_process() "
+               "consumes the SYN it decided on, and tcp_conn_request()'s tests are applied to what the SYN met "
+               "(the kernel drops these SYNs without a tracepoint)")
+# `RSTTRACE_SYN_HOOK=netif_receive_skb` keeps the per-packet replay where the consume_skb hook would run:
+# for comparing the two (tests, benchmarks), not for users.
+SYN_HOOK_ENV = "RSTTRACE_SYN_HOOK"
 
 
 @dataclass
@@ -89,6 +99,17 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
             "inferred at the decision point: tcp_conn_request()'s tests replayed on the queues it is about to read")
         plan.macros.append("-DKPROBE_LISTEN_SYN")
         kprobe_file = True
+    elif listen_tp and caps.syn_after_decision and os.environ.get(SYN_HOOK_ENV) != "netif_receive_skb":
+        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:skb:consume_skb"
+        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_DECIDED
+        lo, hi = caps.text_ranges[SYN_CONSUMER]
+        plan.macros += ["-DLISTEN_SYN_CONSUMED", f"-DSYN_CONSUMER_LO={lo:#x}ULL", f"-DSYN_CONSUMER_HI={hi:#x}ULL"]
+        cov.blind_spots.append(
+            "SYNs at a queue's edge: whether a SYN that found the SYN queue one short of its limit took the last "
+            "place is told from the queue length at the listener's previous SYN, less the connections completed "
+            "since; a SYN that added no request while the accept queue is one short of full is taken to have met it "
+            "full (an accept() in between). A request that expired unanswered, or a connection completed from a SYN "
+            "cookie, in between can make one such SYN be reported the wrong way")
     elif listen_tp:
         cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:net:netif_receive_skb"
         cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_INFERRED
@@ -113,6 +134,16 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
         cov.hooks["ack_dropped"] = "raw_tracepoint:skb:kfree_skb"
         cov.notes["ack_dropped"] = "kernel drop reason TCP_LISTEN_OVERFLOW"
         plan.macros.append(f"-DLISTEN_OVERFLOW_REASON={caps.listen_overflow_reason}")
+        cookie_ranges = [caps.text_ranges[f] for f in COOKIE_CHECKERS if f in caps.text_ranges]
+        if caps.no_socket_reason is not None and cookie_ranges:
+            # A SYN cookie's ACK that meets a full accept queue is dropped by cookie_v4/v6_check() with
+            # reason NO_SOCKET: told from the other NO_SOCKET drops by where it was freed.
+            cov.notes["ack_dropped"] += "; a SYN cookie's ACK: reason NO_SOCKET freed in cookie_v4/v6_check()"
+            cov.blind_spots.append("a SYN cookie's ACK dropped because memory ran out is reported as accept_queue_full: "
+                                   "the kernel gives it the same reason and place")
+            plan.macros.append(f"-DCOOKIE_NO_SOCKET_REASON={caps.no_socket_reason}")
+            for i, (lo, hi) in enumerate(cookie_ranges):
+                plan.macros += [f"-DCOOKIE_CHECK{i}_LO={lo:#x}ULL", f"-DCOOKIE_CHECK{i}_HI={hi:#x}ULL"]
     elif use_kprobes:
         fn = entry(("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock"), "-DFENTRY_ACK")
         cov.hooks["ack_dropped"] = f"{fn}:tcp_v4_syn_recv_sock,tcp_v6_syn_recv_sock"
@@ -123,7 +154,7 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
         cov.hooks["ack_dropped"] = None
         cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb (6.3+), no kprobes or fentry"
 
-    if listen_tp and ("-DLISTEN_SYN_TRACEPOINT" in plan.macros or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
+    if listen_tp and ({"-DLISTEN_SYN_TRACEPOINT", "-DLISTEN_SYN_CONSUMED"} & set(plan.macros) or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
                                                                       for m in plan.macros)):
         plan.files.append("listen.bpf.c")
         plan.macros.append("-DCONNECT_OWNERS")

@@ -20,14 +20,25 @@ from .bootcache import BootCache
 # Every softirq runs through handle_softirqs() since Linux 6.8 (__do_softirq and ksoftirqd call it);
 # before that __do_softirq() itself was the entry. Either one on the stack means softirq context.
 SOFTIRQ_ENTRY_FUNCTIONS = ("handle_softirqs", "__do_softirq")
+# The function whose LISTEN branch consume_skb()s every SYN a listener has decided on (accepted, cookie or
+# dropped): a consume_skb tracepoint whose `location` lies in it is a SYN verdict (bpf/listen.bpf.c).
+SYN_CONSUMER = "tcp_rcv_state_process"
+# The functions that drop a SYN cookie's ACK with reason NO_SOCKET when tcp_v4/v6_syn_recv_sock() refuses
+# the child — in practice, a full accept queue (bpf/listen.bpf.c, kfree_skb).
+COOKIE_CHECKERS = ("cookie_v4_check", "cookie_v6_check")
+# The kernel functions whose text ranges BPF programs compare a tracepoint's `location` with.
+LOCATED_FUNCTIONS = (SYN_CONSUMER, *COOKIE_CHECKERS)
 _CHUNK = 1 << 16
 
 
-def function_ranges(names: tuple[str, ...], path: str = "/proc/kallsyms") -> dict[str, tuple[int, int]]:
-    """[start, end) of the first of `names` found (end = the next symbol's address).
+def function_ranges(names: tuple[str, ...], path: str = "/proc/kallsyms",
+                    every: bool = False) -> dict[str, tuple[int, int]]:
+    """[start, end) of the first of `names` found (end = the next symbol's address), or with `every`,
+    of each of them that exists.
 
     /proc/kallsyms is generated symbol by symbol and reading all of it costs ~70 ms, so read in
-    chunks and stop at the first match: handle_softirqs sits early in the address-ordered list.
+    chunks and stop as soon as what is asked for is found: handle_softirqs sits early in the
+    address-ordered list.
     """
     wanted = {f" t {n}": n for n in names} | {f" T {n}": n for n in names}
     found: dict[str, tuple[int, int]] = {}
@@ -44,12 +55,14 @@ def function_ranges(names: tuple[str, ...], path: str = "/proc/kallsyms") -> dic
                 addr_text, _, rest = line.partition(" ")
                 if pending:
                     addr = int(addr_text, 16)
-                    if addr > pending[1]:
-                        found[pending[0]] = (pending[1], addr)
+                    if addr <= pending[1]:
+                        continue        # an alias at the same address
+                    found[pending[0]] = (pending[1], addr)
+                    pending = None
+                    if not every or len(found) == len(names):
                         return found
-                    continue
                 name = wanted.get(" " + rest.split("\t", 1)[0])
-                if name:
+                if name and name not in found:
                     start = int(addr_text, 16)
                     if start == 0:
                         return {}   # addresses hidden by kptr_restrict

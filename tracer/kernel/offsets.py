@@ -17,6 +17,8 @@ OFFSETS = (
     ("OFF_SKB_HEAD", "sk_buff", "head"),
     ("OFF_SKB_TRANSPORT_HEADER", "sk_buff", "transport_header"),
     ("OFF_NETDEV_NET", "net_device", "nd_net"),
+    ("OFF_SKB_REFDST", "sk_buff", "_skb_refdst"),
+    ("OFF_DST_DEV", "dst_entry", "dev"),
     ("OFF_SOCKET_ALLOC_INODE", "socket_alloc", "vfs_inode"),
     ("OFF_INODE_INO", "inode", "i_ino"),
     ("OFF_TCP_RCV_NXT", "tcp_sock", "rcv_nxt"),
