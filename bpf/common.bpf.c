@@ -704,23 +704,21 @@ static __always_inline void report_syn_outcome(void *ctx, struct listener_val *l
 	read_queues(sk, net, &q);
 	__u32 seen = listener->synq_seen;
 	listener->synq_seen = q.syn_qlen;
+	struct queue_state met = q;     /* the queues the SYN met, as far as they can be told */
 	__u8 verdict = syn_verdict(&q);
 	if (verdict == RSTTRACE_VERDICT_NONE) {
 		/* An accept() on another CPU between the decision and now may have taken one child from a
 		 * full accept queue: a SYN that added no request met the queue one longer. */
-		struct queue_state met = q;
 		met.accept_qlen++;
 		if (q.syn_qlen > seen || q.accept_qlen != q.accept_qmax ||
 		    syn_verdict(&met) != RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL)
 			return;
-		emit_syn_verdict(ctx, sk, &met, RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL, seg, RSTTRACE_HOOK_NONE, stack_skip);
-		return;
-	}
-	if (q.syn_qlen > seen) {
-		struct queue_state met = q;
+		verdict = RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL;
+	} else if (q.syn_qlen > seen) {
 		met.syn_qlen--;
 		if (syn_verdict(&met) == RSTTRACE_VERDICT_NONE)
 			return;                 /* it took the last place */
+		met = q;
 	}
-	emit_syn_verdict(ctx, sk, &q, verdict, seg, RSTTRACE_HOOK_NONE, stack_skip);
+	emit_syn_verdict(ctx, sk, &met, verdict, seg, RSTTRACE_HOOK_NONE, stack_skip);
 }

@@ -203,7 +203,13 @@ RAW_TRACEPOINT_PROBE(consume_skb)
  * accept queue full when tcp_v4/v6_syn_recv_sock() was to create the child; rx_sk is the listener.
  * Raw (skb, location, reason, rx_sk: the prototype since rx_sk was added, 6.11, which the loader
  * requires): the classic tracepoint would build its record for every dropped packet of the host
- * before rsttrace could look at the reason. */
+ * before rsttrace could look at the reason.
+ *
+ * With SYN cookies the final ACK carries the cookie, and when tcp_v4/v6_syn_recv_sock() refuses it a
+ * child — the accept queue full (counted in ListenOverflows), or memory short — cookie_v4/v6_check()
+ * frees it with reason NO_SOCKET (Linux 6.9+) and no socket: the listener is then found by netns and
+ * port, and its queues, read a moment later, may be shorter already (an accept() on another CPU):
+ * RSTTRACE_F_INFERRED. */
 #ifdef COOKIE_NO_SOCKET_REASON
 static __always_inline int in_cookie_check(__u64 location)
 {
@@ -215,54 +221,21 @@ static __always_inline int in_cookie_check(__u64 location)
 #endif
 	return 0;
 }
-
-/* A SYN cookie's ACK that tcp_v4/v6_syn_recv_sock() refused a child — the accept queue is full (it
- * counts ListenOverflows), or memory ran out — is dropped by cookie_v4/v6_check() (Linux 6.9+ gives
- * the reason) with reason NO_SOCKET and no socket. The listener is found by netns and port; its queues,
- * read now, may already be shorter (an accept() on another CPU): RSTTRACE_F_INFERRED. */
-static __always_inline int report_cookie_ack_dropped(struct bpf_raw_tracepoint_args *ctx, void *skb)
-{
-	if (!in_cookie_check(ctx->args[1]))
-		return 0;
-	struct segment seg = {};
-	parse_segment(skb, 1, &seg);
-	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
-		return 0;
-	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED, SLOT_ACK_AT_FREE);
-	if (!e)
-		return 0;
-	e->kernel_reason = COOKIE_NO_SOCKET_REASON;
-	e->flags |= RSTTRACE_F_INFERRED;
-	fill_from_segment(e, &seg);
-	fill_task(e);
-	if (walk_stack_skip(ctx, e, RAW_TP_STACK_SKIP))
-		e->flags |= RSTTRACE_F_SOFTIRQ;
-	void *net = net_of_skb(skb);
-	e->netns = net ? netns_of_net(net) : 0;
-	struct listener_key key = {};
-	key.net = (__u64)net;
-	key.port = seg.dport;
-	struct listener_val *listener = listeners.lookup(&key);
-	if (listener) {
-		void *sk = (void *)listener->sk;
-		e->state = TCP_LISTEN;
-		read_socket(sk, e);
-		read_listener(sk, e);
-	}
-	emit(ctx, e);
-	return 0;
-}
 #endif
 
 RAW_TRACEPOINT_PROBE(kfree_skb)
 {
 	__u32 reason = (__u32)ctx->args[2];
+	int cookie_ack = 0;
+	if (reason != LISTEN_OVERFLOW_REASON) {
 #ifdef COOKIE_NO_SOCKET_REASON
-	if (reason == COOKIE_NO_SOCKET_REASON)
-		return report_cookie_ack_dropped(ctx, (void *)ctx->args[0]);
-#endif
-	if (reason != LISTEN_OVERFLOW_REASON)
+		if (reason != COOKIE_NO_SOCKET_REASON || !in_cookie_check(ctx->args[1]))
+			return 0;
+		cookie_ack = 1;
+#else
 		return 0;
+#endif
+	}
 	void *skb = (void *)ctx->args[0];
 	struct segment seg = {};
 	parse_segment(skb, 1, &seg);
@@ -276,7 +249,17 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 	fill_task(e);
 	if (walk_stack_skip(ctx, e, RAW_TP_STACK_SKIP))
 		e->flags |= RSTTRACE_F_SOFTIRQ;
-	void *sk = (void *)ctx->args[3];
+	void *sk = cookie_ack ? 0 : (void *)ctx->args[3];
+	if (cookie_ack) {
+		e->flags |= RSTTRACE_F_INFERRED;
+		void *net = net_of_skb(skb);
+		struct listener_key key = {};
+		key.net = (__u64)net;
+		key.port = seg.dport;
+		struct listener_val *listener = listeners.lookup(&key);
+		if (listener)
+			sk = (void *)listener->sk;
+	}
 	if (sk) {
 		__u8 state = 0;
 		bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
