@@ -236,6 +236,9 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     port_arg = ",".join(map(str, ports))
     if tool == "rsttrace":
         return [str(RSTTRACE), "--json", "-o", output, "--port", port_arg], None
+    if tool == "rsttrace_compiled":     # a boot's first start: no program cache (tracer/kernel/progcache.py)
+        return ([str(RSTTRACE), "--json", "-o", output, "--port", port_arg],
+                {**os.environ, "RSTTRACE_PROGRAM_CACHE": "off"})
     if tool == "bpftrace":
         return ["bpftrace", "-e", bpftrace_program(ports)], None
     if tool == "floor":          # empty programs on rsttrace's hooks (floor.py); ports do not matter
@@ -249,7 +252,7 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     raise ValueError(tool)
 
 
-READY_WORDS = {"rsttrace": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
+READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
                "floor": "attached: empty programs"}
 
 

@@ -165,3 +165,34 @@ def test_output_file_is_appended_whole_lines(netns, tracer, tmp_path, validator)
     for line in lines[1:]:
         validator.validate(json.loads(line))
     assert any('"no_listener"' in line for line in lines)
+
+
+def test_a_later_start_loads_the_programs_the_first_compiled(netns, tracer, tmp_path):
+    """tracer/kernel/progcache.py: the first start compiles and keeps the bytecode; the next loads it
+    without clang, reports the same, and leaves nothing in the kernel; a damaged entry is compiled anew."""
+    env = dict(os.environ, RSTTRACE_PROGRAM_CACHE=str(tmp_path))
+    runs = []
+    for damage in (False, False, True, False):
+        if damage:
+            (entry,) = tmp_path.glob("programs-*.json")
+            data = json.loads(entry.read_text())
+            name = next(iter(data["functions"]))
+            data["functions"][name] = "AAAA"          # three zero bytes: not even one instruction
+            entry.write_text(json.dumps(data))
+        t = tracer("--json", "--port", str(PORT), env=env)
+        ours = prog_ids_of(t.proc.pid)
+        before = netns.counters()
+        netns.scenario("closed_port", "127.0.0.1", PORT)
+        netns.scenario("unread_close", "127.0.0.1", PORT + 1)     # filtered out in the kernel
+        after = netns.counters()
+        records = t.stop()
+        assert t.returncode == 0 and not (bpf_prog_ids() & ours), t.stderr_lines
+        attached = next(line for line in t.stderr_lines if "attached in" in line)
+        runs.append(("cached" if "cached" in attached else "compiled", records[-1]["exact_counts"],
+                     after["TcpOutRsts"] - before["TcpOutRsts"]))
+    (entry,) = tmp_path.glob("programs-*.json")
+    assert entry.stat().st_mode & 0o777 == 0o600
+    assert [how for how, _, _ in runs] == ["compiled", "cached", "compiled", "cached"], runs
+    for _, counts, kernel_rsts in runs:
+        assert counts == {"rst_sent": {"no_listener": 1}, "rst_received": {"peer_reset": 1}}, runs
+        assert kernel_rsts == 2        # the filtered port's RST happened, and was not counted

@@ -134,3 +134,129 @@ def recursion_misses(fd: int) -> int:
     """How often the kernel skipped the program behind `fd` because a program was already running on
     that CPU (fdinfo recursion_misses, Linux 5.12+; 0 where the kernel does not say)."""
     return fdinfo_value(fd, "recursion_misses") or 0
+
+
+# --- Maps and programs straight through bpf(2): what the program cache (progcache.py) loads with. ---
+
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 4
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "s390x": 331, "ppc64le": 319, "riscv64": 241}.get(
+    platform.machine())
+PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_FLAG_FD_CLOEXEC = 2, 1 << 10, 1 << 3
+PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
+
+
+def _checked(fd: int, err: int, what: str) -> int:
+    if fd < 0:
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return fd
+
+
+def _name16(name: str) -> bytes:
+    return name.encode()[:15]
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str) -> int:
+    attr = (ctypes.c_uint8 * 72)()
+    for offset, value in ((0, map_type), (4, key_size), (8, value_size), (12, max_entries), (16, flags)):
+        _put(attr, offset, 4, value)
+    ctypes.memmove(ctypes.addressof(attr) + 28, _name16(name), len(_name16(name)))
+    return _checked(*_bpf(BPF_MAP_CREATE, attr), f"creating map {name}")
+
+
+def _elem_attr(fd: int, key, value, flags: int = 0) -> ctypes.Array:
+    attr = (ctypes.c_uint8 * 32)()
+    _put(attr, 0, 4, fd)
+    _put(attr, 8, 8, ctypes.addressof(key) if key is not None else 0)
+    _put(attr, 16, 8, ctypes.addressof(value))
+    _put(attr, 24, 8, flags)
+    return attr
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
+    _checked(*_bpf(BPF_MAP_UPDATE_ELEM, _elem_attr(fd, k, v)), "updating a map")
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
+    rc, _ = _bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(fd, k, v))
+    return v.raw if rc == 0 else None
+
+
+def map_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    """The key after `key` (the first with None), or None at the end."""
+    k = ctypes.create_string_buffer(key, key_size) if key is not None else None
+    nxt = ctypes.create_string_buffer(key_size)
+    rc, _ = _bpf(BPF_MAP_GET_NEXT_KEY, _elem_attr(fd, k, nxt))
+    return nxt.raw if rc == 0 else None
+
+
+def prog_load(prog_type: int, insns: bytes, license: bytes, kern_version: int, name: str) -> int:
+    """Load a program; a refusal raises OSError with the verifier's log."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = (ctypes.c_uint8 * 128)()
+    _put(attr, 0, 4, prog_type)
+    _put(attr, 4, 4, len(insns) // 8)
+    _put(attr, 8, 8, ctypes.addressof(code))
+    _put(attr, 16, 8, ctypes.addressof(lic))
+    _put(attr, 40, 4, kern_version)
+    ctypes.memmove(ctypes.addressof(attr) + 48, _name16(name), len(_name16(name)))
+    fd, err = _bpf(BPF_PROG_LOAD, attr)
+    if fd < 0:       # again with the log: only a refused program pays for it
+        _put(attr, 24, 4, 1)
+        _put(attr, 28, 4, len(log))
+        _put(attr, 32, 8, ctypes.addressof(log))
+        fd, err = _bpf(BPF_PROG_LOAD, attr)
+    if fd < 0:
+        raise OSError(err, f"loading {name}: {os.strerror(err)}\n{log.value.decode(errors='replace')}")
+    return fd
+
+
+def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
+    name = ctypes.create_string_buffer(tracepoint.encode())
+    attr = (ctypes.c_uint8 * 16)()
+    _put(attr, 0, 8, ctypes.addressof(name))
+    _put(attr, 8, 4, prog_fd)
+    return _checked(*_bpf(BPF_RAW_TRACEPOINT_OPEN, attr), f"attaching raw tracepoint {tracepoint}")
+
+
+def tracepoint_attach(tracepoint_id: int, prog_fd: int) -> int:
+    """A perf event on tracepoint `tracepoint_id` (tracefs events/<category>/<name>/id) running
+    `prog_fd` on every CPU — what bcc's attach_tracepoint does: the event is opened on CPU 0 only, and
+    the program runs wherever the tracepoint fires."""
+    if _NR_PERF_EVENT_OPEN is None:
+        raise OSError(errno.ENOSYS, "perf_event_open: unknown on this machine")
+    attr = (ctypes.c_uint8 * 128)()
+    _put(attr, 0, 4, PERF_TYPE_TRACEPOINT)
+    _put(attr, 4, 4, 128)                     # size
+    _put(attr, 8, 8, tracepoint_id)           # config
+    _put(attr, 16, 8, 1)                      # sample_period
+    _put(attr, 24, 8, PERF_SAMPLE_RAW)
+    _put(attr, 48, 4, 1)                      # wakeup_events
+    fd = _libc.syscall(_NR_PERF_EVENT_OPEN, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    fd = _checked(fd, ctypes.get_errno() if fd < 0 else 0, "perf_event_open on a tracepoint")
+    try:
+        for request, arg in ((PERF_EVENT_IOC_SET_BPF, prog_fd), (PERF_EVENT_IOC_ENABLE, 0)):
+            if _libc.ioctl(fd, request, arg) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"attaching a program to a tracepoint: {os.strerror(err)}")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds per key (the kernel's cpu_possible_mask)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n

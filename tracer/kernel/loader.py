@@ -22,7 +22,7 @@ from ..events import record
 from ..paths import BPF_DIR, KERNEL_HEADERS_DIR
 from .capabilities import Capabilities
 from .hooks import HookPlan
-from . import bpfsys
+from . import bpfsys, progcache
 from .bootcache import BootCache
 from .kallsyms import KernelSymbols, short_kallsyms_for_bcc
 from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
@@ -143,15 +143,41 @@ class RstProgram:
         self.cflags = build_cflags(caps, filters, self.offsets, plan, ring_mb)
         self.files = plan.files
         os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
-        from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         self._ksyms: dict[int, str] = {}
         self._symbols: KernelSymbols | None = None     # read on first use (kallsyms.py)
         self._boot_cache = caps.boot_cache
+        source = compose_source(self.files)
+        cache = progcache.cache_path(source, self.cflags, caps.bcc_version)
+        # A start after the first of this boot loads what the first compiled (progcache.py).
+        direct = DIRECT_READ and os.environ.get("RSTTRACE_RING_READER") != "callback"
+        self.cached = progcache.load(cache, caps.tracefs) if progcache.enabled() and direct else None
+        self.bpf = self.cached
+        if self.cached is None:
+            self._compile(source, cache)
+        # Kernel enum numbering differs between kernels: names come from the tracepoint formats.
+        self.reason_names = {
+            "rst_sent": caps.send_reset.symbols("reason") if caps.rst_reason else {},
+            "ack_dropped": caps.kfree_skb.symbols("reason") if caps.kfree_skb else {},
+        }
+        if filters.ports:
+            table = self._table("port_filter")
+            for port in filters.ports:
+                table[ctypes.c_int(port)] = ctypes.c_uint8(1)
+        if filters.netns:
+            table = self._table("netns_filter")
+            for inode in filters.netns:
+                table[ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
+
+    def _table(self, name: str):
+        return self.cached.maps[name] if self.cached is not None else self.bpf[name]
+
+    def _compile(self, source: str, cache: str) -> None:
+        from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         _return_freed_memory()
         failure = None
         with _quiet_stderr() as captured, short_kallsyms_for_bcc():
             try:
-                self.bpf = BPF(text=compose_source(self.files).encode(), cflags=self.cflags)
+                self.bpf = BPF(text=source.encode(), cflags=self.cflags)
             except Exception as err:   # bcc raises bare Exception for compile, load and attach failures
                 failure = err
         if failure is not None:
@@ -165,32 +191,21 @@ class RstProgram:
                 f"the kernel refused rsttrace's BPF programs: {_first_error(log) or failure}",
                 "see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log") from failure
         _release_compiler_memory()
-        # Kernel enum numbering differs between kernels: names come from the tracepoint formats.
-        self.reason_names = {
-            "rst_sent": caps.send_reset.symbols("reason") if caps.rst_reason else {},
-            "ack_dropped": caps.kfree_skb.symbols("reason") if caps.kfree_skb else {},
-        }
-        if filters.ports:
-            table = self.bpf["port_filter"]
-            for port in filters.ports:
-                table[ctypes.c_int(port)] = ctypes.c_uint8(1)
-        if filters.netns:
-            table = self.bpf["netns_filter"]
-            for inode in filters.netns:
-                table[ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
+        if progcache.enabled():
+            progcache.save(self.bpf, cache)
 
     def open_ring(self):
         """The reader of the events ring buffer (tracer/kernel/ringbuf.py): direct from its memory
         mapping where the machine allows it, else through bcc's callback consumer."""
         if DIRECT_READ and os.environ.get("RSTTRACE_RING_READER") != "callback":
-            return RingReader(self.bpf["events"].map_fd, self.ring_bytes, record.EVENT_SIZE)
+            return RingReader(self._table("events").map_fd, self.ring_bytes, record.EVENT_SIZE)
         return CallbackRingReader(self.bpf, "events", record.EVENT_SIZE)
 
     def known_listeners(self) -> dict[tuple[int, int], tuple[int, str]]:
         """Every listener the BPF programs know (bpf/common.bpf.c, listeners): (netns inode, port) →
         (pid, comm) of the process seen calling listen(), (0, "") for one that predates rsttrace."""
         return {(val.netns, key.port): (val.owner_tgid, val.owner_comm.decode(errors="replace"))
-                for key, val in self.bpf["listeners"].items()}
+                for key, val in self._table("listeners").items()}
 
     def stop_learning_listeners(self) -> bool:
         """Detach sock:sk_data_ready, which runs for every socket that receives data on the host and is
@@ -203,6 +218,8 @@ class RstProgram:
         return self._detach_raw(b"sock_recv_length")
 
     def _detach_raw(self, tracepoint: bytes) -> bool:
+        if self.cached is not None:
+            return self.cached.detach_raw_tracepoint(tracepoint.decode())
         try:
             self.bpf.detach_raw_tracepoint(tp=tracepoint)
         except Exception:      # bcc: not attached
@@ -210,7 +227,7 @@ class RstProgram:
         return True
 
     def stats(self) -> dict[str, int]:
-        table = self.bpf["stats"]
+        table = self._table("stats")
         out = {}
         for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST),
                            ("uncounted", record.STAT_UNCOUNTED)):
@@ -227,7 +244,8 @@ class RstProgram:
         if bpf is None:
             return {}
         out = {}
-        for name, fn in bpf.funcs.items():
+        funcs = bpf.programs if self.cached is not None else bpf.funcs
+        for name, fn in funcs.items():
             n = bpfsys.recursion_misses(fn.fd)
             if n:
                 label = attach_point(name.decode() if isinstance(name, bytes) else name)
@@ -236,7 +254,7 @@ class RstProgram:
 
     def exact_counts(self) -> list[tuple[record.CountKey, int]]:
         """The kernel's exact per-key counts (every event that passed the filters, delivered or not)."""
-        table = self.bpf["counts"]
+        table = self._table("counts")
         out = []
         for key, per_cpu in table.items():
             k = record.CountKey.from_buffer_copy(bytes(key))
@@ -259,6 +277,9 @@ class RstProgram:
         bpf = getattr(self, "bpf", None)
         if bpf is None:
             return
+        if self.cached is not None:
+            self.cached.detach()
+            return
         for detach, fds in ((bpf.detach_kprobe_event, bpf.kprobe_fds), (bpf.detach_tracepoint, bpf.tracepoint_fds),
                             (bpf.detach_raw_tracepoint, bpf.raw_tracepoint_fds),
                             (bpf.detach_kfunc, bpf.kfunc_entry_fds), (bpf.detach_kretfunc, bpf.kfunc_exit_fds)):
@@ -274,8 +295,12 @@ class RstProgram:
         bpf, self.bpf = getattr(self, "bpf", None), None
         if bpf is None:
             return
-        ours = bpfsys.prog_ids_of_fds(fn.fd for fn in bpf.funcs.values())
-        bpf.cleanup()
+        if self.cached is not None:
+            ours = bpfsys.prog_ids_of_fds(p.fd for p in bpf.programs.values())
+            bpf.close()
+        else:
+            ours = bpfsys.prog_ids_of_fds(fn.fd for fn in bpf.funcs.values())
+            bpf.cleanup()
         deadline = time.monotonic() + 2.0
         while ours & bpfsys.loaded_prog_ids() and time.monotonic() < deadline:
             time.sleep(0.005)

@@ -1,0 +1,55 @@
+"""The program cache's bytecode handling: map descriptors found and moved, nothing else touched."""
+from __future__ import annotations
+
+import pytest
+
+from tracer.kernel import bpfsys, progcache
+
+
+def ld_imm64(dst: int, src: int, imm: int) -> bytes:
+    first = bytes([progcache.LD_IMM64, (src << 4) | dst, 0, 0]) + imm.to_bytes(4, "little", signed=True)
+    return first + bytes(8)          # the second half: opcode 0, the upper 32 bits of the value
+
+
+def insn(op: int, imm: int = 0) -> bytes:
+    return bytes([op, 0, 0, 0]) + imm.to_bytes(4, "little", signed=True)
+
+
+MOV_R0_0, EXIT = 0xB7, 0x95
+
+
+def test_map_descriptors_are_found_and_moved_and_the_rest_is_kept():
+    code = ld_imm64(1, progcache.PSEUDO_MAP_FD, 7) + insn(MOV_R0_0, 0x18) + ld_imm64(2, 0, 0x18) \
+        + ld_imm64(1, progcache.PSEUDO_MAP_FD, 9) + insn(EXIT)
+    assert progcache.map_fds_in(code) == {7, 9}
+    moved = progcache.relocate(code, {7: 40, 9: 41})
+    assert progcache.map_fds_in(moved) == {40, 41}
+    assert len(moved) == len(code)
+    # only the two immediates changed: a plain 64-bit constant 0x18 and an imm 0x18 are not maps
+    changed = [i for i in range(len(code)) if code[i] != moved[i]]
+    assert changed == [4, 44]
+
+
+def test_a_reference_the_cache_cannot_move_refuses_the_entry():
+    with pytest.raises(ValueError):
+        progcache.map_fds_in(ld_imm64(1, 2, 5) + insn(EXIT))     # BPF_PSEUDO_MAP_VALUE
+
+
+def test_bcc_names_say_where_each_program_attaches():
+    assert progcache.attach_target("raw_tracepoint__kfree_skb") == (bpfsys.PROG_TYPE_RAW_TRACEPOINT, "kfree_skb")
+    assert progcache.attach_target("tracepoint__tcp__tcp_send_reset") == (bpfsys.PROG_TYPE_TRACEPOINT,
+                                                                         "tcp/tcp_send_reset")
+    assert progcache.attach_target("kprobe__tcp_v4_send_reset") is None
+
+
+def test_the_key_changes_with_anything_the_compile_depended_on(tmp_path):
+    base = progcache.cache_path("int x;", ["-DA=1"], "0.26.0", str(tmp_path))
+    assert base == progcache.cache_path("int x;", ["-DA=1"], "0.26.0", str(tmp_path))
+    assert len({base, progcache.cache_path("int y;", ["-DA=1"], "0.26.0", str(tmp_path)),
+                progcache.cache_path("int x;", ["-DA=2"], "0.26.0", str(tmp_path)),
+                progcache.cache_path("int x;", ["-DA=1"], "0.29.1", str(tmp_path))}) == 4
+
+
+def test_possible_cpus_is_at_least_the_online_ones():
+    import os
+    assert bpfsys.possible_cpus() >= len(os.sched_getaffinity(0))
