@@ -53,3 +53,19 @@ def test_the_key_changes_with_anything_the_compile_depended_on(tmp_path):
 def test_possible_cpus_is_at_least_the_online_ones():
     import os
     assert bpfsys.possible_cpus() >= len(os.sched_getaffinity(0))
+
+
+def test_table_descriptions_become_ctypes_of_the_same_layout():
+    import ctypes
+    desc = ["listener_val", [["sk", "unsigned long long"], ["backlog", "int"], ["comm", "char", [16]],
+                             ["", [None, [["a", "unsigned int"], ["b", "unsigned int"]], "union"]],
+                             ["flag", "unsigned int", 3]], "struct"]
+    t = progcache.ctype_of(desc)
+    assert ctypes.sizeof(t) == 40           # 36, aligned to the u64
+    v = t.from_buffer_copy(bytes(range(40)))
+    assert v.backlog == int.from_bytes(bytes([8, 9, 10, 11]), "little") and v.comm[:2] == bytes([12, 13])
+    assert v.a == v.b                               # the anonymous union's members, reachable by name
+    packed = progcache.ctype_of(["p", [["x", "unsigned char"], ["y", "unsigned long long"]], "struct_packed"])
+    assert ctypes.sizeof(packed) == 9
+    with pytest.raises(ValueError):
+        progcache.ctype_of("float128")

@@ -7,6 +7,7 @@ recorded in the JSON stream — and what this kernel cannot show.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import re
@@ -14,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bpfsys, offsets
+from . import bpfsys, offsets, progcache
 from .bootcache import BootCache
 from .btf import VMLINUX_BTF, BTFError, KernelBTF
 from .offsets import resolve_offsets
@@ -180,11 +181,24 @@ def _effective_caps() -> int:
     return 0
 
 
-def _bcc_version() -> str | None:
+def _load_bcc() -> None:
     try:
-        from bcc.version import __version__
-        return __version__
+        import bcc  # noqa: F401  (maps libbcc and LLVM)
     except Exception:
+        pass
+
+
+def _bcc_version() -> str | None:
+    """bcc's version, read from its package without importing it: importing maps libbcc and LLVM
+    (~40 ms and most of rsttrace's memory), which a start from the program cache never needs."""
+    try:
+        spec = importlib.util.find_spec("bcc")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        with open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")) as f:
+            found = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", f.read())
+        return found.group(1) if found else None
+    except (OSError, ImportError, ValueError):
         return None
 
 
@@ -202,8 +216,10 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
     # Loading bcc maps LLVM (~40 ms, mostly in dlopen, which lets other threads run): it happens
     # while this thread reads BTF, tracefs and kallsyms. Joined before returning, so that the
     # compile that follows runs in a single-threaded process (kallsyms.py).
-    loading = threading.Thread(target=_bcc_version, name="rsttrace-load-bcc", daemon=True)
-    loading.start()
+    # Not where this boot's first start cached the programs (progcache.py): no compile will follow.
+    loading = threading.Thread(target=_load_bcc, name="rsttrace-load-bcc", daemon=True)
+    if not progcache.likely_cached():
+        loading.start()
     texts = []
     for path in ("/proc/version", "/proc/version_signature"):
         try:
@@ -289,7 +305,8 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
     caps.text_ranges = {name: tuple(span) for name, span in located.items()}
     cache.save()
 
-    loading.join()
+    if loading.is_alive():
+        loading.join()
     caps.bcc_version = _bcc_version()
     _fill_checks(caps)
     return caps

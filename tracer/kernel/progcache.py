@@ -37,9 +37,22 @@ def enabled() -> bool:
     return os.environ.get(CACHE_ENV, "on") != "off"
 
 
-def cache_path(source: str, cflags: list[str], bcc_version: str | None, directory: str | None = None) -> str:
+def cache_directory() -> str:
     setting = os.environ.get(CACHE_ENV, "on")
-    directory = directory or (setting if setting.startswith("/") else DIRECTORY)
+    return setting if setting.startswith("/") else DIRECTORY
+
+
+def likely_cached() -> bool:
+    """Whether this boot has cached programs at all (before the key is known: the probe uses it to
+    skip loading bcc, which only a compile needs)."""
+    try:
+        return enabled() and any(n.startswith("programs-") for n in os.listdir(cache_directory()))
+    except OSError:
+        return False
+
+
+def cache_path(source: str, cflags: list[str], bcc_version: str | None, directory: str | None = None) -> str:
+    directory = directory or cache_directory()
     h = hashlib.sha256()
     for part in (str(FORMAT), source, "\0".join(cflags), bcc_version or "", platform.release()):
         h.update(part.encode())
@@ -131,9 +144,50 @@ def save(bpf, path: str) -> bool:
     return True
 
 
+_SCALARS = {"_Bool": ctypes.c_bool, "char": ctypes.c_char, "signed char": ctypes.c_byte,
+            "unsigned char": ctypes.c_ubyte, "short": ctypes.c_short, "unsigned short": ctypes.c_ushort,
+            "int": ctypes.c_int, "unsigned int": ctypes.c_uint, "long": ctypes.c_long,
+            "unsigned long": ctypes.c_ulong, "long long": ctypes.c_longlong,
+            "unsigned long long": ctypes.c_ulonglong, "__int128": ctypes.c_int64 * 2,
+            "unsigned __int128": ctypes.c_uint64 * 2}
+
+
+def ctype_of(desc):
+    """A ctypes type from bcc's description of a table's key or value (its JSON, as bcc's
+    bpf_table_key_desc gives it): a scalar's name, or [name, [fields], "struct"|"struct_packed"|"union"]
+    whose fields are [name, type], [name, type, [length]] or [name, type, bits]. Built here, so that a
+    start from the cache never imports bcc."""
+    if isinstance(desc, str):
+        if desc not in _SCALARS:
+            raise ValueError(f"unknown scalar {desc}")
+        return _SCALARS[desc]
+    name, members = desc[0], desc[1]
+    kind = desc[2] if len(desc) > 2 else "struct"
+    fields, anonymous = [], []
+    for member in members:
+        fname, ftype = member[0], member[1]
+        if not fname:
+            fname = f"__anon{len(anonymous)}"
+            anonymous.append(fname)
+        if len(member) == 2:
+            fields.append((fname, ctype_of(ftype)))
+        elif isinstance(member[2], list):
+            fields.append((fname, ctype_of(ftype) * member[2][0]))
+        elif isinstance(member[2], int):
+            fields.append((fname, ctype_of(ftype), member[2]))
+        elif member[2] in ("struct", "struct_packed", "union"):
+            fields.append((fname, ctype_of(member)))
+        else:
+            raise ValueError(f"unknown member {member}")
+    base = ctypes.Union if kind == "union" else ctypes.Structure
+    attrs = {"_anonymous_": anonymous, "_fields_": fields}
+    if kind == "struct_packed":
+        attrs["_pack_"] = 1
+    return type(str(name), (base,), attrs)
+
+
 def _ctype(desc: str):
-    from bcc import BPF       # its decoder of table type descriptions; bcc is loaded anyway
-    return BPF._decode_table_type(json.loads(desc))
+    return ctype_of(json.loads(desc))
 
 
 class Map:
