@@ -2,7 +2,8 @@
 
 The loader turns the capability probe and the user's filters into feature macros, compiles
 bpf/common.bpf.c + bpf/*.bpf.c against bpf/kernel-headers (never /lib/modules), attaches, and hands the ring
-buffer to the caller. It never formats output.
+buffer to the caller. It never formats output. A start after the first of a boot loads what that
+first start compiled, without bcc (progcache.py).
 """
 from __future__ import annotations
 
