@@ -69,3 +69,16 @@ def test_table_descriptions_become_ctypes_of_the_same_layout():
     assert ctypes.sizeof(packed) == 9
     with pytest.raises(ValueError):
         progcache.ctype_of("float128")
+
+
+def test_only_the_newest_entries_are_kept(tmp_path):
+    import os
+    for i in range(progcache.MAX_ENTRIES + 3):
+        f = tmp_path / f"programs-{i:04d}.json"
+        f.write_text("{}")
+        os.utime(f, (1000 + i, 1000 + i))
+    (tmp_path / "boot-x.json").write_text("{}")
+    progcache._prune(str(tmp_path))
+    left = sorted(p.name for p in tmp_path.glob("programs-*.json"))
+    assert left == [f"programs-{i:04d}.json" for i in range(3, progcache.MAX_ENTRIES + 3)]
+    assert (tmp_path / "boot-x.json").exists()

@@ -31,6 +31,8 @@ CACHE_ENV = "RSTTRACE_PROGRAM_CACHE"
 PREFIXES = {"raw_tracepoint__": bpfsys.PROG_TYPE_RAW_TRACEPOINT, "tracepoint__": bpfsys.PROG_TYPE_TRACEPOINT}
 PERCPU_MAP_TYPES = {5, 6, 10}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 LD_IMM64, PSEUDO_MAP_FD = 0x18, 1
+# Entries kept (the newest used): a --pid filter is compiled in, so each pid traced makes one (~40 kB).
+MAX_ENTRIES = 16
 
 
 def enabled() -> bool:
@@ -139,9 +141,26 @@ def save(bpf, path: str) -> bool:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(entry, f)     # root's alone: what is in it is loaded into the kernel
         os.replace(tmp, path)
+        _prune(os.path.dirname(path))
     except OSError:
         return False
     return True
+
+
+def _prune(directory: str) -> None:
+    entries = []
+    for name in os.listdir(directory):
+        if name.startswith("programs-") and name.endswith(".json"):
+            full = os.path.join(directory, name)
+            try:
+                entries.append((os.stat(full).st_mtime, full))
+            except OSError:
+                continue
+    for _, full in sorted(entries, reverse=True)[MAX_ENTRIES:]:
+        try:
+            os.unlink(full)
+        except OSError:
+            pass
 
 
 _SCALARS = {"_Bool": ctypes.c_bool, "char": ctypes.c_char, "signed char": ctypes.c_byte,
@@ -300,6 +319,11 @@ def load(path: str, tracefs: str) -> CachedPrograms | None:
             entry = json.load(f)
         if entry.get("format") != FORMAT:
             return None
-        return CachedPrograms(entry, tracefs)
+        programs = CachedPrograms(entry, tracefs)     # closes what it made if it fails
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    try:
+        os.utime(path)           # recently used: kept by _prune
+    except OSError:
+        pass
+    return programs
