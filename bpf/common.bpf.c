@@ -68,6 +68,15 @@ BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
  * delete removed one. */
 BPF_ARRAY(listener_count, __s64, 1);
 
+/* The listener rsttrace knows on (netns, port), or NULL. */
+static __always_inline struct listener_val *listener_at(void *net, __u16 port)
+{
+	struct listener_key key = {};
+	key.net = (__u64)net;
+	key.port = port;
+	return listeners.lookup(&key);
+}
+
 #ifdef CONNECT_OWNERS
 /* Client sockets on traced ports, with the process that called connect() on them (recorded at the
  * SYN_SENT state change, in process context: listen.bpf.c). An RST for a client arrives in softirq,
@@ -94,11 +103,12 @@ static __always_inline struct connector *connector_slot(void *sk)
 	_Static_assert(CONNECTOR_SLOTS == 1 << (64 - 50), "the shift takes log2(CONNECTOR_SLOTS) bits");
 	return connectors.lookup(&slot);
 }
-
-/* Keeps the compiler from moving the slot's `sk` past the fields it guards. x86-64 orders stores
- * with stores and loads with loads, so this is all a writer and a reader on two CPUs need there. */
-#define compiler_barrier() asm volatile("" ::: "memory")
 #endif
+
+/* Keeps the compiler from moving loads and stores across it (the connector slot's `sk` past the
+ * fields it guards: x86-64 orders stores with stores and loads with loads, so this is all a writer
+ * and a reader on two CPUs need there; a ctx read ahead of a branch, bpf/listen.bpf.c). */
+#define compiler_barrier() asm volatile("" ::: "memory")
 
 /* Events are built in per-CPU scratch (a 208-byte record and a 48-frame stack do not fit the
  * 512-byte BPF stack with the rest) — one slot per program, because programs of different hooks
@@ -340,10 +350,7 @@ static __always_inline void read_listener(void *sk, struct rsttrace_event *e)
 	e->listen_backlog = -1;
 	__u16 port = 0;
 	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
-	struct listener_key key = {};
-	key.net = (__u64)net_of_sock(sk);
-	key.port = port;
-	struct listener_val *known = listeners.lookup(&key);
+	struct listener_val *known = listener_at(net_of_sock(sk), port);
 	if (known && known->sk == (__u64)sk) {
 		e->listen_backlog = known->backlog;
 		e->owner_tgid = known->owner_tgid;

@@ -150,14 +150,8 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
 
-	void *dev = 0, *net = 0;
-	bpf_probe_read_kernel(&dev, sizeof(dev), skb + OFF_SKB_DEV);
-	if (dev)
-		bpf_probe_read_kernel(&net, sizeof(net), dev + OFF_NETDEV_NET);
-	struct listener_key key = {};
-	key.net = (__u64)net;
-	key.port = seg.dport;
-	struct listener_val *listener = listeners.lookup(&key);
+	void *net = net_of_skb(skb);
+	struct listener_val *listener = listener_at(net, seg.dport);
 	if (!listener)
 		return 0;
 	report_syn_verdict(ctx, (void *)listener->sk, net, &seg, RSTTRACE_HOOK_NONE, RAW_TP_STACK_SKIP);
@@ -186,10 +180,7 @@ RAW_TRACEPOINT_PROBE(consume_skb)
 	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
 	void *net = net_of_skb(skb);        /* skb->dev is cleared by now: the route's device */
-	struct listener_key key = {};
-	key.net = (__u64)net;
-	key.port = seg.dport;
-	struct listener_val *listener = listeners.lookup(&key);
+	struct listener_val *listener = listener_at(net, seg.dport);
 	if (!listener)
 		return 0;
 	report_syn_outcome(ctx, listener, net, &seg, RAW_TP_STACK_SKIP);
@@ -226,6 +217,10 @@ static __always_inline int in_cookie_check(__u64 location)
 RAW_TRACEPOINT_PROBE(kfree_skb)
 {
 	__u32 reason = (__u32)ctx->args[2];
+	/* Read before any branch: clang would otherwise fold the choice below into ctx + offset,
+	 * which the verifier refuses ("dereference of modified ctx ptr"). */
+	void *rx_sk = (void *)ctx->args[3];
+	compiler_barrier();
 	int cookie_ack = 0;
 	if (reason != LISTEN_OVERFLOW_REASON) {
 #ifdef COOKIE_NO_SOCKET_REASON
@@ -249,14 +244,10 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 	fill_task(e);
 	if (walk_stack_skip(ctx, e, RAW_TP_STACK_SKIP))
 		e->flags |= RSTTRACE_F_SOFTIRQ;
-	void *sk = cookie_ack ? 0 : (void *)ctx->args[3];
+	void *sk = cookie_ack ? 0 : rx_sk;
 	if (cookie_ack) {
 		e->flags |= RSTTRACE_F_INFERRED;
-		void *net = net_of_skb(skb);
-		struct listener_key key = {};
-		key.net = (__u64)net;
-		key.port = seg.dport;
-		struct listener_val *listener = listeners.lookup(&key);
+		struct listener_val *listener = listener_at(net_of_skb(skb), seg.dport);
 		if (listener)
 			sk = (void *)listener->sk;
 	}
