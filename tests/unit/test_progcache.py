@@ -82,3 +82,16 @@ def test_only_the_newest_entries_are_kept(tmp_path):
     left = sorted(p.name for p in tmp_path.glob("programs-*.json"))
     assert left == [f"programs-{i:04d}.json" for i in range(3, progcache.MAX_ENTRIES + 3)]
     assert (tmp_path / "boot-x.json").exists()
+
+
+def test_an_edited_header_changes_the_key(tmp_path):
+    (tmp_path / "kernel-headers").mkdir()
+    (tmp_path / "rsttrace.h").write_text("struct rsttrace_event { int a; };")
+    (tmp_path / "kernel-headers" / "types.h").write_text("typedef int s32;")
+    first = progcache.tree_digest(tmp_path)
+    (tmp_path / "rsttrace.h").write_text("struct rsttrace_event { int a; int b; };")
+    second = progcache.tree_digest(tmp_path)
+    (tmp_path / "kernel-headers" / "types.h").write_text("typedef long s32;")
+    assert len({first, second, progcache.tree_digest(tmp_path)}) == 3
+    keys = {progcache.cache_path("src", [], "0.26.0", str(tmp_path), includes=d) for d in (first, second)}
+    assert len(keys) == 2

@@ -148,7 +148,8 @@ class RstProgram:
         self._symbols: KernelSymbols | None = None     # read on first use (kallsyms.py)
         self._boot_cache = caps.boot_cache
         source = compose_source(self.files)
-        cache = progcache.cache_path(source, self.cflags, caps.bcc_version)
+        cache = progcache.cache_path(source, self.cflags, caps.bcc_version,
+                                     includes=progcache.tree_digest(BPF_DIR))
         # A start after the first of this boot loads what the first compiled (progcache.py).
         direct = DIRECT_READ and os.environ.get("RSTTRACE_RING_READER") != "callback"
         self.cached = progcache.load(cache, caps.tracefs) if progcache.enabled() and direct else None

@@ -4,10 +4,11 @@ bcc compiles rsttrace's C at every start — measured here ~450 ms of a ~0.6 s s
 program alone costs bcc ~230 ms). What it hands the kernel is plain bytecode in which each map is
 referred to by its file descriptor (ld_imm64 with src_reg BPF_PSEUDO_MAP_FD). So after a compile, the
 bytecode of every program and the definition of every map are kept in /run/rsttrace (tmpfs: gone at
-reboot), under a key made of everything the compile depended on: the source, the flags (they carry
-the kernel's struct offsets and text addresses), bcc's version and the kernel release. A later start
-with the same key creates the maps, puts their new descriptors into the bytecode and loads and attaches
-the programs itself, through bpf(2) and perf_event_open(2).
+reboot), under a key made of everything the compile depended on: the source and every file under
+bpf/ it may #include, the flags (they carry the kernel's struct offsets and text addresses), bcc's
+version and the kernel release. A later start with the same key creates the maps, puts their new
+descriptors into the bytecode and loads and attaches the programs itself, through bpf(2) and
+perf_event_open(2).
 
 Only plans made of tracepoints and raw tracepoints are cached (kprobes and fentry stay with bcc);
 anything unexpected in the bytecode, and any failure while loading from the cache, means compiling.
@@ -53,10 +54,26 @@ def likely_cached() -> bool:
         return False
 
 
-def cache_path(source: str, cflags: list[str], bcc_version: str | None, directory: str | None = None) -> str:
+def tree_digest(root) -> str:
+    """Every file under `root` (bpf/: the #included rsttrace.h and the header tree the compile reads,
+    beside the sources), names and contents: ~14 small files."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def cache_path(source: str, cflags: list[str], bcc_version: str | None, directory: str | None = None,
+               includes: str = "") -> str:
+    """The entry for this compile; `includes`: tree_digest() of what the source #includes."""
     directory = directory or cache_directory()
     h = hashlib.sha256()
-    for part in (str(FORMAT), source, "\0".join(cflags), bcc_version or "", platform.release()):
+    for part in (str(FORMAT), source, "\0".join(cflags), bcc_version or "", platform.release(), includes):
         h.update(part.encode())
         h.update(b"\1")
     return os.path.join(directory, f"programs-{h.hexdigest()[:24]}.json")
