@@ -29,11 +29,16 @@ def family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
-def serve(addr: str, port: int, backlog: int, seconds: float, ready_fd: int | None = None) -> None:
+def listen_on(addr: str, port: int, backlog: int) -> socket.socket:
     srv = socket.socket(family(addr), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((addr, port))
-    srv.listen(backlog)          # never accept(): the accept queue fills up
+    srv.listen(backlog)
+    return srv
+
+
+def serve(addr: str, port: int, backlog: int, seconds: float, ready_fd: int | None = None) -> None:
+    srv = listen_on(addr, port, backlog)     # never accept(): the accept queue fills up
     if ready_fd is not None:
         os.write(ready_fd, b"1")
     else:
@@ -46,13 +51,9 @@ def serve(addr: str, port: int, backlog: int, seconds: float, ready_fd: int | No
 
 def serve_accepting(addr: str, port: int, backlog: int, seconds: float) -> None:
     """A server that keeps up as well as one thread can: its queues fill only at the moment of a burst."""
-    srv = socket.socket(family(addr), socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((addr, port))
-    srv.listen(backlog)
+    srv = listen_on(addr, port, backlog)
     srv.settimeout(0.2)
     print(json.dumps({"server_pid": os.getpid(), "backlog": backlog}), flush=True)
-    accepted = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -60,7 +61,6 @@ def serve_accepting(addr: str, port: int, backlog: int, seconds: float) -> None:
         except socket.timeout:
             continue
         conn.close()
-        accepted += 1
     srv.close()
 
 

@@ -83,14 +83,11 @@ def probe_fentry_attach(attach_btf_id: int) -> int:
 
 
 def probe_ringbuf() -> int:
-    attr = (ctypes.c_uint8 * 72)()
-    _put(attr, 0, 4, MAP_TYPE_RINGBUF)
-    _put(attr, 12, 4, 4096)                               # max_entries: one page
-    fd, err = _bpf(BPF_MAP_CREATE, attr)
-    if fd >= 0:
-        os.close(fd)
-        return 0
-    return err
+    try:
+        os.close(map_create(MAP_TYPE_RINGBUF, 0, 0, 4096, 0, ""))     # max_entries: one page
+    except OSError as err:
+        return err.errno
+    return 0
 
 
 def describe(err: int) -> str:

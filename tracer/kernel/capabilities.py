@@ -102,10 +102,10 @@ class Capabilities:
         """skb_drop_reason value of TCP_LISTEN_OVERFLOW, if kfree_skb can report it (6.3+)."""
         if not self.kfree_skb or not self.kfree_skb.has("rx_sk"):
             return None
-        for value, name in self.kfree_skb.symbols("reason").items():
-            if name == "TCP_LISTEN_OVERFLOW":
-                return value
-        return None
+        return self._drop_reason("TCP_LISTEN_OVERFLOW")
+
+    def _drop_reason(self, wanted: str) -> int | None:
+        return next((v for v, name in self.kfree_skb.symbols("reason").items() if name == wanted), None)
 
     @property
     def no_socket_reason(self) -> int | None:
@@ -113,7 +113,7 @@ class Capabilities:
         the accept queue full (Linux 6.9+; before, the drop had no reason)."""
         if self.listen_overflow_reason is None:
             return None
-        return next((v for v, name in self.kfree_skb.symbols("reason").items() if name == "NO_SOCKET"), None)
+        return self._drop_reason("NO_SOCKET")
 
     @property
     def listen_hooks(self) -> bool:
@@ -211,6 +211,20 @@ def _lockdown() -> str | None:
         return None
 
 
+def _text_ranges(cache: BootCache, section: str, names: tuple[str, ...], every: bool) -> dict[str, tuple[int, int]]:
+    """function_ranges() of `names`, kept in the boot cache (kernel text does not move until reboot)."""
+    key = ",".join(names)
+    ranges = cache.get(section, key)
+    if ranges is None:
+        try:
+            ranges = function_ranges(names, every=every)
+            if ranges:        # hidden addresses (kptr_restrict) may be shown later: not kept
+                cache.put(section, ranges, key)
+        except OSError:
+            ranges = {}
+    return {name: tuple(span) for name, span in ranges.items()}
+
+
 def probe(mount_tracefs: bool = True) -> Capabilities:
     caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=_effective_caps())
     # Loading bcc maps LLVM (~40 ms, mostly in dlopen, which lets other threads run): it happens
@@ -285,24 +299,8 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         # Loading is not attaching: some functions refuse a trampoline (seen: tcp_v4_syn_recv_sock on 6.1).
         caps.fentry_functions = {f for f, fid in function_ids.items()
                                  if fid and bpfsys.probe_fentry_attach(fid) == 0}
-    ranges = cache.get("softirq_ranges", ",".join(SOFTIRQ_ENTRY_FUNCTIONS))
-    if ranges is None:
-        try:
-            ranges = function_ranges(SOFTIRQ_ENTRY_FUNCTIONS)
-            if ranges:        # hidden addresses (kptr_restrict) may be shown later: not kept
-                cache.put("softirq_ranges", ranges, ",".join(SOFTIRQ_ENTRY_FUNCTIONS))
-        except OSError:
-            ranges = {}
-    caps.softirq_ranges = {name: tuple(span) for name, span in ranges.items()}
-    located = cache.get("text_ranges", ",".join(LOCATED_FUNCTIONS))
-    if located is None:
-        try:
-            located = function_ranges(LOCATED_FUNCTIONS, every=True)
-            if located:
-                cache.put("text_ranges", located, ",".join(LOCATED_FUNCTIONS))
-        except OSError:
-            located = {}
-    caps.text_ranges = {name: tuple(span) for name, span in located.items()}
+    caps.softirq_ranges = _text_ranges(cache, "softirq_ranges", SOFTIRQ_ENTRY_FUNCTIONS, every=False)
+    caps.text_ranges = _text_ranges(cache, "text_ranges", LOCATED_FUNCTIONS, every=True)
     cache.save()
 
     if loading.is_alive():

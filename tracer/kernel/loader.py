@@ -151,8 +151,7 @@ class RstProgram:
         cache = progcache.cache_path(source, self.cflags, caps.bcc_version,
                                      includes=progcache.tree_digest(BPF_DIR))
         # A start after the first of this boot loads what the first compiled (progcache.py).
-        direct = DIRECT_READ and os.environ.get("RSTTRACE_RING_READER") != "callback"
-        self.cached = progcache.load(cache, caps.tracefs) if progcache.enabled() and direct else None
+        self.cached = progcache.load(cache, caps.tracefs) if progcache.enabled() and _direct_ring() else None
         self.bpf = self.cached
         if self.cached is None:
             self._compile(source, cache)
@@ -162,16 +161,13 @@ class RstProgram:
             "ack_dropped": caps.kfree_skb.symbols("reason") if caps.kfree_skb else {},
         }
         if filters.ports:
-            table = self._table("port_filter")
+            table = self.bpf["port_filter"]
             for port in filters.ports:
                 table[ctypes.c_int(port)] = ctypes.c_uint8(1)
         if filters.netns:
-            table = self._table("netns_filter")
+            table = self.bpf["netns_filter"]
             for inode in filters.netns:
                 table[ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
-
-    def _table(self, name: str):
-        return self.cached.maps[name] if self.cached is not None else self.bpf[name]
 
     def _compile(self, source: str, cache: str) -> None:
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
@@ -199,15 +195,15 @@ class RstProgram:
     def open_ring(self):
         """The reader of the events ring buffer (tracer/kernel/ringbuf.py): direct from its memory
         mapping where the machine allows it, else through bcc's callback consumer."""
-        if DIRECT_READ and os.environ.get("RSTTRACE_RING_READER") != "callback":
-            return RingReader(self._table("events").map_fd, self.ring_bytes, record.EVENT_SIZE)
+        if _direct_ring():
+            return RingReader(self.bpf["events"].map_fd, self.ring_bytes, record.EVENT_SIZE)
         return CallbackRingReader(self.bpf, "events", record.EVENT_SIZE)
 
     def known_listeners(self) -> dict[tuple[int, int], tuple[int, str]]:
         """Every listener the BPF programs know (bpf/common.bpf.c, listeners): (netns inode, port) →
         (pid, comm) of the process seen calling listen(), (0, "") for one that predates rsttrace."""
         return {(val.netns, key.port): (val.owner_tgid, val.owner_comm.decode(errors="replace"))
-                for key, val in self._table("listeners").items()}
+                for key, val in self.bpf["listeners"].items()}
 
     def stop_learning_listeners(self) -> bool:
         """Detach sock:sk_data_ready, which runs for every socket that receives data on the host and is
@@ -220,16 +216,14 @@ class RstProgram:
         return self._detach_raw(b"sock_recv_length")
 
     def _detach_raw(self, tracepoint: bytes) -> bool:
-        if self.cached is not None:
-            return self.cached.detach_raw_tracepoint(tracepoint.decode())
         try:
             self.bpf.detach_raw_tracepoint(tp=tracepoint)
-        except Exception:      # bcc: not attached
+        except Exception:      # not attached (bcc: Exception; the cache: KeyError)
             return False
         return True
 
     def stats(self) -> dict[str, int]:
-        table = self._table("stats")
+        table = self.bpf["stats"]
         out = {}
         for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST),
                            ("uncounted", record.STAT_UNCOUNTED)):
@@ -246,8 +240,7 @@ class RstProgram:
         if bpf is None:
             return {}
         out = {}
-        funcs = bpf.programs if self.cached is not None else bpf.funcs
-        for name, fn in funcs.items():
+        for name, fn in bpf.funcs.items():
             n = bpfsys.recursion_misses(fn.fd)
             if n:
                 label = attach_point(name.decode() if isinstance(name, bytes) else name)
@@ -256,7 +249,7 @@ class RstProgram:
 
     def exact_counts(self) -> list[tuple[record.CountKey, int]]:
         """The kernel's exact per-key counts (every event that passed the filters, delivered or not)."""
-        table = self._table("counts")
+        table = self.bpf["counts"]
         out = []
         for key, per_cpu in table.items():
             k = record.CountKey.from_buffer_copy(bytes(key))
@@ -297,12 +290,8 @@ class RstProgram:
         bpf, self.bpf = getattr(self, "bpf", None), None
         if bpf is None:
             return
-        if self.cached is not None:
-            ours = bpfsys.prog_ids_of_fds(p.fd for p in bpf.programs.values())
-            bpf.close()
-        else:
-            ours = bpfsys.prog_ids_of_fds(fn.fd for fn in bpf.funcs.values())
-            bpf.cleanup()
+        ours = bpfsys.prog_ids_of_fds(fn.fd for fn in bpf.funcs.values())
+        bpf.cleanup()
         deadline = time.monotonic() + 2.0
         while ours & bpfsys.loaded_prog_ids() and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -318,6 +307,12 @@ def attach_point(program: str) -> str:
         if program.startswith(prefix):
             return f"{kind}:{program[len(prefix):].replace('__', ':')}"
     return program
+
+
+def _direct_ring() -> bool:
+    """Read the ring from its mapping (ringbuf.py), not through bcc's callbacks — which only a
+    program bcc loaded has."""
+    return DIRECT_READ and os.environ.get("RSTTRACE_RING_READER") != "callback"
 
 
 def _return_freed_memory() -> None:

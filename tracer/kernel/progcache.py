@@ -133,7 +133,7 @@ def save(bpf, path: str) -> bool:
         try:
             insns = bpf.dump_func(name)
             used |= map_fds_in(insns)
-        except (ValueError, Exception):
+        except Exception:       # ValueError from map_fds_in(), bcc's bare Exception
             return False
         functions[name] = base64.b64encode(insns).decode()
     lib.bpf_table_name.restype = ctypes.c_char_p
@@ -275,13 +275,15 @@ class Program:
 
 
 class CachedPrograms:
-    """The maps and programs of a cache entry, loaded and attached without bcc."""
+    """The maps and programs of a cache entry, loaded and attached without bcc. Shaped like the part
+    of bcc's BPF object the loader uses: `obj[map name]`, `.funcs` (name → .fd),
+    `detach_raw_tracepoint(tp=...)` (raises where it is not attached), `cleanup()`."""
 
     def __init__(self, entry: dict, tracefs: str):
         self.maps: dict[str, Map] = {}
-        self.programs: dict[str, Program] = {}
+        self.funcs: dict[str, Program] = {}
         self.links: dict[str, int] = {}           # attach target → link or perf event fd
-        self._map_fds: list[int] = []
+        self._map_fds: list[int] = []             # also those whose Map was not made yet
         try:
             new_fd = {}
             for spec in entry["maps"]:
@@ -296,34 +298,33 @@ class CachedPrograms:
                 insns = relocate(base64.b64decode(code), new_fd)
                 short = name.split("__", 1)[1] if "__" in name else name
                 fd = bpfsys.prog_load(prog_type, insns, license, entry["kern_version"], short)
-                self.programs[name] = Program(name, fd, target)
-            for prog in self.programs.values():
-                if prog.target.count("/"):
+                self.funcs[name] = Program(name, fd, target)
+            for prog in self.funcs.values():
+                if "/" in prog.target:
                     with open(os.path.join(tracefs, "events", prog.target, "id")) as f:
                         self.links[prog.target] = bpfsys.tracepoint_attach(int(f.read()), prog.fd)
                 else:
                     self.links[prog.target] = bpfsys.raw_tracepoint_open(prog.target, prog.fd)
         except BaseException:
-            self.close()
+            self.cleanup()
             raise
 
-    def detach_raw_tracepoint(self, tracepoint: str) -> bool:
-        fd = self.links.pop(tracepoint, None)
-        if fd is None:
-            return False
-        os.close(fd)
-        return True
+    def __getitem__(self, name: str) -> Map:
+        return self.maps[name]
+
+    def detach_raw_tracepoint(self, tp: bytes) -> None:
+        os.close(self.links.pop(tp.decode()))
 
     def detach(self) -> None:
         for fd in self.links.values():
             os.close(fd)
         self.links.clear()
 
-    def close(self) -> None:
+    def cleanup(self) -> None:
         self.detach()
-        for prog in self.programs.values():
+        for prog in self.funcs.values():
             os.close(prog.fd)
-        self.programs.clear()
+        self.funcs.clear()
         for fd in self._map_fds:
             os.close(fd)
         self._map_fds.clear()
