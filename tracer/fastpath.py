@@ -76,13 +76,21 @@ class _Marked:
         return getattr(self._ev, name)
 
 
-# The per-event fields in the order records.event_record() writes them, and how each is written.
-_SLOTS = (("time", b'"%s"'), ("ktime", b"%d"), ("laddr", b'"%s"'), ("lport", b"%d"), ("raddr", b'"%s"'),
-          ("rport", b"%d"), ("inode", b"%s"), ("cookie", b"%s"), ("unread", b"%d"), ("explanation", None))
-# Where each per-event value sits in the tuple FastPath builds for an event.
-_VALUE = {name: i for i, name in enumerate(("time", "ktime", "laddr", "lport", "raddr", "rport", "inode", "cookie",
-                                            "unread", _LOCAL, _REMOTE))}
-_VALUE[_UNREAD_MARK] = _VALUE["unread"]
+# The per-event fields in the order records.event_record() writes them: how each is written, and
+# which per-event values fill it. The time is filled in two parts (the whole second's text, made
+# once a second, and the microseconds), the endpoints in the explanation as address and port: the
+# template's one %-format makes the whole line, no intermediate bytes per event.
+_SLOTS = (("time", b'"%s.%06dZ"', ("second", "micros")), ("ktime", b"%d", ("ktime",)),
+          ("laddr", b'"%s"', ("laddr",)), ("lport", b"%d", ("lport",)), ("raddr", b'"%s"', ("raddr",)),
+          ("rport", b"%d", ("rport",)), ("inode", b"%s", ("inode",)), ("cookie", b"%s", ("cookie",)),
+          ("unread", b"%d", ("unread",)), ("explanation", None, ()))
+# Where each per-event value sits in the tuple FastPath.process builds for an event.
+_VALUE = {name: i for i, name in enumerate(("second", "micros", "ktime", "laddr", "lport", "raddr", "rport",
+                                            "inode", "cookie", "unread"))}
+# The explanation's per-event parts: how each is written (IPv6 endpoints in brackets, as
+# decode.endpoint() writes them), and its values.
+_PARTS = {_LOCAL: (b"%s:%d", b"[%s]:%d", ("laddr", "lport")), _REMOTE: (b"%s:%d", b"[%s]:%d", ("raddr", "rport")),
+          _UNREAD_MARK: (b"%d", b"%d", ("unread",))}
 
 
 class Template:
@@ -107,7 +115,7 @@ class Template:
         line = orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).replace(b"%", b"%%")
         order: list[str] = []
         at = -1
-        for name, form in _SLOTS:
+        for name, form, values in _SLOTS:
             mark = b'"' + _M[name].encode() + b'"'
             if name == "unread" and sock["unread_bytes"] is None:
                 continue
@@ -117,10 +125,8 @@ class Template:
                                    "records.event_record()")
             at = where
             if form is None:                    # the explanation: its own parts, JSON-escaped once
-                form, parts = _explanation_format(ev)
-                order += parts
-            else:
-                order.append(name)
+                form, values = _explanation_format(ev)
+            order += values
             line = line.replace(mark, form)
         self.line = line
         self.values = operator.itemgetter(*(_VALUE[name] for name in order))
@@ -128,18 +134,20 @@ class Template:
 
 def _explanation_format(ev: Event) -> tuple[bytes, list[str]]:
     """The event's explanation as a JSON string with %-slots where the per-event parts go (local and
-    remote endpoint, unread bytes: plain ASCII, nothing to escape), and which part goes where."""
+    remote endpoint, unread bytes: plain ASCII, nothing to escape), and the values they take, in order."""
     text = reasons.explain(_Marked(ev))     # type: ignore[arg-type]
-    form, parts = b'"', []
+    v6 = ev.family == "ipv6"
+    form, values = b'"', []
     while True:
         found = [(text.find(m), m) for m in (_LOCAL, _REMOTE, _UNREAD_MARK) if m in text]
         if not found:
             break
         where, mark = min(found)
-        form += _json_inner(text[:where]).replace(b"%", b"%%") + (b"%d" if mark == _UNREAD_MARK else b"%s")
-        parts.append(mark)
+        v4_form, v6_form, names = _PARTS[mark]
+        form += _json_inner(text[:where]).replace(b"%", b"%%") + (v6_form if v6 else v4_form)
+        values += names
         text = text[where + len(mark):]
-    return form + _json_inner(text).replace(b"%", b"%%") + b'"', parts
+    return form + _json_inner(text).replace(b"%", b"%%") + b'"', values
 
 
 def _json_inner(text: str) -> bytes:
@@ -153,7 +161,7 @@ class FastPath:
         self.session = session
         self.decoder = session.decoder
         self.attributor = session.attributor
-        self.out = [s for s in session.sinks if getattr(s, "write_event_json", None)]
+        self.out = [s.write_event_lines for s in session.sinks if getattr(s, "write_event_json", None)]
         self.templates: dict[tuple, Template] = {}
         self._expires = time.monotonic() + TEMPLATE_TTL_S
         self.fast = self.slow = 0               # events each way (tests, benchmarks)
@@ -163,7 +171,7 @@ class FastPath:
 
     def key(self, t: tuple, shape: bytes) -> bytes | tuple | None:
         """The shape of a record (t: its FAST_RECORD fields), or None if the shape does not decide
-        its enrichment."""
+        its enrichment. (process() has this inline: a call per record costs more than the test.)"""
         flags = t[_FLAGS]
         if t[_KIND] not in _RST_KINDS or flags & F_QUEUES:
             return None
@@ -172,7 +180,7 @@ class FastPath:
                 return shape                    # the process seen calling connect()
             if t[_INO]:
                 return None                     # the fd holder, looked up per socket
-            return (*shape, t[_LADDR], t[_LPORT])   # no socket: the local port's listener, or nobody
+            return (shape, t[_LADDR], t[_LPORT])    # no socket: the local port's listener, or nobody
         return shape                            # the task on the CPU
 
     def process(self, chunk: bytes) -> int:
@@ -184,7 +192,9 @@ class FastPath:
         decoder = self.decoder
         decoder.refresh()
         size = record.EVENT_SIZE
-        templates, key_of = self.templates, self.key
+        templates = self.templates
+        in_context = self.attributor.context_known
+        shape_from, shape_to = SHAPE.start, SHAPE.stop
         plan: list[tuple] = []
         slow: list[Event] = []
         at = -_STRIDE
@@ -192,7 +202,14 @@ class FastPath:
             at += _STRIDE
             if t[0] != size:
                 continue                        # discarded in the kernel
-            key = key_of(t, chunk[at + SHAPE.start:at + SHAPE.stop])
+            # self.key(), inline
+            flags = t[_FLAGS]
+            if t[_KIND] not in _RST_KINDS or flags & F_QUEUES:
+                key = None
+            elif (flags & F_SOFTIRQ or not in_context) and not t[_OWNER]:
+                key = None if t[_INO] else (chunk[at + shape_from:at + shape_to], t[_LADDR], t[_LPORT])
+            else:
+                key = chunk[at + shape_from:at + shape_to]
             tmpl = templates.get(key) if key is not None else None
             if tmpl is None:
                 ev = decoder._event(RING_RECORD.unpack_from(chunk, at))
@@ -205,7 +222,8 @@ class FastPath:
         s = self.session
         count, limit, counts = s.options.count, s.limit, s.counts
         wall = decoder._mono_to_wall
-        text_time, addr4, addr6 = self._time, self._addr4, self._addr6
+        addrs4, addrs6, remember = self._addrs4, self._addrs6, self._remember
+        second, second_text = self._second, self._second_text
         lines: list[bytes] = []
         for t, key, what in plan:
             if s._stop and count is not None and s.emitted >= count:
@@ -227,50 +245,38 @@ class FastPath:
             if limit is not None and not limit.allow(time.monotonic(), what.kind, what.reason):
                 continue
             counts[what.count_key] += 1
-            lport, rport = t[_LPORT], t[_RPORT]
+            la, ra = t[_LADDR], t[_RADDR]
             if t[_FAMILY] == AF_INET6:
-                laddr, raddr = addr6(t[_LADDR]), addr6(t[_RADDR])
-                local, remote = b"[%s]:%d" % (laddr, lport), b"[%s]:%d" % (raddr, rport)
+                laddr = addrs6.get(la) or remember(la, AF_INET6)
+                raddr = addrs6.get(ra) or remember(ra, AF_INET6)
             else:
-                laddr, raddr = addr4(t[_LADDR]), addr4(t[_RADDR])
-                local, remote = b"%s:%d" % (laddr, lport), b"%s:%d" % (raddr, rport)
+                laddr = addrs4.get(la) or remember(la, AF_INET)
+                raddr = addrs4.get(ra) or remember(ra, AF_INET)
             ktime, ino, cookie = t[_KTIME], t[_INO], t[_COOKIE]
+            secs, ns = divmod(ktime + wall, 1_000_000_000)
+            if secs != second:                  # records.rfc3339()'s whole seconds, made once a second
+                second, second_text = secs, records.rfc3339(secs * 1_000_000_000)[:-8].encode()
             lines.append(what.line % what.values((
-                text_time(ktime + wall), ktime, laddr, lport, raddr, rport, b"%d" % ino if ino else b"null",
-                b"%d" % cookie if cookie else b"null", t[_UNREAD], local, remote)))
+                second_text, ns // 1000, ktime, laddr, t[_LPORT], raddr, t[_RPORT],
+                b"%d" % ino if ino else b"null", b"%d" % cookie if cookie else b"null", t[_UNREAD])))
             s.emitted += 1
             if count is not None and s.emitted >= count:
                 s._stop = True
+        self._second, self._second_text = second, second_text
         if lines:
             self._write(lines)
         return len(plan)
 
-    def _addr4(self, raw: bytes) -> bytes:
-        text = self._addrs4.get(raw)
-        if text is None:
-            text = self._addrs4[raw] = self._remember(raw[:4], AF_INET)
-        return text
-
-    def _addr6(self, raw: bytes) -> bytes:
-        text = self._addrs6.get(raw)
-        if text is None:
-            text = self._addrs6[raw] = self._remember(raw, AF_INET6)
-        return text
-
     def _remember(self, raw: bytes, family: int) -> bytes:
+        """An address's text, kept for the next records (the raw IPv4 field has 12 bytes of zeros
+        after the address)."""
         if len(self._addrs4) + len(self._addrs6) > CACHE_MAX:
             self._addrs4.clear()
             self._addrs6.clear()
-        return self.decoder._text_addr(raw, family).encode()
-
-    def _time(self, ns: int) -> bytes:
-        """records.rfc3339(), as bytes, the whole seconds part made once a second."""
-        secs, rem = divmod(ns, 1_000_000_000)
-        if secs != self._second:
-            self._second, self._second_text = secs, records.rfc3339(secs * 1_000_000_000)[:-8].encode()
-        return b"%s.%06dZ" % (self._second_text, rem // 1000)
+        text = self.decoder._text_addr(raw[:4] if family == AF_INET else raw, family).encode()
+        (self._addrs4 if family == AF_INET else self._addrs6)[raw] = text
+        return text
 
     def _write(self, lines: list[bytes]) -> None:
-        for sink in self.out:
-            for line in lines:
-                sink.write_event_json(line)
+        for write_lines in self.out:
+            write_lines(lines)

@@ -20,6 +20,7 @@ class JsonSink:
         self._host = ecs.host_fields() if fmt == "ecs" else None
         # rsttrace's own JSON takes the event lines the fast path made (fastpath.py); ECS does not.
         self.write_event_json = output.write_bytes if self._host is None else None
+        self.write_event_lines = output.write_lines if self._host is None else None
 
     def emit(self, record: dict) -> None:
         doc = record if self._host is None else ecs.to_ecs(record, self._host)

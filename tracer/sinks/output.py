@@ -34,6 +34,13 @@ class LineOutput:
         if self._pending_bytes >= self.MAX_PENDING:
             self.flush()
 
+    def write_lines(self, lines: list[bytes]) -> None:
+        """Many lines at once (the fast path's batch), as write_bytes() each."""
+        self._pending += lines
+        self._pending_bytes += sum(map(len, lines)) + len(lines)
+        if self._pending_bytes >= self.MAX_PENDING:
+            self.flush()
+
     def flush(self) -> None:
         if not self._pending:
             return
