@@ -154,7 +154,7 @@ class LongStorm:
             with open(f"/proc/{self.proc.pid}/net/snmp") as f:
                 lines = f.read().splitlines()
         except FileNotFoundError:
-            raise RuntimeError(f"the storm stopped (exit {self.proc.poll()}): {self.proc.stderr.read().strip()}") from None
+            raise self._stopped() from None
         opens = next(int(values.split()[header.split().index("ActiveOpens")])
                      for header, values in zip(lines[0::2], lines[1::2]) if header.startswith("Tcp:"))
         return time.monotonic(), opens, cpu_s
@@ -174,11 +174,14 @@ class LongStorm:
         tracer_cpu = tracer.cpu() - tc0 if tracer else 0.0
         conns = n1 - n0
         if self.proc.poll() is not None or conns <= 0:
-            raise RuntimeError(f"the storm stopped: {self.proc.stderr.read().strip()}")
+            raise self._stopped()
         quarters = sorted((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(points, points[1:]) if b[0] - a[0] > SUB_S / 2)
         return {"conns_per_s": conns / (t1 - t0), "fast_conns_per_s": quarters[int(0.9 * (len(quarters) - 1))],
                 "cpu_us_per_conn": 1e6 * (c1 - c0 + tracer_cpu) / conns,
                 "tracer_cpu_pct": 100 * tracer_cpu / (t1 - t0), "seconds": t1 - t0}
+
+    def _stopped(self) -> RuntimeError:
+        return RuntimeError(f"the storm stopped (exit {self.proc.poll()}): {self.proc.stderr.read().strip()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
