@@ -6,6 +6,7 @@ for it (and deleted after), so nothing touches the host's traffic or sysctls.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import math
@@ -47,11 +48,20 @@ def write_result(name: str, result: dict, table: str) -> None:
     (OUT / f"{name}.md").write_text(table + "\n")
 
 
-def require_root(name: str) -> None:
+def start_benchmark(name: str) -> None:
+    """What every benchmark's main() does first: root or a one-line error; SIGTERM unwound like
+    Ctrl-C; rsttrace byte-compiled."""
     if os.geteuid() != 0:
         print(f"scripts/bench/{name}: run as root (it loads BPF programs and makes network namespaces)",
               file=sys.stderr)
         sys.exit(3)
+    # SIGTERM's default action ends the process on the spot, leaving its netns, storm and tracers
+    # behind; as SystemExit, every with-block and finally runs. Once: a second SIGTERM during that
+    # cleanup must not cut it short.
+    def unwind(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, unwind)
     # rsttrace as scripts/setup leaves it: byte-compiled (a source edited since, with
     # PYTHONDONTWRITEBYTECODE set, would be compiled again at every start and counted in start-up).
     subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "compileall", "-q", str(REPO / "tracer")],
@@ -613,6 +623,81 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
             "loss_whole_window_mean_pct": {c: mean_ci(v) for c, v in whole.items()},
             "cpu_cost_pct": {c: summary(v) for c, v in extra_cost.items()},
             "tracer_cpu_pct": {c: summary(v) for c, v in cpu.items()}}
+
+
+# -- BPF run time per connection (the kernel's own accounting) ----------------------------------
+BPF_ENABLE_STATS = 32       # bpf(2) command (Linux 5.8+), attr: {u32 type}; BPF_STATS_RUN_TIME = 0
+SYS_BPF = 321               # x86-64
+
+
+def enable_stats() -> int:
+    """Run-time statistics on while the returned fd is open (the kernel.bpf_stats_enabled sysctl is
+    not touched)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 4)(0)
+    fd = libc.syscall(SYS_BPF, BPF_ENABLE_STATS, attr, ctypes.sizeof(attr))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "bpf(BPF_ENABLE_STATS)")
+    return fd
+
+
+def program_times() -> dict[int, tuple[str, int, int]]:
+    """id → (name, run_time_ns, run_cnt) of the tracing programs attached now."""
+    progs = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout or "[]")
+    return {p["id"]: (p.get("name", "?"), p.get("run_time_ns", 0), p.get("run_cnt", 0)) for p in progs
+            if p.get("type") in ("raw_tracepoint", "tracepoint")}
+
+
+def _idle_listener(port: int) -> str:
+    return ("import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind(('127.0.0.1', {port})); s.listen(16); print('listening', flush=True); sys.stdin.read()")
+
+
+def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_on: int | None = None,
+                 idle: int = 0) -> dict:
+    """Nanoseconds the tracing programs ran per connection of a conn storm on STORM_PORT (run_time_ns /
+    run_cnt over the storm), with `tool` attached for `ports`. `listen_on`: an idle listener on that
+    port, started before the tracer (it finds it as a listener that predates it). `idle`: that many
+    idle established connections held through the storm."""
+    with Netns() as ns:
+        listener = None
+        holder = IdleConnections(ns, exe, OTHER_PORT + 1000, idle) if idle else None
+        try:
+            if listen_on is not None:
+                listener = subprocess.Popen(ns.argv("/usr/bin/python3", "-c", _idle_listener(listen_on)),
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                if _readline_within(listener.stdout, 30).strip() != "listening":
+                    raise RuntimeError("the idle listener did not start")
+            tracer = Tracer(tool, ports, OUT / f"run-{tool}.out")
+            try:
+                tracer.wait_ready()
+                time.sleep(STEADY_S)
+                fd = enable_stats()
+                try:
+                    before = program_times()
+                    storm = ns.storm(exe, "conn", STORM_PORT, seconds)
+                    after = program_times()
+                finally:
+                    os.close(fd)
+            finally:
+                tracer.stop()
+        finally:
+            if listener:
+                listener.stdin.close()
+                listener.wait(timeout=10)
+            if holder:
+                holder.close()
+    hooks = {}
+    for pid, (name, ns_run, count) in after.items():
+        ns0, count0 = before.get(pid, (name, 0, 0))[1:]
+        if count > count0:
+            hook = name.replace("raw_tracepoint__", "").replace("tracepoint__", "")
+            hooks[hook] = {"runs_per_conn": (count - count0) / storm["ops"],
+                           "ns_per_run": (ns_run - ns0) / (count - count0)}
+    total = sum(h["runs_per_conn"] * h["ns_per_run"] for h in hooks.values())
+    cpu_ns_per_conn = 1e9 * storm["cpu_s"] / storm["ops"]
+    return {"ns_per_conn": total, "cpu_us_per_conn": cpu_ns_per_conn / 1e3, "share_pct": 100 * total / cpu_ns_per_conn,
+            "hooks": hooks, "storm": storm}
 
 
 def mean_ci(values: list[float]) -> dict:
