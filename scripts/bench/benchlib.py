@@ -28,6 +28,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Ports below the ephemeral range (32768+), so that nobody's client port is mistaken for ours.
 STORM_PORT = 23456          # the storms' listener (unread, conn); STORM_PORT + 1 is the closed port
 OTHER_PORT = 24000          # "rsttrace filtering another port"; more untraced ports count up from here
+IDLE_PORT = OTHER_PORT + 1000   # the idle established connections' listener: never traced, past the extra ports
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -476,7 +477,7 @@ def _storm_run(exe: str, mode: str, seconds: float, rate: float = 0, tool: str |
     its CPU seconds from storm start to exit (drain included), its peak RSS, and how far it lagged.
     mode "idle": no storm, `seconds` of nothing (what the tracer costs while attached)."""
     with Netns() as ns:
-        holder = IdleConnections(ns, exe, OTHER_PORT + 1000, idle) if idle else None
+        holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
         tracer = None
         try:
             if tool:
@@ -561,7 +562,7 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
     budget = len(sequence) * seconds + (len(sequence) // 2) * 30 + 60
     windows: list[tuple[str, dict]] = []
     with Netns() as ns:
-        holder = IdleConnections(ns, exe, OTHER_PORT + 1000, idle) if idle else None
+        holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
         storm = LongStorm(ns, exe, "conn", budget)
         try:
             time.sleep(WARMUP_S)
@@ -661,7 +662,7 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
     idle established connections held through the storm."""
     with Netns() as ns:
         listener = None
-        holder = IdleConnections(ns, exe, OTHER_PORT + 1000, idle) if idle else None
+        holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
         try:
             if listen_on is not None:
                 listener = subprocess.Popen(ns.argv("/usr/bin/python3", "-c", _idle_listener(listen_on)),
