@@ -76,7 +76,11 @@ def log(msg: str) -> None:
 # -- the load generator --------------------------------------------------------------------------
 def build_storm() -> str:
     """Compile scripts/bench/rststorm.c with the system compiler (again only when the source changed)."""
-    src, exe = BENCH / "rststorm.c", OUT / "rststorm"
+    return _compile("rststorm")
+
+
+def _compile(name: str) -> str:
+    src, exe = BENCH / f"{name}.c", OUT / name
     OUT.mkdir(exist_ok=True)
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True)
@@ -189,7 +193,7 @@ class LongStorm:
         quarters = sorted((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(points, points[1:]) if b[0] - a[0] > SUB_S / 2)
         return {"conns_per_s": conns / (t1 - t0), "fast_conns_per_s": quarters[int(0.9 * (len(quarters) - 1))],
                 "cpu_us_per_conn": 1e6 * (c1 - c0 + tracer_cpu) / conns,
-                "tracer_cpu_pct": 100 * tracer_cpu / (t1 - t0), "seconds": t1 - t0}
+                "tracer_cpu_pct": 100 * tracer_cpu / (t1 - t0), "seconds": t1 - t0, "start": t0, "end": t1}
 
     def _stopped(self) -> RuntimeError:
         return RuntimeError(f"the storm stopped (exit {self.proc.poll()}): {self.proc.stderr.read().strip()}")
@@ -198,6 +202,49 @@ class LongStorm:
         if self.proc.poll() is None:
             self.proc.kill()             # its workers die with it (PR_SET_PDEATHSIG)
         self.proc.wait(timeout=30)
+
+
+class HostSpeed:
+    """scripts/bench/hostspeed.c on every CPU: how fast each vCPU runs kernel code, quarter-second by
+    quarter-second, through a whole measurement. What moves this VM's storm rate by 5–10 % between
+    two windows of the same code comes from its host and shows in no counter the guest has (no
+    steal, no idle, no softirq shift; measured); the probe's kernel round trips slow down with it.
+    A window's storm rate divided by the probe's speed in the same window (per_window) keeps what a
+    tracer costs — the probe passes none of the tracers' hooks — and loses much of the host's
+    swing: neighbouring no-tracer windows differed by an sd of 3.3–4.5 % that way, 4.3–8.9 % raw
+    (three 90 s storms, 2 s windows)."""
+
+    def __init__(self, seconds: float):
+        exe = _compile("hostspeed")
+        self.slots: dict[int, list[tuple[float, float]]] = {}
+        self.procs = []
+        for cpu in sorted(os.sched_getaffinity(0)):
+            proc = subprocess.Popen([exe, str(cpu), str(min(900, int(seconds) + 1))], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            self.slots[cpu] = []
+            threading.Thread(target=self._read, args=(proc, self.slots[cpu]), daemon=True).start()
+            self.procs.append(proc)
+
+    @staticmethod
+    def _read(proc, into: list) -> None:
+        for line in proc.stdout:
+            t, best_us = line.split()
+            into.append((float(t), 1e6 / float(best_us)))      # bursts per second: higher is faster
+
+    def between(self, start: float, end: float) -> float | None:
+        """The mean speed of the CPUs over the quarter-seconds that ended inside [start, end]."""
+        per_cpu = []
+        for slots in self.slots.values():
+            inside = [v for t, v in list(slots) if start < t <= end + 1e-3]
+            if inside:
+                per_cpu.append(sum(inside) / len(inside))
+        return sum(per_cpu) / len(per_cpu) if len(per_cpu) == len(self.slots) else None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
 
 
 class IdleConnections:
@@ -547,10 +594,12 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
     traced window's rate loss is taken against the mean of the no-tracer windows either side of it;
     the A/A control takes each inner no-tracer window against the two no-tracer windows nearest to it
     (as far away in time as a traced window's baselines, or further). A tracer is started before its
-    window (ready, then STEADY_S) and stopped after it, outside every window. Rate losses are taken
-    from each window's fast rate (SUB_S), and from its whole-window mean rate as well
-    (loss_whole_window_pct). `idle`: that many idle established connections held in the storm's
-    netns through every window."""
+    window (ready, then STEADY_S) and stopped after it, outside every window. The rate losses
+    (loss_pct) are taken from each window's rate divided by the host's speed in that window
+    (HostSpeed); beside them, from the raw rates: the window's fast rate (SUB_S, loss_fast_pct) and
+    its whole-window mean (loss_whole_window_pct). host_speed_change_pct checks that the probe does
+    not see the tracer. `idle`: that many idle established connections held in the storm's netns
+    through every window."""
     traced = [c for c in conds if c not in ("no_tracer", "no_tracer_again")]
     sequence = []
     for i in range(runs):
@@ -561,6 +610,7 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
     # (it is killed when the measurement ends; a limit too short ended one storm mid-run)
     budget = len(sequence) * seconds + (len(sequence) // 2) * 30 + 60
     windows: list[tuple[str, dict]] = []
+    speed = HostSpeed(budget)
     with Netns() as ns:
         holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
         storm = LongStorm(ns, exe, "conn", budget)
@@ -586,15 +636,24 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
             storm.stop()
             if holder:
                 holder.close()
+            time.sleep(2 * SUB_S)        # the probe's last quarter-second is printed
+            speed.close()
+    for _, w in windows:
+        w["host_speed"] = speed.between(w["start"], w["end"])
+        if not w["host_speed"]:
+            raise RuntimeError("the host speed probe (hostspeed) reported nothing for a window")
+        w["conns_per_speed"] = w["conns_per_s"] / w["host_speed"]
 
     def loss(i: int, j: int, k: int, key: str) -> float:
         base = (windows[j][1][key] + windows[k][1][key]) / 2
         return 100 * (1 - windows[i][1][key] / base)
 
-    # rate loss from each window's fast rate (SUB_S: what the tracer costs, with the host's dips left
-    # out), and from its whole-window mean rate (dips in)
+    # rate loss from each window's rate per unit of host speed (the host's swing divided out), and
+    # from the raw rates: the fast rate (SUB_S: the host's dips left out) and the whole-window mean
     losses: dict[str, list[float]] = {c: [] for c in ["no_tracer_again", *traced]}
+    fast: dict[str, list[float]] = {c: [] for c in losses}
     whole: dict[str, list[float]] = {c: [] for c in losses}
+    probe: dict[str, list[float]] = {c: [] for c in losses}
     extra_cost: dict[str, list[float]] = {c: [] for c in losses}
     cpu: dict[str, list[float]] = {c: [] for c in losses}
     for i, (name, w) in enumerate(windows):
@@ -605,21 +664,26 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
         else:
             before, after = i - 1, i + 1
             cpu[name].append(w["tracer_cpu_pct"])
-        losses[name].append(loss(i, before, after, "fast_conns_per_s"))
+        losses[name].append(loss(i, before, after, "conns_per_speed"))
+        fast[name].append(loss(i, before, after, "fast_conns_per_s"))
         whole[name].append(loss(i, before, after, "conns_per_s"))
+        probe[name].append(-loss(i, before, after, "host_speed"))
         extra_cost[name].append(-loss(i, before, after, "cpu_us_per_conn"))
     floor = losses.get("empty_programs")
     above = {c: [a - b for a, b in zip(losses[c], floor)] for c in traced if c.startswith("rsttrace") and floor}
-    rates = {c: [w["fast_conns_per_s"] for n, w in windows if n == c] for c in ["no_tracer", *traced]}
+    rates = {c: [w["conns_per_s"] for n, w in windows if n == c] for c in ["no_tracer", *traced]}
     cost = {c: [w["cpu_us_per_conn"] for n, w in windows if n == c] for c in ["no_tracer", *traced]}
     return {"method": "windows of one storm, each traced window against the no-tracer windows either side; "
-                      "rates: each window's fast rate (90th percentile of its quarter-second rates)",
+                      "rates: each window's connections/s divided by the host's speed in it (hostspeed.c)",
             "windows": [{"condition": n, **w} for n, w in windows],
             "conns_per_s": {c: summary(v) for c, v in rates.items()},
             "loss_above_floor_pct": {c: summary(v) for c, v in above.items()},
             "cpu_us_per_conn": {c: summary(v) for c, v in cost.items()},
             "loss_pct": {c: summary(v) for c, v in losses.items()},
             "loss_mean_pct": {c: mean_ci(v) for c, v in losses.items()},
+            "loss_fast_pct": {c: summary(v) for c, v in fast.items()},
+            "loss_fast_mean_pct": {c: mean_ci(v) for c, v in fast.items()},
+            "host_speed_change_pct": {c: summary(v) for c, v in probe.items()},
             "loss_whole_window_pct": {c: summary(v) for c, v in whole.items()},
             "loss_whole_window_mean_pct": {c: mean_ci(v) for c, v in whole.items()},
             "cpu_cost_pct": {c: summary(v) for c, v in extra_cost.items()},
