@@ -131,6 +131,7 @@ class Netns:
 # fast rate is the best-of-N of timing practice: measured on this VM (180 s of the storm, no tracer),
 # it moved by 1.4–1.9 % between neighbouring 2–3 s windows where the whole-window mean moved by 3.2–3.4 %.
 SUB_S = 0.25
+MAX_STORM_S = 3600   # rststorm's and hostspeed's own bound on SECONDS
 
 
 class LongStorm:
@@ -219,7 +220,7 @@ class HostSpeed:
         self.slots: dict[int, list[tuple[float, float]]] = {}
         self.procs = []
         for cpu in sorted(os.sched_getaffinity(0)):
-            proc = subprocess.Popen([exe, str(cpu), str(min(900, int(seconds) + 1))], stdout=subprocess.PIPE,
+            proc = subprocess.Popen([exe, str(cpu), str(min(MAX_STORM_S, math.ceil(seconds)))], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
             self.slots[cpu] = []
             threading.Thread(target=self._read, args=(proc, self.slots[cpu]), daemon=True).start()
@@ -323,6 +324,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
         return ["bpftrace", "-e", bpftrace_program(ports)], None
     if tool == "floor":          # empty programs on rsttrace's hooks (floor.py); ports do not matter
         return ["/usr/bin/python3", str(BENCH / "floor.py")], None
+    if tool in FLOOR_PARTS:      # empty programs on some of them (overhead --by-hook)
+        return ["/usr/bin/python3", str(BENCH / "floor.py"), "--hooks", FLOOR_PARTS[tool]], None
     if tool == "bcc":
         headers = kernel_headers()
         if headers is None:
@@ -334,6 +337,9 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
 
 READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
                "floor": "attached: empty programs"}
+# the floor taken apart: inet_sock_set_state alone (10 runs per connection), and the other hooks
+FLOOR_PARTS = {"floor_state": "state", "floor_others": "syn,kfree,rst"}
+READY_WORDS.update({tool: READY_WORDS["floor"] for tool in FLOOR_PARTS})
 
 
 def peers_available() -> list[str]:
@@ -609,35 +615,40 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
     # the storm's own time limit: past every window and every tracer's start and stop, however slow
     # (it is killed when the measurement ends; a limit too short ended one storm mid-run)
     budget = len(sequence) * seconds + (len(sequence) // 2) * 30 + 60
+    if budget > MAX_STORM_S:
+        raise SystemExit(f"{runs} runs of {seconds:g} s windows over {len(traced)} conditions could take "
+                         f"{budget:.0f} s; the storm is bounded to {MAX_STORM_S} s: use fewer runs or shorter windows")
     windows: list[tuple[str, dict]] = []
     speed = HostSpeed(budget)
-    with Netns() as ns:
-        holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
-        storm = LongStorm(ns, exe, "conn", budget)
-        try:
-            time.sleep(WARMUP_S)
-            for name in sequence:
-                spec = conds[name]
-                if not spec.get("tool"):
-                    time.sleep(GAP_S)         # the last tracer's exit and detach are behind us
-                    windows.append((name, storm.window(seconds)))
-                    continue
-                tracer = Tracer(spec["tool"], spec["ports"], OUT / f"run-{spec['tool']}.out")
-                try:
-                    tracer.wait_ready()
-                    time.sleep(STEADY_S)
-                    windows.append((name, storm.window(seconds, tracer)))
-                finally:
-                    tracer.stop()
-                w = windows[-1][1]
-                log(f"  {len(windows):3d} {name}: {w['fast_conns_per_s']:.0f}/s fast ({w['conns_per_s']:.0f}/s mean) "
-                    f"{w['cpu_us_per_conn']:.1f} µs, against {windows[-2][1]['fast_conns_per_s']:.0f}/s before")
-        finally:
-            storm.stop()
-            if holder:
-                holder.close()
-            time.sleep(2 * SUB_S)        # the probe's last quarter-second is printed
-            speed.close()
+    try:
+        with Netns() as ns:
+            holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
+            storm = LongStorm(ns, exe, "conn", budget)
+            try:
+                time.sleep(WARMUP_S)
+                for name in sequence:
+                    spec = conds[name]
+                    if not spec.get("tool"):
+                        time.sleep(GAP_S)         # the last tracer's exit and detach are behind us
+                        windows.append((name, storm.window(seconds)))
+                        continue
+                    tracer = Tracer(spec["tool"], spec["ports"], OUT / f"run-{spec['tool']}.out")
+                    try:
+                        tracer.wait_ready()
+                        time.sleep(STEADY_S)
+                        windows.append((name, storm.window(seconds, tracer)))
+                    finally:
+                        tracer.stop()
+                    w = windows[-1][1]
+                    log(f"  {len(windows):3d} {name}: {w['fast_conns_per_s']:.0f}/s fast ({w['conns_per_s']:.0f}/s mean) "
+                        f"{w['cpu_us_per_conn']:.1f} µs, against {windows[-2][1]['fast_conns_per_s']:.0f}/s before")
+            finally:
+                storm.stop()
+                if holder:
+                    holder.close()
+    finally:
+        time.sleep(2 * SUB_S)            # the probe's last quarter-second is printed
+        speed.close()
     for _, w in windows:
         w["host_speed"] = speed.between(w["start"], w["end"])
         if not w["host_speed"]:
@@ -763,6 +774,20 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
     cpu_ns_per_conn = 1e9 * storm["cpu_s"] / storm["ops"]
     return {"ns_per_conn": total, "cpu_us_per_conn": cpu_ns_per_conn / 1e3, "share_pct": 100 * total / cpu_ns_per_conn,
             "hooks": hooks, "storm": storm}
+
+
+def dispatch_ns(pairs: int = 40) -> dict:
+    """The kernel's price of one raw-tracepoint program run on this machine (scripts/bench/dispatch.py:
+    prctl(PR_SET_NAME), timed by prctl_loop.c, with an empty program on task:task_rename attached and
+    detached in turn)."""
+    loop = _compile("prctl_loop")
+    out = subprocess.run(["/usr/bin/python3", str(BENCH / "dispatch.py"), loop, str(pairs)],
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"dispatch.py failed: {out.stderr.strip().splitlines()[-1:]}")
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"ns_per_run": summary(d["prices_ns"]), "ns_per_run_mean": mean_ci(d["prices_ns"]),
+            "syscall_ns": summary(d["syscall_ns"])}
 
 
 def mean_ci(values: list[float]) -> dict:

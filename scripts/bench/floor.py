@@ -7,7 +7,10 @@ storm loses with this attached is the kernel's own price of running a program on
 any tracer of listen-queue drops pays there — and rsttrace's figure above it is its own work.
 (bpftrace 0.17, Debian 12's, has no raw tracepoints; its tracepoints build a record first.)
 
-    /usr/bin/python3 scripts/bench/floor.py
+    /usr/bin/python3 scripts/bench/floor.py [--hooks state,syn,kfree,rst]
+
+--hooks keeps some of them (state: inet_sock_set_state; syn: the SYN hook; kfree: kfree_skb; rst:
+the two reset tracepoints): what each hook costs on its own (`scripts/bench/overhead --by-hook`);
 
 Compiled against rsttrace's own tiny header tree (bpf/kernel-headers: no kernel headers needed).
 Prints "attached: empty programs" on stderr once attached; exits on SIGINT or SIGTERM.
@@ -19,14 +22,12 @@ from pathlib import Path
 
 from bcc import BPF
 
-PROGRAM = r"""
-enum sk_rst_reason { SK_RST_REASON_NOT_SPECIFIED };   /* named by the 6.10+ tcp_send_reset format */
-RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }
-RAW_TRACEPOINT_PROBE(SYN_HOOK) { return 0; }
-RAW_TRACEPOINT_PROBE(kfree_skb) { return 0; }
-TRACEPOINT_PROBE(tcp, tcp_send_reset) { return 0; }
-TRACEPOINT_PROBE(tcp, tcp_receive_reset) { return 0; }
-"""
+PREAMBLE = "enum sk_rst_reason { SK_RST_REASON_NOT_SPECIFIED };   /* named by the 6.10+ tcp_send_reset format */\n"
+HOOKS = {"state": "RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }",
+         "syn": "RAW_TRACEPOINT_PROBE(SYN_HOOK) { return 0; }",
+         "kfree": "RAW_TRACEPOINT_PROBE(kfree_skb) { return 0; }",
+         "rst": "TRACEPOINT_PROBE(tcp, tcp_send_reset) { return 0; }\n"
+                "TRACEPOINT_PROBE(tcp, tcp_receive_reset) { return 0; }"}
 
 
 def main() -> int:
@@ -36,8 +37,17 @@ def main() -> int:
     with_location = consume.exists() and "location" in consume.read_text()
     syn_hook = "consume_skb" if with_location and os.environ.get("RSTTRACE_SYN_HOOK") != "netif_receive_skb" \
         else "netif_receive_skb"
-    bpf = BPF(text=PROGRAM.replace("SYN_HOOK", syn_hook))
-    print(f"attached: empty programs (SYN hook {syn_hook})", file=sys.stderr, flush=True)
+    hooks = list(HOOKS)
+    if len(sys.argv) == 3 and sys.argv[1] == "--hooks":
+        hooks = sys.argv[2].split(",")
+    elif len(sys.argv) != 1:
+        sys.exit("usage: floor.py [--hooks " + ",".join(HOOKS) + "]")
+    unknown = [h for h in hooks if h not in HOOKS]
+    if unknown or not hooks:
+        sys.exit(f"floor.py: unknown hooks {unknown}; choose from {', '.join(HOOKS)}")
+    program = PREAMBLE + "\n".join(HOOKS[h] for h in hooks)
+    bpf = BPF(text=program.replace("SYN_HOOK", syn_hook))
+    print(f"attached: empty programs on {','.join(hooks)} (SYN hook {syn_hook})", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()
