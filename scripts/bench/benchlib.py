@@ -210,7 +210,7 @@ class HostSpeed:
     quarter-second, through a whole measurement. What moves this VM's storm rate by 5–10 % between
     two windows of the same code comes from its host and shows in no counter the guest has (no
     steal, no idle, no softirq shift; measured); the probe's kernel round trips slow down with it.
-    A window's storm rate divided by the probe's speed in the same window (per_window) keeps what a
+    A window's storm rate divided by the probe's speed in the same window (between()) keeps what a
     tracer costs — the probe passes none of the tracers' hooks — and loses much of the host's
     swing: neighbouring no-tracer windows differed by an sd of 3.3–4.5 % that way, 4.3–8.9 % raw
     (three 90 s storms, 2 s windows)."""

@@ -10,7 +10,7 @@ any tracer of listen-queue drops pays there — and rsttrace's figure above it i
     /usr/bin/python3 scripts/bench/floor.py [--hooks state,syn,kfree,rst]
 
 --hooks keeps some of them (state: inet_sock_set_state; syn: the SYN hook; kfree: kfree_skb; rst:
-the two reset tracepoints): what each hook costs on its own (`scripts/bench/overhead --by-hook`);
+the two reset tracepoints): what each hook costs on its own (`scripts/bench/overhead --by-hook`).
 
 Compiled against rsttrace's own tiny header tree (bpf/kernel-headers: no kernel headers needed).
 Prints "attached: empty programs" on stderr once attached; exits on SIGINT or SIGTERM.
