@@ -14,6 +14,8 @@
  *                         connection when sk_max_ack_backlog is zero"); else qlen >= max.
  *   CONNECT_OWNERS        sock:inet_sock_set_state is hooked (listen.bpf.c): client sockets of traced
  *                         ports carry the process that connected them (owner_tgid/owner_comm).
+ *   STATE_HOOK_BTF        that hook is a BTF tracepoint (tp_btf, Linux 5.5+), not a raw one: its
+ *                         reads of the socket are plain loads (STATE_SK_LOAD).
  */
 #include "rsttrace.h"
 
@@ -427,37 +429,58 @@ static __always_inline void read_socket(void *sk, struct rsttrace_event *e)
 	}
 }
 
-#ifdef CONNECT_OWNERS
-/* In connect(): remember who connects this socket, if it goes to a traced port. skc_daddr, skc_dport
- * and skc_family open struct sock_common: one read where they sit within 32 bytes (SKC_SPAN_LO/LEN
- * from the loader; 6.18: bytes 0-17), else three. Runs at every connect() on the host. */
-static __always_inline void remember_connector(void *sk)
-{
-	__u16 family = 0, dport = 0;
-	__u32 daddr = 0;
-#ifdef SKC_SPAN_LO
-	__u8 f[SKC_SPAN_LEN] = {};
-	if (bpf_probe_read_kernel(f, sizeof(f), sk + SKC_SPAN_LO) != 0)
-		return;
-	__builtin_memcpy(&dport, f + (OFF_SOCK_DPORT - SKC_SPAN_LO), sizeof(dport));
-	__builtin_memcpy(&family, f + (OFF_SOCK_FAMILY - SKC_SPAN_LO), sizeof(family));
-	__builtin_memcpy(&daddr, f + (OFF_SOCK_DADDR - SKC_SPAN_LO), sizeof(daddr));
+/* inet_sock_set_state's program (listen.bpf.c) runs 10 times per connection on the host, and on its
+ * way out for a port nobody traces it reads one field. As a BTF tracepoint (STATE_HOOK_BTF: tp_btf,
+ * Linux 5.5+, loaded by tracer/kernel/loader.py) the verifier knows the argument is a struct sock and
+ * checks a plain load against BTF once, at load time (a bad address at run time reads as 0): about
+ * 1 ns. As a raw tracepoint the read must be bpf_probe_read_kernel(): ~50 ns on a machine with the
+ * SRSO mitigation (scripts/bench/dispatch.py), most of what rsttrace adds to an untraced connection.
+ * Inline asm, because bcc rewrites a plain dereference into a probe read. */
+#ifdef STATE_HOOK_BTF
+#define STATE_HOOK_PROBE(event) int tp_btf__##event(struct bpf_raw_tracepoint_args *ctx)
+#define STATE_SK_LOAD(size, sk, off) ({ __##size v_; \
+	asm volatile("%0 = *(" #size " *)(%1 + %2)" : "=r"(v_) : "r"(sk), "i"(off)); v_; })
 #else
-	bpf_probe_read_kernel(&dport, sizeof(dport), sk + OFF_SOCK_DPORT);
-	bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SOCK_FAMILY);
-	bpf_probe_read_kernel(&daddr, sizeof(daddr), sk + OFF_SOCK_DADDR);
+#define STATE_HOOK_PROBE(event) RAW_TRACEPOINT_PROBE(event)
+#define STATE_SK_LOAD(size, sk, off) ({ __##size v_ = 0; \
+	bpf_probe_read_kernel(&v_, sizeof(v_), (void *)(sk) + (off)); v_; })
 #endif
+
+/* The same socket as a plain number, for the code that hashes it or keeps it: the verifier allows
+ * a BTF pointer an offset and no other arithmetic. One probe read, on traced ports' paths only. */
+static __always_inline void *state_sk_number(struct bpf_raw_tracepoint_args *ctx)
+{
+#ifdef STATE_HOOK_BTF
+	void *sk = 0;
+	bpf_probe_read_kernel(&sk, sizeof(sk), &ctx->args[0]);
+	return sk;
+#else
+	return (void *)ctx->args[0];
+#endif
+}
+
+#ifdef CONNECT_OWNERS
+/* In connect() (inet_sock_set_state, newstate SYN_SENT): remember who connects this socket, if it
+ * goes to a traced port. `sk` is the hook's argument (STATE_SK_LOAD reads it); runs at every
+ * connect() on the host. */
+static __always_inline void remember_connector(struct bpf_raw_tracepoint_args *ctx, void *sk)
+{
+	__u16 dport = STATE_SK_LOAD(u16, sk, OFF_SOCK_DPORT);
 	dport = (dport >> 8) | (dport << 8);          /* skc_dport is big-endian */
 	if (!port_wanted(0, dport))
 		return;
+	__u16 family = STATE_SK_LOAD(u16, sk, OFF_SOCK_FAMILY);
 	__u64 raddr[2] = {};
-	if (family == AF_INET)
+	void *skn = state_sk_number(ctx);
+	if (family == AF_INET) {
+		__u32 daddr = STATE_SK_LOAD(u32, sk, OFF_SOCK_DADDR);
 		__builtin_memcpy(raddr, &daddr, 4);
-	else if (family == AF_INET6)
-		bpf_probe_read_kernel(raddr, 16, sk + OFF_SOCK_V6_DADDR);
-	else
+	} else if (family == AF_INET6) {
+		bpf_probe_read_kernel(raddr, 16, skn + OFF_SOCK_V6_DADDR);
+	} else {
 		return;
-	struct connector *c = connector_slot(sk);
+	}
+	struct connector *c = connector_slot(skn);
 	if (!c)
 		return;
 	c->sk = 0;                      /* a reader on another CPU sees no entry, not half of one */
@@ -468,7 +491,7 @@ static __always_inline void remember_connector(void *sk)
 	c->tgid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(c->comm, sizeof(c->comm));
 	compiler_barrier();
-	c->sk = (__u64)sk;
+	c->sk = (__u64)skn;
 }
 
 /* The process that connected this socket, if its slot still holds the connection it was made for. */

@@ -28,33 +28,32 @@
  * evidence starts at the traced kernel function (user space drops any such frame left). */
 #define RAW_TP_STACK_SKIP 2
 
-/* sock:inet_sock_set_state (Linux 4.16+), as a raw tracepoint (sk, oldstate, newstate): a TCP
- * socket enters or leaves LISTEN. Raw, because it fires on every state change of every socket:
- * the classic tracepoint would copy addresses into a perf record each time before rsttrace could
- * say "not a listener". With CONNECT_OWNERS it also records who connects to a traced port
- * (common.bpf.c, connectors). */
-RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+/* sock:inet_sock_set_state (Linux 4.16+): (sk, oldstate, newstate), a TCP socket enters or leaves
+ * LISTEN. It fires on every state change of every socket (10 per connection), so it is a BTF
+ * tracepoint where the kernel allows one (STATE_HOOK_BTF: its first reads cost no probe read,
+ * common.bpf.c), else a raw one — never the classic tracepoint, which would copy addresses into a
+ * perf record each time before rsttrace could say "not a listener". With CONNECT_OWNERS it also
+ * records who connects to a traced port (common.bpf.c, connectors). */
+STATE_HOOK_PROBE(inet_sock_set_state)
 {
 	int oldstate = (int)ctx->args[1], newstate = (int)ctx->args[2];
 	void *sk = (void *)ctx->args[0];
 #ifdef CONNECT_OWNERS
 	if (newstate == TCP_SYN_SENT) {   /* tcp_v4/v6_connect(), in the connecting process */
-		remember_connector(sk);
+		remember_connector(ctx, sk);
 		return 0;
 	}
 #endif
 	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
 		return 0;
-	/* Every connection to a listener passes here once (its child: LISTEN -> SYN_RECV). The port
-	 * first: a connection to an untraced port then costs one read, not two (a read is ~50 ns
-	 * here, as much as half the tracepoint's call into the program: scripts/bench/dispatch.py). */
-	__u16 protocol = 0, port = 0;
-	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
+	/* Every connection to a listener passes here once (its child: LISTEN -> SYN_RECV): the port
+	 * first, the one read a connection to an untraced port pays. */
+	__u16 port = STATE_SK_LOAD(u16, sk, OFF_SOCK_NUM);
 	if (!port_wanted(port, 0))
 		return 0;
-	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
-	if (protocol != IPPROTO_TCP)      /* SCTP and DCCP listeners pass here too */
+	if (STATE_SK_LOAD(u16, sk, OFF_SOCK_PROTOCOL) != IPPROTO_TCP)   /* SCTP and DCCP listeners pass here too */
 		return 0;
+	sk = state_sk_number(ctx);
 	struct listener_key key = {};
 	key.net = (__u64)net_of_sock(sk);
 	key.port = port;

@@ -169,6 +169,25 @@ def tracer(root, validator):
             t.proc.wait()
 
 
+# sock:inet_sock_set_state's program: a BTF tracepoint here (6.18), a raw one where a kernel refuses
+# tp_btf (RSTTRACE_STATE_HOOK=raw forces it, for the tests that run on both).
+STATE_HOOKS = {"tp_btf": "tracing", "raw": "raw_tracepoint"}     # → bpftool's program type
+
+
+def state_hook_env(hook: str) -> dict:
+    return dict(os.environ, RSTTRACE_STATE_HOOK=hook)
+
+
+def state_hook_type(pid: int) -> str:
+    """The type of the program process `pid` has on sock:inet_sock_set_state, as the kernel lists it."""
+    out = subprocess.run(["bpftool", "perf", "-j"], capture_output=True, text=True, check=True).stdout
+    [prog_id] = [a["prog_id"] for a in json.loads(out or "[]")
+                 if a.get("pid") == pid and a.get("tracepoint") == "inet_sock_set_state"]
+    prog = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(prog_id), "-j"], capture_output=True,
+                                     text=True, check=True).stdout)
+    return prog["type"]
+
+
 def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
     """How far kernel counter `name` moved between two Netns.counters() snapshots."""
     return after[name] - before[name]

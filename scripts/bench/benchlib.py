@@ -721,7 +721,7 @@ def program_times() -> dict[int, tuple[str, int, int]]:
     """id → (name, run_time_ns, run_cnt) of the tracing programs attached now."""
     progs = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout or "[]")
     return {p["id"]: (p.get("name", "?"), p.get("run_time_ns", 0), p.get("run_cnt", 0)) for p in progs
-            if p.get("type") in ("raw_tracepoint", "tracepoint")}
+            if p.get("type") in ("raw_tracepoint", "tracepoint", "tracing")}     # tracing: a BTF tracepoint
 
 
 def _idle_listener(port: int) -> str:
@@ -768,6 +768,8 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
         ns0, count0 = before.get(pid, (name, 0, 0))[1:]
         if count > count0:
             hook = name.replace("raw_tracepoint__", "").replace("tracepoint__", "")
+            if hook == "inet_sock_set_s":        # rsttrace's BTF tracepoint program: a 15-character kernel name
+                hook = "inet_sock_set_state"
             hooks[hook] = {"runs_per_conn": (count - count0) / storm["ops"],
                            "ns_per_run": (ns_run - ns0) / (count - count0)}
     total = sum(h["runs_per_conn"] * h["ns_per_run"] for h in hooks.values())

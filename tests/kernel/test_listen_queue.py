@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import BURST, Background, delta, drop_final_acks, drop_syn_acks, events
+from conftest import BURST, STATE_HOOKS, Background, delta, drop_final_acks, drop_syn_acks, events, state_hook_type
 
 PORT = 8100
 # Where SYN verdicts are read on this kernel (6.18): after tcp_conn_request(), at skb:consume_skb. The
@@ -23,8 +23,8 @@ SYN_HOOK = "consume_skb"
 SYN_HOOKS = ["consume_skb", "netif_receive_skb"]
 
 
-def syn_hook_env(hook: str) -> dict:
-    return dict(os.environ, RSTTRACE_SYN_HOOK=hook)
+def syn_hook_env(hook: str, state_hook: str = "tp_btf") -> dict:
+    return dict(os.environ, RSTTRACE_SYN_HOOK=hook, RSTTRACE_STATE_HOOK=state_hook)
 
 
 def raw_tracepoints_of(pid: int) -> set[str]:
@@ -38,10 +38,13 @@ def listener_events(records, ns):
     return [r for r in events(records, netns__inode=ns.inode) if r["event"] in ("syn_dropped", "ack_dropped", "syn_cookie")]
 
 
-@pytest.mark.parametrize("syn_hook", SYN_HOOKS)
-def test_burst_on_backlog_5_reports_each_syn_drop_with_queue_6_of_5(netns, tracer, syn_hook):
-    t = tracer("--json", "--port", str(PORT), env=syn_hook_env(syn_hook))
+# listen()'s backlog and the listener come from sock:inet_sock_set_state: as a BTF tracepoint, and
+# as the raw one of kernels that refuse tp_btf
+@pytest.mark.parametrize("syn_hook,state_hook", [(h, "tp_btf") for h in SYN_HOOKS] + [(SYN_HOOK, "raw")])
+def test_burst_on_backlog_5_reports_each_syn_drop_with_queue_6_of_5(netns, tracer, syn_hook, state_hook):
+    t = tracer("--json", "--port", str(PORT), env=syn_hook_env(syn_hook, state_hook))
     assert syn_hook in raw_tracepoints_of(t.proc.pid)
+    assert state_hook_type(t.proc.pid) == STATE_HOOKS[state_hook]
     before = netns.counters()
     facts = json.loads(netns.run("/usr/bin/python3", BURST, "burst", "127.0.0.1", str(PORT), "5", "200").stdout)
     after = netns.counters()

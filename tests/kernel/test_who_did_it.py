@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import SCENARIOS, events
+from conftest import SCENARIOS, STATE_HOOKS, events, state_hook_env, state_hook_type
 from tracer.enrich.cgroups import cgroup2_mount
 
 PORT = random.randrange(20000, 30000, 2)   # not a port other suites running beside this one use
@@ -36,12 +36,14 @@ def test_server_reset_by_its_client_is_named_after_it_closed_the_socket(netns, t
     assert f"python3 (pid {facts['server_pid']})'s connection" in received["explanation"]
 
 
-def test_client_reset_by_its_server_is_named_after_it_closed_and_exited(netns, tracer, monkeypatch):
+@pytest.mark.parametrize("state_hook", STATE_HOOKS)
+def test_client_reset_by_its_server_is_named_after_it_closed_and_exited(netns, tracer, monkeypatch, state_hook):
     # "Connection reset by peer" on the client side: handled in softirq while the *server* closed, and
     # the client closes and exits at once, before any look at /proc can find its fd. The kernel hook
-    # saw it connect().
+    # (inet_sock_set_state, as a BTF or a raw tracepoint) saw it connect().
     monkeypatch.setenv("SCENARIO_CLIENT_HOLD_S", "0")
-    t = tracer("--json", "--port", str(PORT), "--netns", netns.name)
+    t = tracer("--json", "--port", str(PORT), "--netns", netns.name, env=state_hook_env(state_hook))
+    assert state_hook_type(t.proc.pid) == STATE_HOOKS[state_hook]
     facts = netns.scenario("unread_close", "127.0.0.1", PORT)
     records = t.stop()
 

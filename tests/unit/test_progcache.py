@@ -39,6 +39,7 @@ def test_bcc_names_say_where_each_program_attaches():
     assert progcache.attach_target("raw_tracepoint__kfree_skb") == (bpfsys.PROG_TYPE_RAW_TRACEPOINT, "kfree_skb")
     assert progcache.attach_target("tracepoint__tcp__tcp_send_reset") == (bpfsys.PROG_TYPE_TRACEPOINT,
                                                                          "tcp/tcp_send_reset")
+    assert progcache.attach_target("tp_btf__inet_sock_set_state") == (bpfsys.PROG_TYPE_TRACING, "inet_sock_set_state")
     assert progcache.attach_target("kprobe__tcp_v4_send_reset") is None
 
 

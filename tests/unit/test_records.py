@@ -90,6 +90,7 @@ def test_process_cgroup_and_container_validate_and_show_in_the_plain_line():
 @pytest.mark.parametrize("program, where", [
     ("tracepoint__tcp__tcp_send_reset", "tracepoint:tcp:tcp_send_reset"),
     ("raw_tracepoint__kfree_skb", "raw_tracepoint:kfree_skb"),
+    ("tp_btf__inet_sock_set_state", "tp_btf:inet_sock_set_state"),
     ("kfunc__vmlinux__tcp_conn_request", "fentry:tcp_conn_request"),
     ("kprobe__tcp_v4_send_reset", "kprobe:tcp_v4_send_reset"),
     ("something_else", "something_else"),

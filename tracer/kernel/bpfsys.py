@@ -16,7 +16,7 @@ _NR_BPF = {"x86_64": 321, "aarch64": 280, "s390x": 351, "ppc64le": 361, "riscv64
 BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_PROG_GET_NEXT_ID, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 11, 17
 PROG_TYPE_SOCKET_FILTER, PROG_TYPE_KPROBE, PROG_TYPE_SCHED_CLS = 1, 2, 3
 PROG_TYPE_TRACEPOINT, PROG_TYPE_RAW_TRACEPOINT, PROG_TYPE_TRACING = 5, 17, 26
-BPF_TRACE_FENTRY = 24
+BPF_TRACE_RAW_TP, BPF_TRACE_FENTRY = 23, 24     # expected_attach_type of PROG_TYPE_TRACING (tp_btf, fentry)
 MAP_TYPE_RINGBUF = 27
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -58,6 +58,12 @@ def probe_prog_load(prog_type: int, expected_attach_type: int = 0, attach_btf_id
 def probe_fentry_attach(attach_btf_id: int) -> int:
     """0 if a trivial fentry program on this BTF function loads *and attaches* (some functions load
     but cannot be attached to), else the errno."""
+    return probe_tracing_attach(BPF_TRACE_FENTRY, attach_btf_id)
+
+
+def probe_tracing_attach(attach_type: int, attach_btf_id: int) -> int:
+    """0 if a trivial PROG_TYPE_TRACING program of `attach_type` (fentry: a BTF function; tp_btf: a
+    tracepoint's btf_trace_* typedef) loads and attaches, else the errno."""
     insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
     license = ctypes.create_string_buffer(b"GPL")
     attr = (ctypes.c_uint8 * 128)()
@@ -65,7 +71,7 @@ def probe_fentry_attach(attach_btf_id: int) -> int:
     _put(attr, 4, 4, 2)
     _put(attr, 8, 8, ctypes.addressof(insns))
     _put(attr, 16, 8, ctypes.addressof(license))
-    _put(attr, 68, 4, BPF_TRACE_FENTRY)
+    _put(attr, 68, 4, attach_type)
     _put(attr, 108, 4, attach_btf_id)
     prog_fd, err = _bpf(BPF_PROG_LOAD, attr)
     if prog_fd < 0:
@@ -188,8 +194,10 @@ def map_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
     return nxt.raw if rc == 0 else None
 
 
-def prog_load(prog_type: int, insns: bytes, license: bytes, kern_version: int, name: str) -> int:
-    """Load a program; a refusal raises OSError with the verifier's log."""
+def prog_load(prog_type: int, insns: bytes, license: bytes, kern_version: int, name: str,
+              attach_type: int = 0, attach_btf_id: int = 0) -> int:
+    """Load a program; a refusal raises OSError with the verifier's log. `attach_type` and
+    `attach_btf_id`: a PROG_TYPE_TRACING program's expected_attach_type and BTF target."""
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license)
     log = ctypes.create_string_buffer(1 << 16)
@@ -200,6 +208,8 @@ def prog_load(prog_type: int, insns: bytes, license: bytes, kern_version: int, n
     _put(attr, 16, 8, ctypes.addressof(lic))
     _put(attr, 40, 4, kern_version)
     ctypes.memmove(ctypes.addressof(attr) + 48, _name16(name), len(_name16(name)))
+    _put(attr, 68, 4, attach_type)
+    _put(attr, 108, 4, attach_btf_id)
     fd, err = _bpf(BPF_PROG_LOAD, attr)
     if fd < 0:       # again with the log: only a refused program pays for it
         _put(attr, 24, 4, 1)
@@ -211,12 +221,14 @@ def prog_load(prog_type: int, insns: bytes, license: bytes, kern_version: int, n
     return fd
 
 
-def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
-    name = ctypes.create_string_buffer(tracepoint.encode())
+def raw_tracepoint_open(tracepoint: str | None, prog_fd: int) -> int:
+    """Attach a raw tracepoint program to `tracepoint`, or (None) a BTF tracepoint program to the
+    tracepoint it was loaded for; the link's fd (closing it detaches)."""
+    name = ctypes.create_string_buffer(tracepoint.encode()) if tracepoint else None
     attr = (ctypes.c_uint8 * 16)()
-    _put(attr, 0, 8, ctypes.addressof(name))
+    _put(attr, 0, 8, ctypes.addressof(name) if name else 0)
     _put(attr, 8, 4, prog_fd)
-    return _checked(*_bpf(BPF_RAW_TRACEPOINT_OPEN, attr), f"attaching raw tracepoint {tracepoint}")
+    return _checked(*_bpf(BPF_RAW_TRACEPOINT_OPEN, attr), f"attaching raw tracepoint {tracepoint or 'of a BTF program'}")
 
 
 def tracepoint_attach(tracepoint_id: int, prog_fd: int) -> int:

@@ -194,5 +194,10 @@ class KernelBTF:
         """BTF id of a kernel function (what fentry/fexit attach to), 0 if absent."""
         return max(0, self._lib.btf__find_by_name_kind(self._btf, name.encode(), KIND_FUNC))
 
+    def tracepoint_type(self, name: str) -> int:
+        """BTF id of tracepoint `name`'s btf_trace_<name> typedef (what a tp_btf program is loaded
+        for), 0 if absent."""
+        return max(0, self._lib.btf__find_by_name_kind(self._btf, f"btf_trace_{name}".encode(), KIND_TYPEDEF))
+
     def has_struct(self, name: str) -> bool:
         return self._lib.btf__find_by_name_kind(self._btf, name.encode(), KIND_STRUCT) > 0

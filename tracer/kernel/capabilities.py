@@ -26,7 +26,9 @@ KPROBE_FUNCTIONS = ("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_r
                     "tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
 # What cached BTF facts were made from (bootcache.py): another rsttrace (other fields, other
 # functions) must not take them. Changes with every edit of offsets.py or of the list above.
-BTF_FACTS_KEY = hashlib.sha1(Path(offsets.__file__).read_bytes() + repr(KPROBE_FUNCTIONS).encode()).hexdigest()
+# The BTF tracepoints (tp_btf) rsttrace may load a program for: their btf_trace_* typedef ids are kept.
+BTF_TRACEPOINTS = ("inet_sock_set_state",)
+BTF_FACTS_KEY = hashlib.sha1(Path(offsets.__file__).read_bytes() + repr((KPROBE_FUNCTIONS, BTF_TRACEPOINTS)).encode()).hexdigest()
 
 # Capability bits (include/uapi/linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
@@ -84,6 +86,8 @@ class Capabilities:
     kernel_version: tuple[int, int, int] | None = None   # upstream x.y.z (see kernel_upstream_version)
     functions: set[str] = field(default_factory=set)   # kernel functions rsttrace may kprobe, present in BTF
     fentry_functions: set[str] = field(default_factory=set)   # of those, the ones fentry can attach to
+    # BTF tracepoint → its btf_trace_* typedef id, for those where a tp_btf program loads and attaches
+    btf_tracepoints: dict[str, int] = field(default_factory=dict)
     boot_cache: BootCache | None = field(default=None, repr=False)   # read once here; the loader adds symbols
 
     def has_cap(self, bit: int) -> bool:
@@ -257,6 +261,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         try:
             with KernelBTF() as btf:
                 btf_facts = {"functions": {f: btf.find_function(f) for f in (*KPROBE_FUNCTIONS, "tcp_conn_request")},
+                             "tracepoint_types": {t: btf.tracepoint_type(t) for t in BTF_TRACEPOINTS},
                              "offsets": resolve_offsets(btf)}
             if btf_key:
                 cache.put("btf", btf_facts, btf_key)
@@ -264,7 +269,9 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
             caps.btf_error = str(err)
     function_ids: dict[str, int] = {}
     fentry_target = 0
+    tracepoint_types: dict[str, int] = {}
     if btf_facts is not None:
+        tracepoint_types = btf_facts["tracepoint_types"]
         caps.btf = True
         function_ids = {f: btf_facts["functions"][f] for f in KPROBE_FUNCTIONS}
         fentry_target = btf_facts["functions"]["tcp_conn_request"]
@@ -299,6 +306,10 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         # Loading is not attaching: some functions refuse a trampoline (seen: tcp_v4_syn_recv_sock on 6.1).
         caps.fentry_functions = {f for f, fid in function_ids.items()
                                  if fid and bpfsys.probe_fentry_attach(fid) == 0}
+    # tp_btf is PROG_TYPE_TRACING too, but needs no trampoline: it loads where fentry is refused (seen: 6.18
+    # with a BPF LSM). Tried by attaching a trivial program for a moment (~1 ms).
+    caps.btf_tracepoints = {t: tid for t, tid in tracepoint_types.items()
+                            if tid and bpfsys.probe_tracing_attach(bpfsys.BPF_TRACE_RAW_TP, tid) == 0}
     caps.softirq_ranges = _text_ranges(cache, "softirq_ranges", SOFTIRQ_ENTRY_FUNCTIONS, every=False)
     caps.text_ranges = _text_ranges(cache, "text_ranges", LOCATED_FUNCTIONS, every=True)
     cache.save()
@@ -340,6 +351,9 @@ def _fill_checks(caps: Capabilities) -> None:
     fe = caps.prog_load.get("fentry")
     c.append(Check("fentry/fexit", fe == 0, "not tried (no BTF)" if fe is None else
                    ("loads" if fe == 0 else f"load refused: {bpfsys.describe(fe)}")))
+    c.append(Check("BTF tracepoints (tp_btf)", True,
+                   ", ".join(sorted(caps.btf_tracepoints)) or "none: raw tracepoints instead (a probe read per field)",
+                   "the per-connection hook reads the socket without a probe read"))
     c.append(Check("BPF ring buffer", caps.ringbuf, "available" if caps.ringbuf else "missing (Linux < 5.8)",
                    "event transport with loss counting"))
     c.append(Check("softirq context detection", bool(caps.softirq_ranges),

@@ -33,6 +33,9 @@ SYN_DECIDED = ("inferred: the listener's queues and the netns sysctls are read w
 # `RSTTRACE_SYN_HOOK=netif_receive_skb` keeps the per-packet replay where the consume_skb hook would run:
 # for comparing the two (tests, benchmarks), not for users.
 SYN_HOOK_ENV = "RSTTRACE_SYN_HOOK"
+# `RSTTRACE_STATE_HOOK=raw` keeps sock:inet_sock_set_state a raw tracepoint where a BTF one would
+# run (what kernels that refuse tp_btf get): for tests and benchmarks, not for users.
+STATE_HOOK_ENV = "RSTTRACE_STATE_HOOK"
 
 
 @dataclass
@@ -40,6 +43,9 @@ class HookPlan:
     files: list[str] = field(default_factory=list)
     macros: list[str] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
+    # BTF tracepoint programs (tp_btf__<name>, bpf/common.bpf.c STATE_HOOK_PROBE) → the btf_trace_*
+    # typedef id the loader loads each for (bcc has no tp_btf: tracer/kernel/loader.py loads them)
+    btf_types: dict[str, int] = field(default_factory=dict)
 
 
 def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
@@ -158,6 +164,10 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
                                                                       for m in plan.macros)):
         plan.files.append("listen.bpf.c")
         plan.macros.append("-DCONNECT_OWNERS")
+        state_type = caps.btf_tracepoints.get("inet_sock_set_state")
+        if state_type and os.environ.get(STATE_HOOK_ENV) != "raw":
+            plan.macros.append("-DSTATE_HOOK_BTF")
+            plan.btf_types["tp_btf__inet_sock_set_state"] = state_type
         if "OFF_PT_REGS_ARG2" in (caps.offsets or {}):
             plan.macros.append("-DLISTEN_BACKLOG_FROM_REGS")
         if caps.data_ready is not None:

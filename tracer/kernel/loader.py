@@ -22,7 +22,7 @@ from ..errors import BPFRefusedError, UnsupportedKernelError
 from ..events import record
 from ..paths import BPF_DIR, KERNEL_HEADERS_DIR
 from .capabilities import Capabilities
-from .hooks import HookPlan
+from .hooks import STATE_HOOK_ENV, HookPlan
 from . import bpfsys, progcache
 from .bootcache import BootCache
 from .kallsyms import KernelSymbols, short_kallsyms_for_bcc
@@ -51,11 +51,10 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], 
                  ring_mb: int = DEFAULT_RING_MB) -> list[str]:
     flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(ring_mb)}", *plan.macros]
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
-    # Fields the per-packet and per-connect hooks read together, in one read where they sit close
-    # (bpf/common.bpf.c: read_skb_offsets, remember_connector) ...
+    # Fields the per-packet hooks read together, in one read where they sit close
+    # (bpf/common.bpf.c: read_skb_offsets) ...
     flags += span_macros("SKB_SPAN", offsets, (("OFF_SKB_HEAD", 8), ("OFF_SKB_NETWORK_HEADER", 2),
                                                ("OFF_SKB_TRANSPORT_HEADER", 2)))
-    flags += span_macros("SKC_SPAN", offsets, (("OFF_SOCK_DADDR", 4), ("OFF_SOCK_DPORT", 2), ("OFF_SOCK_FAMILY", 2)))
     # ... and the per-SYN verdict (read_queues): the accept queue's length and limit, the two sysctls
     flags += span_macros("SK_BACKLOG_SPAN", offsets, (("OFF_SOCK_ACK_BACKLOG", 4), ("OFF_SOCK_MAX_ACK_BACKLOG", 4)))
     flags += span_macros("NET_SYN_SPAN", offsets, (("OFF_NET_SYNCOOKIES", 1), ("OFF_NET_MAX_SYN_BACKLOG", 4)), most=128)
@@ -188,9 +187,34 @@ class RstProgram:
             raise BPFRefusedError(
                 f"the kernel refused rsttrace's BPF programs: {_first_error(log) or failure}",
                 "see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log") from failure
+        self._load_btf_tracepoints()
         _release_compiler_memory()
         if progcache.enabled():
-            progcache.save(self.bpf, cache)
+            progcache.save(self.bpf, cache, self.plan.btf_types)
+
+    def _load_btf_tracepoints(self) -> None:
+        """Load and attach the plan's BTF tracepoint programs: bcc compiles them but has no tp_btf. They
+        go into bcc's own tables (funcs, raw_tracepoint_fds), so that detaching, the program cache and
+        cleanup treat them like the rest."""
+        from bcc import BPF, lib
+        license = lib.bpf_module_license(self.bpf.module)
+        kern_version = lib.bpf_module_kern_version(self.bpf.module)
+        for name, type_id in self.plan.btf_types.items():
+            tracepoint = name.split("__", 1)[1]
+            try:
+                fd = bpfsys.prog_load(bpfsys.PROG_TYPE_TRACING, self.bpf.dump_func(name), license, kern_version,
+                                      tracepoint, bpfsys.BPF_TRACE_RAW_TP, type_id)
+                self.bpf.funcs[name.encode()] = BPF.Function(self.bpf, name.encode(), fd)
+                self.bpf.raw_tracepoint_fds[tracepoint.encode()] = bpfsys.raw_tracepoint_open(None, fd)
+            except OSError as err:
+                self.bpf.cleanup()
+                if os.environ.get("RSTTRACE_DEBUG"):
+                    sys.stderr.write(f"{err.strerror}\n")
+                raise BPFRefusedError(
+                    f"the kernel refused rsttrace's BPF tracepoint program on {tracepoint}: "
+                    f"{_first_error(err.strerror or '') or os.strerror(err.errno or 0)}",
+                    f"see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log; "
+                    f"{STATE_HOOK_ENV}=raw uses a raw tracepoint instead") from err
 
     def open_ring(self):
         """The reader of the events ring buffer (tracer/kernel/ringbuf.py): direct from its memory
@@ -300,9 +324,10 @@ class RstProgram:
 def attach_point(program: str) -> str:
     """bcc's name of a program → where it is attached: tracepoint__tcp__tcp_send_reset →
     tracepoint:tcp:tcp_send_reset, raw_tracepoint__kfree_skb → raw_tracepoint:kfree_skb,
+    tp_btf__inet_sock_set_state → tp_btf:inet_sock_set_state,
     kfunc__vmlinux__tcp_conn_request → fentry:tcp_conn_request, kprobe__tcp_v4_send_reset →
     kprobe:tcp_v4_send_reset."""
-    for prefix, kind in (("tracepoint__", "tracepoint"), ("raw_tracepoint__", "raw_tracepoint"),
+    for prefix, kind in (("tracepoint__", "tracepoint"), ("raw_tracepoint__", "raw_tracepoint"), ("tp_btf__", "tp_btf"),
                          ("kfunc__vmlinux__", "fentry"), ("kfunc__", "fentry"), ("kprobe__", "kprobe")):
         if program.startswith(prefix):
             return f"{kind}:{program[len(prefix):].replace('__', ':')}"

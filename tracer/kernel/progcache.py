@@ -29,7 +29,8 @@ from .bootcache import DIRECTORY
 
 FORMAT = 1
 CACHE_ENV = "RSTTRACE_PROGRAM_CACHE"
-PREFIXES = {"raw_tracepoint__": bpfsys.PROG_TYPE_RAW_TRACEPOINT, "tracepoint__": bpfsys.PROG_TYPE_TRACEPOINT}
+PREFIXES = {"raw_tracepoint__": bpfsys.PROG_TYPE_RAW_TRACEPOINT, "tracepoint__": bpfsys.PROG_TYPE_TRACEPOINT,
+            "tp_btf__": bpfsys.PROG_TYPE_TRACING}     # BTF tracepoints: the loader's own (loader.py)
 PERCPU_MAP_TYPES = {5, 6, 10}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 LD_IMM64, PSEUDO_MAP_FD = 0x18, 1
 # Entries kept (the newest used): a --pid filter is compiled in, so each pid traced makes one (~40 kB).
@@ -81,7 +82,8 @@ def cache_path(source: str, cflags: list[str], bcc_version: str | None, director
 
 def attach_target(function: str) -> tuple[int, str] | None:
     """bcc's auto-attach names → (program type, what it attaches to): raw_tracepoint__kfree_skb →
-    raw tracepoint kfree_skb; tracepoint__tcp__tcp_send_reset → tracepoint tcp/tcp_send_reset."""
+    raw tracepoint kfree_skb; tracepoint__tcp__tcp_send_reset → tracepoint tcp/tcp_send_reset;
+    tp_btf__inet_sock_set_state → BTF tracepoint inet_sock_set_state."""
     for prefix, prog_type in PREFIXES.items():
         if function.startswith(prefix):
             rest = function[len(prefix):]
@@ -119,9 +121,11 @@ def relocate(insns: bytes, new_fd: dict[int, int]) -> bytes:
     return bytes(out)
 
 
-def save(bpf, path: str) -> bool:
+def save(bpf, path: str, btf_types: dict[str, int] | None = None) -> bool:
     """Keep what bcc compiled and loaded (after a successful start). False where the plan is not
-    cacheable; an unwritable directory is no error (the next start compiles again)."""
+    cacheable; an unwritable directory is no error (the next start compiles again). `btf_types`:
+    the BTF tracepoint programs' btf_trace_* ids (HookPlan.btf_types; stable until reboot, like the
+    cache)."""
     from bcc import lib
     functions = {}
     used: set[int] = set()
@@ -151,7 +155,8 @@ def save(bpf, path: str) -> bool:
     if not used <= {m["fd"] for m in maps}:
         return False
     entry = {"format": FORMAT, "license": lib.bpf_module_license(bpf.module).decode(),
-             "kern_version": lib.bpf_module_kern_version(bpf.module), "maps": maps, "functions": functions}
+             "kern_version": lib.bpf_module_kern_version(bpf.module), "maps": maps, "functions": functions,
+             "btf_types": btf_types or {}}
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = f"{path}.{os.getpid()}"
@@ -297,10 +302,16 @@ class CachedPrograms:
                 prog_type, target = attach_target(name)
                 insns = relocate(base64.b64decode(code), new_fd)
                 short = name.split("__", 1)[1] if "__" in name else name
-                fd = bpfsys.prog_load(prog_type, insns, license, entry["kern_version"], short)
+                if prog_type == bpfsys.PROG_TYPE_TRACING:
+                    fd = bpfsys.prog_load(prog_type, insns, license, entry["kern_version"], short,
+                                          bpfsys.BPF_TRACE_RAW_TP, entry["btf_types"][name])
+                else:
+                    fd = bpfsys.prog_load(prog_type, insns, license, entry["kern_version"], short)
                 self.funcs[name] = Program(name, fd, target)
             for prog in self.funcs.values():
-                if "/" in prog.target:
+                if prog.name.startswith("tp_btf__"):
+                    self.links[prog.target] = bpfsys.raw_tracepoint_open(None, prog.fd)
+                elif "/" in prog.target:
                     with open(os.path.join(tracefs, "events", prog.target, "id")) as f:
                         self.links[prog.target] = bpfsys.tracepoint_attach(int(f.read()), prog.fd)
                 else:
