@@ -729,6 +729,10 @@ def _idle_listener(port: int) -> str:
             f"s.bind(('127.0.0.1', {port})); s.listen(16); print('listening', flush=True); sys.stdin.read()")
 
 
+HOOK_NAMES = ("inet_sock_set_state", "consume_skb", "netif_receive_skb", "kfree_skb", "sk_data_ready",
+              "sock_recv_length", "tcp__tcp_send_reset", "tcp__tcp_receive_reset")
+
+
 def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_on: int | None = None,
                  idle: int = 0) -> dict:
     """Nanoseconds the tracing programs ran per connection of a conn storm on STORM_PORT (run_time_ns /
@@ -768,8 +772,9 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
         ns0, count0 = before.get(pid, (name, 0, 0))[1:]
         if count > count0:
             hook = name.replace("raw_tracepoint__", "").replace("tracepoint__", "")
-            if hook == "inet_sock_set_s":        # rsttrace's BTF tracepoint program: a 15-character kernel name
-                hook = "inet_sock_set_state"
+            # programs loaded without BTF (rsttrace's cached ones, its tp_btf one) have the kernel's
+            # 15-character name: the hook it is the start of
+            hook = next((h for h in HOOK_NAMES if h.startswith(hook)), hook)
             hooks[hook] = {"runs_per_conn": (count - count0) / storm["ops"],
                            "ns_per_run": (ns_run - ns0) / (count - count0)}
     total = sum(h["runs_per_conn"] * h["ns_per_run"] for h in hooks.values())
