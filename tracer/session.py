@@ -148,9 +148,12 @@ class Session:
     def _read_batch(self) -> int:
         """Read, enrich and emit up to MAX_BATCH records (attribution prepared once for the whole
         batch); how many were read."""
+        chunk = self.ring.read(MAX_BATCH)
+        if not chunk:
+            return 0
         if self.fast is not None:
-            return self.fast.process(self.ring.read(MAX_BATCH))
-        batch = self.decoder.decode_batch(self.ring.read(MAX_BATCH))
+            return self.fast.process(chunk)
+        batch = self.decoder.decode_batch(chunk)
         if batch:
             self.process_batch(batch)
         return len(batch)

@@ -432,19 +432,37 @@ class Tracer:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
     def settle(self, timeout: float = 60, quiet: float = 1.0) -> float:
-        """Wait until the tracer has caught up: output not growing and (almost) no CPU for `quiet`
-        seconds. Returns the seconds waited (the tracer's lag behind the storm)."""
+        """Wait until the tracer has caught up: no new event in its output and (almost) no CPU for
+        `quiet` seconds. Returns the seconds waited (the tracer's lag behind the storm). Records that
+        are not events do not count: rsttrace writes a `listeners` record every 2 s, which would
+        read as up to a second of lag."""
         start = time.monotonic()
-        size, cpu, since = -1, self.cpu(), time.monotonic()
+        size, cpu, since = 0, self.cpu(), time.monotonic()
         while time.monotonic() - start < timeout:
             time.sleep(0.2)
             now_size = self.output.stat().st_size if self.output.exists() else 0
             now_cpu = self.cpu()
-            if now_size != size or now_cpu - cpu > 0.05 * (time.monotonic() - since) + 0.02:
+            if self._events_between(size, now_size) or now_cpu - cpu > 0.05 * (time.monotonic() - since) + 0.02:
                 size, cpu, since = now_size, now_cpu, time.monotonic()
             elif time.monotonic() - since >= quiet:
                 return since - start
+            size = now_size
         return time.monotonic() - start
+
+    def _events_between(self, start: int, end: int) -> bool:
+        """Whether the output's bytes [start, end) hold an event (more than 64 KiB: surely)."""
+        if end - start > 65536:
+            return True
+        if end <= start:
+            return False
+        word = self._event_word()
+        with open(self.output, "rb") as f:
+            f.seek(max(0, start - len(word)))
+            return word in (b"\n" if start == 0 else b"") + f.read(end - max(0, start - len(word)))
+
+    def _event_word(self) -> bytes:
+        """What starts or marks an event in the output (results() counts them)."""
+        return b'"type":"event"' if self.tool == "rsttrace" else b"\nrst_"
 
     def stop(self, timeout: float = 90) -> None:
         """SIGINT, then reap with wait4 (total CPU of the process). For the peers SIGINT is
@@ -483,7 +501,7 @@ class Tracer:
         output can be hundreds of MB, and this process's size would leak into the next child's)."""
         events = lost = 0
         last = b""
-        word = b'"type":"event"' if self.tool == "rsttrace" else b"\nrst_"
+        word = self._event_word()
         tail = b"\n"           # peers: a line starts after a newline; the file starts a line too
         if self.output.exists():
             with open(self.output, "rb") as f:
