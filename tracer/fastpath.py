@@ -124,11 +124,13 @@ class Template:
     """One shape's JSON line as a bytes %-format, and the per-event values it takes, in order."""
     __slots__ = ("emit", "kind", "reason", "count_key", "per_netns", "line", "values", "family", "addrs")
 
-    def __init__(self, ev: Event, emit: bool, per_netns: Counter):
+    def __init__(self, ev: Event, emit: bool, per_netns: Counter, addrs: dict[int, dict[bytes, bytes]]):
         self.emit = emit                        # passes --reason and the process filters
         self.kind, self.reason = ev.kind, ev.reason
         self.count_key = (ev.kind, ev.reason)
         self.per_netns = per_netns              # Session.netns_counts[netns]
+        self.family = AF_INET6 if ev.family == "ipv6" else AF_INET
+        self.addrs = addrs[self.family]         # FastPath's address texts of that family
         if not emit:
             return
         rec = records.event_record(ev)
@@ -223,9 +225,7 @@ class FastPath:
         return ports.get(key[1:]) if ports is not None else None
 
     def _store(self, key: bytes | tuple, ev: Event, passed: bool) -> None:
-        tmpl = Template(ev, passed, self.session.netns_counts[ev.netns])
-        tmpl.family = AF_INET6 if ev.family == "ipv6" else AF_INET
-        tmpl.addrs = self._addrs[tmpl.family]
+        tmpl = Template(ev, passed, self.session.netns_counts[ev.netns], self._addrs)
         if type(key) is bytes:
             self.templates[key] = tmpl
         else:
