@@ -70,6 +70,15 @@ BPF_HASH(listeners, struct listener_key, struct listener_val, 65536);
  * delete removed one. */
 BPF_ARRAY(listener_count, __s64, 1);
 
+#ifdef NETSTAT_PERCPU
+/* bpf/netstat.bpf.c: a netns is watched while it has a listener on a traced port. */
+static __always_inline void netstat_listener_added(void *net);
+static __always_inline void netstat_listener_removed(void *net, void *sk);
+#else
+static __always_inline void netstat_listener_added(void *net) {}
+static __always_inline void netstat_listener_removed(void *net, void *sk) {}
+#endif
+
 /* The listener rsttrace knows on (netns, port), or NULL. */
 static __always_inline struct listener_val *listener_at(void *net, __u16 port)
 {
@@ -392,8 +401,10 @@ static __always_inline void learn_listener(void *sk)
 	val.backlog = -1;
 	val.netns = netns_of_net((void *)key.net);
 	bpf_probe_read_kernel(&val.synq_seen, sizeof(val.synq_seen), sk + OFF_ICSK_SYN_QLEN);
-	if (listeners.insert(&key, &val) == 0)    /* never overwrites an entry made at listen() */
+	if (listeners.insert(&key, &val) == 0) {  /* never overwrites an entry made at listen() */
 		listeners_changed(1);
+		netstat_listener_added((void *)key.net);
+	}
 }
 
 /* Socket details that make a reason concrete: owner inode, unread bytes, SO_LINGER.
@@ -676,7 +687,7 @@ static __always_inline __u8 syn_verdict(struct queue_state *q)
 
 /* A SYN event: the verdict and the queues it was taken on. */
 static __always_inline void emit_syn_verdict(void *ctx, void *sk, struct queue_state *q, __u8 verdict,
-					     struct segment *seg, __u8 hook, __u64 stack_skip)
+					     struct segment *seg, __u8 hook, __u64 stack_skip, int inferred)
 {
 	struct rsttrace_event *e = new_event(RSTTRACE_SYN_DROPPED, hook);   /* the hook is the slot */
 	if (!e)
@@ -691,7 +702,8 @@ static __always_inline void emit_syn_verdict(void *ctx, void *sk, struct queue_s
 		e->kind = RSTTRACE_SYN_COOKIE;
 	e->kernel_reason = RSTTRACE_NO_REASON;
 	e->hook = hook;
-	e->flags |= RSTTRACE_F_INFERRED;
+	if (inferred)
+		e->flags |= RSTTRACE_F_INFERRED;
 	e->state = TCP_LISTEN;
 	fill_from_segment(e, seg);
 	fill_task(e);
@@ -711,7 +723,7 @@ static __always_inline void report_syn_verdict(void *ctx, void *sk, void *net, s
 	read_queues(sk, net, &q);
 	__u8 verdict = syn_verdict(&q);
 	if (verdict != RSTTRACE_VERDICT_NONE)
-		emit_syn_verdict(ctx, sk, &q, verdict, seg, hook, stack_skip);
+		emit_syn_verdict(ctx, sk, &q, verdict, seg, hook, stack_skip, 1);
 }
 
 /* A SYN has met the listener (skb:consume_skb in tcp_rcv_state_process, right after
@@ -750,5 +762,5 @@ static __always_inline void report_syn_outcome(void *ctx, struct listener_val *l
 			return;                 /* it took the last place */
 		met = q;
 	}
-	emit_syn_verdict(ctx, sk, &met, verdict, seg, RSTTRACE_HOOK_NONE, stack_skip);
+	emit_syn_verdict(ctx, sk, &met, verdict, seg, RSTTRACE_HOOK_NONE, stack_skip, 1);
 }

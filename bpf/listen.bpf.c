@@ -77,17 +77,21 @@ STATE_HOOK_PROBE(inet_sock_set_state)
 		 * the owner is named even if it exits before user space reads its drops. */
 		val.owner_tgid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(val.owner_comm, sizeof(val.owner_comm));
-		if (listeners.insert(&key, &val) == 0)
+		if (listeners.insert(&key, &val) == 0) {
 			listeners_changed(1);
-		else
+			netstat_listener_added((void *)key.net);
+		} else {
 			listeners.update(&key, &val);     /* a new listener on a port whose old one we missed */
+		}
 	} else {
 		struct listener_val *val = listeners.lookup(&key);
 		if (!val)
 			return 0;
 		if (val->sk == (__u64)sk) {
-			if (listeners.delete(&key) == 0)
+			if (listeners.delete(&key) == 0) {
 				listeners_changed(-1);
+				netstat_listener_removed((void *)key.net, sk);
+			}
 		} else if (newstate == TCP_SYN_RECV && val->synq_seen) {
 			/* A child, cloned from the listener (inet_csk_clone_lock): its request leaves the
 			 * SYN queue (report_syn_outcome). */
@@ -163,12 +167,32 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 #endif /* LISTEN_SYN_TRACEPOINT */
 
 #ifdef LISTEN_SYN_CONSUMED
+#ifdef NETSTAT_PERCPU
+/* A SYN to a traced listener, with what the kernel counted for it on this CPU (netstat.bpf.c): a
+ * drop or a cookie is reported as the kernel counted it; moves it does not explain stay
+ * `unexplained`. The queues shown are read after the decision. */
+static __always_inline void report_counted_syn(void *ctx, struct listener_val *listener, void *net,
+					       struct segment *seg, __u64 *moved, struct netstat_cpu *counted)
+{
+	void *sk = (void *)listener->sk;
+	struct queue_state q = {};
+	read_queues(sk, net, &q);
+	listener->synq_seen = q.syn_qlen;     /* the inference's state, for a CPU that loses its baseline */
+	__u8 verdict = counted_syn_verdict(moved, &q, listener_dropped(sk));
+	netstat_keep(counted->unexplained, moved);
+	if (verdict != RSTTRACE_VERDICT_NONE)
+		emit_syn_verdict(ctx, sk, &q, verdict, seg, RSTTRACE_HOOK_NONE, RAW_TP_STACK_SKIP, 0);
+}
+#endif
+
 /* skb:consume_skb (raw: skb, location; `location` since Linux 6.3), where the caller is
  * tcp_rcv_state_process() [SYN_CONSUMER_LO, SYN_CONSUMER_HI): its LISTEN branch consumes every SYN
  * the listener has decided on — accepted, answered with a cookie, or dropped (tcp_conn_request()
  * returns 0 on its drop paths, Linux 4.4+). So this runs for the SYNs that reach a listener, after
  * the decision, instead of for every packet of the host before it (netif_receive_skb: 6 runs per
- * connection, parsing each). One compare turns every other consume_skb of the host away. */
+ * connection, parsing each). One compare turns every other consume_skb of the host away. With
+ * NETSTAT_PERCPU the verdict is what the kernel counted (netstat.bpf.c), for which the SYNs of every
+ * port of a watched netns are read; else it is told from the queues (report_syn_outcome). */
 RAW_TRACEPOINT_PROBE(consume_skb)
 {
 	__u64 location = ctx->args[1];
@@ -179,13 +203,29 @@ RAW_TRACEPOINT_PROBE(consume_skb)
 	void *skb = (void *)ctx->args[0];
 	struct segment seg = {};
 	parse_segment_if(skb, 1, 1, &seg);       /* the transport header is set by now; SYNs only */
-	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
+	if (!seg.ok)
 		return 0;
+	int traced = family_wanted(seg.family) && port_wanted(seg.dport, seg.sport);
+#ifndef NETSTAT_PERCPU
+	if (!traced)
+		return 0;
+#endif
 	void *net = net_of_skb(skb);        /* skb->dev is cleared by now: the route's device */
-	struct listener_val *listener = listener_at(net, seg.dport);
-	if (!listener)
+	struct listener_val *listener = traced ? listener_at(net, seg.dport) : 0;
+#ifdef NETSTAT_PERCPU
+	__u64 moved[NS_COUNTERS] = {};
+	struct netstat_cpu *counted = netstat_moves(net, moved);
+	if (counted && !listener) {
+		netstat_keep(traced ? counted->unexplained : counted->other_ports, moved);
 		return 0;
-	report_syn_outcome(ctx, listener, net, &seg, RAW_TP_STACK_SKIP);
+	}
+	if (counted) {
+		report_counted_syn(ctx, listener, net, &seg, moved, counted);
+		return 0;
+	}
+#endif
+	if (listener)
+		report_syn_outcome(ctx, listener, net, &seg, RAW_TP_STACK_SKIP);
 	return 0;
 }
 #endif /* LISTEN_SYN_CONSUMED */
@@ -236,19 +276,45 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 	void *skb = (void *)ctx->args[0];
 	struct segment seg = {};
 	parse_segment(skb, 1, &seg);
-	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
+	if (!seg.ok)
+		return 0;
+	int traced = family_wanted(seg.family) && port_wanted(seg.dport, seg.sport);
+	/* The kernel's verdict where it counted one (netstat.bpf.c); else the drop reason's word,
+	 * inferred for a cookie's ACK (its queue is read a moment later). */
+	__u8 verdict = RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL;
+	int inferred = cookie_ack;
+#ifdef NETSTAT_PERCPU
+	__u64 moved[NS_COUNTERS] = {};
+	struct netstat_cpu *counted = netstat_moves(rx_sk ? net_of_sock(rx_sk) : net_of_skb(skb), moved);
+	if (counted) {
+		if (!traced) {
+			netstat_keep(counted->other_ports, moved);
+			return 0;
+		}
+		verdict = counted_ack_verdict(moved);
+		netstat_keep(counted->unexplained, moved);
+		if (rx_sk)
+			listener_dropped(rx_sk);     /* its drops seen here: not a later SYN's */
+		if (verdict == RSTTRACE_VERDICT_NONE)
+			return 0;       /* the kernel counted no listen drop: an invalid cookie, not a full queue */
+		inferred = 0;
+	}
+#endif
+	if (!traced)
 		return 0;
 	struct rsttrace_event *e = new_event(RSTTRACE_ACK_DROPPED, SLOT_ACK_AT_FREE);
 	if (!e)
 		return 0;
 	e->kernel_reason = reason;
+	e->verdict = verdict;
+	if (inferred)
+		e->flags |= RSTTRACE_F_INFERRED;
 	fill_from_segment(e, &seg);
 	fill_task(e);
 	if (walk_stack_skip(ctx, e, RAW_TP_STACK_SKIP))
 		e->flags |= RSTTRACE_F_SOFTIRQ;
 	void *sk = cookie_ack ? 0 : rx_sk;
 	if (cookie_ack) {
-		e->flags |= RSTTRACE_F_INFERRED;
 		struct listener_val *listener = listener_at(net_of_skb(skb), seg.dport);
 		if (listener)
 			sk = (void *)listener->sk;

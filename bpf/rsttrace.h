@@ -24,13 +24,16 @@ enum rsttrace_kind {
 	RSTTRACE_SYN_COOKIE = 5,    /* SYN queue full, answered with a SYN cookie */
 };
 
-/* A listener's decision on a SYN, replayed from tcp_conn_request() with the queue state the SYN met. */
+/* A listener's decision on a SYN or a final ACK: what the kernel counted for it (bpf/netstat.bpf.c), or
+ * tcp_conn_request()'s tests replayed on the queue state it met (RSTTRACE_F_INFERRED). */
 enum rsttrace_verdict {
 	RSTTRACE_VERDICT_NONE = 0,
 	RSTTRACE_VERDICT_ACCEPT_QUEUE_FULL = 1,  /* sk_acceptq_is_full(): ListenOverflows */
 	RSTTRACE_VERDICT_SYN_QUEUE_FULL = 2,     /* request queue full, syncookies off: TCPReqQFullDrop */
 	RSTTRACE_VERDICT_SYN_BACKLOG_RESERVE = 3,/* last quarter of tcp_max_syn_backlog kept for proven peers */
 	RSTTRACE_VERDICT_SYN_COOKIE = 4,         /* request queue full (or syncookies=2): SyncookiesSent */
+	RSTTRACE_VERDICT_LISTEN_DROP_OTHER = 5,  /* dropped, neither queue full: ListenDrops alone (no child
+	                                          * made at the final ACK: memory, route) */
 };
 
 /* Which kernel function a kprobe/fentry program hooked. fentry programs run from a trampoline

@@ -215,8 +215,9 @@ def events(records: list[dict], **match) -> list[dict]:
 class Background:
     """A process inside the netns (server, stuck clients), reading one JSON line of facts."""
 
-    def __init__(self, ns, *argv):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "/usr/bin/python3", BURST, *argv],
+    def __init__(self, ns, *argv, pin: str | None = None):
+        taskset = ["taskset", "-c", pin] if pin is not None else []
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, *taskset, "/usr/bin/python3", BURST, *argv],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.facts = json.loads(self.proc.stdout.readline())
 

@@ -255,8 +255,10 @@ def run_trace(options, fmt: str | None = None, output: str | None = None, syslog
         stderr(f"rsttrace: attached in {(session.attached_at - STARTED) * 1000:.0f} ms ({how}) — {hooks}")
         if blind:
             stderr(f"rsttrace: not visible with this build/kernel: {', '.join(blind)}")
-        for spot in cov.blind_spots:
-            stderr(f"rsttrace: blind spot: {spot}")
+        if cov.blind_spots:
+            # The paragraphs are in the coverage record and in `rsttrace doctor`: one line here.
+            stderr(f"rsttrace: {len(cov.blind_spots)} blind spot{'s' if len(cov.blind_spots) > 1 else ''} "
+                   f"on this kernel: see `rsttrace doctor`")
         session.run()
     finally:
         try:

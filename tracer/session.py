@@ -19,6 +19,7 @@ from .enrich import counters, reasons
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
 from .enrich.listeners import ListenerSampler, listeners_everywhere
+from .enrich.reconcile import percpu_totals, reconcile
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys, listener_poke
 from .events.decode import TCP_STATES, Decoder, Event
@@ -103,6 +104,12 @@ class Session:
         self.plan = plan_hooks(caps, self.options.backend)
         self.program = RstProgram(caps, Filters(self.options.ports, self.options.pid, self.options.family,
                                                 self.options.netns), self.plan, self.options.ring_mb)
+        if self.plan.counted:
+            found, online = self.program.learn_cpu_offsets()
+            if found < online:
+                self.plan.coverage.blind_spots.append(
+                    f"the kernel's listen counters can be read on {found} of {online} CPUs (the way to a CPU's "
+                    f"per-CPU offset failed its check on the others): SYN verdicts there are inferred")
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.ring = self.program.open_ring()
@@ -112,7 +119,8 @@ class Session:
         if any(self.plan.coverage.hooks.get(k) for k in ("syn_dropped", "ack_dropped")):
             # Sampled as often as `listeners` records go out: listener owners come from the kernel's
             # record of listen(), not from a race with the sampler (measured: 1 % → 0.3 % of a core idle).
-            self.sampler = ListenerSampler(self.options.ports, interval=LISTENERS_INTERVAL, netns=self.options.netns)
+            self.sampler = ListenerSampler(self.options.ports, interval=LISTENERS_INTERVAL, netns=self.options.netns,
+                                           seen_in=lambda inode: dict(self.netns_counts.get(inode, {})))
             self.sampler.add_known_namespaces()
             self.sampler.start()
         # With --port, the listeners to learn are few and can be listed: once all are known the
@@ -355,9 +363,22 @@ class Session:
             return owner
         return self.attributor.owner_of_socket(inode, "listener_owner")
 
-    def reconciliation_record(self) -> dict:
-        seen = {inode: dict(c) for inode, c in self.netns_counts.items()}
-        return records.reconciliation_record(self.sampler.reconciliation(seen))
+    def reconciliation_record(self, exact=None, percpu=None) -> dict:
+        """rsttrace's counts per netns beside the kernel's (enrich/reconcile.py). `exact` and `percpu`:
+        the kernel-side counts, read here unless given (at exit they are read before the maps close)."""
+        if exact is None:
+            exact = self.program.exact_counts()
+        if percpu is None:
+            percpu = percpu_totals(self.program.netstat_reads())
+        counted: dict[int, dict[str, int]] = {}
+        for key, n in exact:
+            by_kind = counted.setdefault(key.netns, {})
+            kind = KIND_NAMES.get(key.kind, f"kind_{key.kind}")
+            by_kind[kind] = by_kind.get(kind, 0) + n
+        written = {inode: dict(c) for inode, c in self.netns_counts.items()}
+        rows = reconcile(list(self.sampler.netns.values()), counted, written, percpu, self.sampler.at_start,
+                         self.sampler.start_counters)
+        return records.reconciliation_record(rows)
 
     def _report_suppressed(self, now: float) -> None:
         closed = self.limit.close_window(now)
@@ -405,6 +426,7 @@ class Session:
                     self._report_suppressed(time.monotonic())
                 stats = self.program.stats()
                 exact = self.program.exact_counts()
+                percpu = percpu_totals(self.program.netstat_reads())
                 skipped = self.program.skipped_runs()
                 self._refresh_metrics()
             finally:
@@ -416,7 +438,7 @@ class Session:
                 self.sampler.stop()
                 self.sampler.sample_once()
                 self._emit(self.listeners_record())     # the final drop counts, not ones up to 2 s old
-                final = self.reconciliation_record()
+                final = self.reconciliation_record(exact, percpu)
                 self._emit(final)
                 reconciliation = final["netns"]
             after = counters.read()

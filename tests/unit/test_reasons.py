@@ -41,7 +41,7 @@ def test_kernel_reason_maps_to_stable_reason(kernel_reason, flags, linger_zero, 
 @pytest.mark.parametrize("kind,kernel_reason,verdict,queue_full,expected", [
     ("syn_dropped", None, "accept_queue_full", True, "accept_queue_full"),
     ("syn_dropped", None, "syn_queue_full", False, "syn_queue_full"),
-    ("syn_dropped", None, "syn_backlog_reserve", False, "syn_queue_full"),
+    ("syn_dropped", None, "syn_backlog_reserve", False, "syn_backlog_reserve"),
     ("syn_cookie", None, "syn_cookie", False, "syn_cookie"),
     ("ack_dropped", "TCP_LISTEN_OVERFLOW", "none", True, "accept_queue_full"),
     # a SYN cookie's ACK freed by cookie_v4_check(): the accept queue, though an accept() may have

@@ -8,12 +8,14 @@ hook could see (a listener that predates rsttrace and never queued a connection 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import counters
 
@@ -26,16 +28,9 @@ TCP_LISTEN = 10
 INET_DIAG_SKMEMINFO = 7
 SK_MEMINFO_DROPS = 8
 
-_libc = ctypes.CDLL(None, use_errno=True)
+NS_GET_ID = (2 << 30) | (8 << 16) | (0xB7 << 8) | 0xD      # _IOR(NSIO, 0xd, __u64), Linux 6.12+ for a netns
 
-# Kernel counters that listen-queue and reset events reconcile with.
-RECONCILE = {
-    "rst_sent": ("TcpOutRsts",),
-    "listen_drops": ("TcpExtListenDrops",),
-    "listen_overflows": ("TcpExtListenOverflows",),
-    "syn_queue_full": ("TcpExtTCPReqQFullDrop",),
-    "syn_cookie": ("TcpExtSyncookiesSent",),
-}
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -49,6 +44,10 @@ class Listener:
     drops: int
 
 
+# Where a netns's baseline comes from (the reconciliation's `baseline`).
+START, CREATED_AFTER_START, LATE = "start", "created_after_start", "late"
+
+
 @dataclass
 class NetnsState:
     inode: int
@@ -57,6 +56,9 @@ class NetnsState:
     diag: socket.socket | None = None
     baseline: dict[str, int] = field(default_factory=dict)
     latest: dict[str, int] = field(default_factory=dict)
+    origin: str = START
+    seen_before: dict[str, int] = field(default_factory=dict)   # LATE: rsttrace's events before the baseline
+    gone: bool = False              # could not be entered any more: `latest` is the last read
     somaxconn: int | None = None
     listeners: list[Listener] = field(default_factory=list)
     prev_drops: dict[tuple, tuple[int, float]] = field(default_factory=dict)
@@ -80,6 +82,36 @@ def _setns(path: str) -> None:
             raise OSError(ctypes.get_errno(), f"setns {path}: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fd)
+
+
+def netns_cookie(path: str) -> int | None:
+    """The netns's cookie (net_cookie: unique while the machine runs, never reused, unlike the
+    inode), or None where the kernel has no NS_GET_ID for a netns."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, NS_GET_ID, buf)
+        return struct.unpack("=Q", buf)[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def netns_by_process() -> dict[int, str]:
+    """inode → /proc/PID/ns/net of one process in it, for every netns that has a process."""
+    paths: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            path = f"/proc/{entry.name}/ns/net"
+            try:
+                paths.setdefault(os.stat(path).st_ino, path)
+            except OSError:
+                continue
+    return paths
 
 
 def _diag_request(family: int) -> bytes:
@@ -135,16 +167,8 @@ def listeners_in(ns_path: str) -> list[Listener]:
 def listeners_everywhere(ports: set[int]) -> dict[tuple[int, int], list[int]]:
     """(netns inode, port) → socket inodes of the TCP listeners on these ports in every network
     namespace that has a process (a listening socket is held by one), as inet_diag reports them."""
-    paths: dict[int, str] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            path = f"/proc/{entry.name}/ns/net"
-            try:
-                paths.setdefault(os.stat(path).st_ino, path)
-            except OSError:
-                continue
     found: dict[tuple[int, int], list[int]] = {}
-    for netns, path in paths.items():
+    for netns, path in netns_by_process().items():
         for lst in listeners_in(path):
             if lst.port in ports:
                 found.setdefault((netns, lst.port), []).append(lst.inode)
@@ -177,8 +201,16 @@ def _parse_diag_msg(msg: bytes) -> Listener | None:
 class ListenerSampler:
     """Samples listeners and netns counters from its own thread (setns() affects only that thread)."""
 
-    def __init__(self, ports: list[int], interval: float = 0.5, netns: list[int] | None = None):
+    def __init__(self, ports: list[int], interval: float = 0.5, netns: list[int] | None = None,
+                 seen_in: Callable[[int], dict[str, int]] | None = None):
         self.ports = set(ports)
+        # rsttrace's counts in a netns so far (inode → event kind → count): kept with a late baseline
+        self.seen_in = seen_in or (lambda inode: {})
+        # Every netns at start (inode → cookie, None where the kernel does not say) and the counters
+        # of those no sampler pass entered then: a netns met later is told from these.
+        self.at_start: dict[int, int | None] = {}
+        self.start_counters: dict[int, dict[str, int]] = {}
+        self._starting = True
         self.only_netns = set(netns or ())       # --netns: watch these namespaces only (empty: all)
         self.interval = interval
         self.netns: dict[int, NetnsState] = {}
@@ -191,13 +223,23 @@ class ListenerSampler:
 
     # -- which namespaces ------------------------------------------------------------------
     def add_known_namespaces(self) -> None:
-        """The host's netns and every `ip netns` name: baselines taken now, at start."""
+        """The host's netns and every `ip netns` name: watched, baselines taken at start. Every other
+        netns with a process: its counters read now, for when an event first leads there."""
         self.watch_path(host_netns_path(), "host")
         try:
             for entry in os.scandir("/run/netns"):
                 self.watch_path(entry.path, entry.name)
         except OSError:
             pass
+        for inode, (_, path) in self._wanted.items():
+            self.at_start[inode] = netns_cookie(path)
+        for inode, path in netns_by_process().items():
+            if inode in self.at_start or (self.only_netns and inode not in self.only_netns):
+                continue
+            self.at_start[inode] = netns_cookie(path)
+            read = counters.read(path.replace("/ns/net", "/net"))
+            if read:
+                self.start_counters[inode] = read
 
     def watch_path(self, path: str, name: str | None) -> None:
         try:
@@ -216,6 +258,7 @@ class ListenerSampler:
     # -- thread ----------------------------------------------------------------------------
     def start(self) -> None:
         self.sample_once()              # baselines before the first event can be counted
+        self._starting = False
         self._thread = threading.Thread(target=self._run, name="rsttrace-listeners", daemon=True)
         self._thread.start()
 
@@ -257,7 +300,7 @@ class ListenerSampler:
                 if st is None:
                     st = NetnsState(inode, name, path)
                     st.diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-                    st.baseline = counters.read("/proc/thread-self/net")
+                    self._set_baseline(st, counters.read("/proc/thread-self/net"), netns_cookie(path))
                     self.netns[inode] = st
                 st.latest = counters.read("/proc/thread-self/net")
                 try:
@@ -281,8 +324,24 @@ class ListenerSampler:
                     self.errors.append(str(err))
                 with self._lock:
                     self._wanted.pop(inode, None)     # the netns is gone (or unreachable)
+                st = self.netns.get(inode)
+                if st is not None:
+                    st.gone = True                   # its last read stands
             finally:
                 _libc.setns(home_fd, CLONE_NEWNET)
+
+    def _set_baseline(self, st: NetnsState, now: dict[str, int], cookie: int | None) -> None:
+        """Counted from start where that was read; from 0 for a netns made after start (its counters
+        began at 0); else from now, keeping what rsttrace had already seen there."""
+        same = st.inode in self.at_start and (cookie is None or self.at_start[st.inode] in (None, cookie))
+        if self._starting:
+            st.baseline, st.origin = now, START
+        elif same and st.inode in self.start_counters:
+            st.baseline, st.origin = self.start_counters[st.inode], START
+        elif not same:
+            st.baseline, st.origin = {}, CREATED_AFTER_START
+        else:
+            st.baseline, st.origin, st.seen_before = now, LATE, dict(self.seen_in(st.inode))
 
     # -- views -----------------------------------------------------------------------------
     def snapshot(self, owner_of) -> list[dict]:
@@ -310,27 +369,3 @@ class ListenerSampler:
                     "drops_per_s": round(st.drop_rates.get((lst.addr, lst.port, lst.inode), 0.0), 2),
                 })
         return rows
-
-    def reconciliation(self, seen: dict[int, dict[str, int]]) -> list[dict]:
-        """Per netns: what rsttrace reported (seen: netns inode → counts by key) vs the kernel's deltas."""
-        out = []
-        for st in list(self.netns.values()):
-            kernel = counters.delta(st.baseline, st.latest, counters.INTERESTING)
-            ours = seen.get(st.inode, {})
-            listen_seen = ours.get("syn_dropped", 0) + ours.get("ack_dropped", 0)
-            out.append({
-                "inode": st.inode,
-                "name": st.name,
-                "rsttrace": dict(ours),
-                "kernel": kernel,
-                "coverage_pct": {
-                    "rst_sent": _pct(ours.get("rst_sent", 0), kernel.get("TcpOutRsts", 0)),
-                    "listen_drops": _pct(listen_seen, kernel.get("TcpExtListenDrops", 0)),
-                    "syn_cookie": _pct(ours.get("syn_cookie", 0), kernel.get("TcpExtSyncookiesSent", 0)),
-                },
-            })
-        return out
-
-
-def _pct(ours: int, kernel: int) -> float | None:
-    return round(100.0 * ours / kernel, 1) if kernel else None

@@ -209,6 +209,25 @@ _add(Reason(
     "Enable net.ipv4.tcp_syncookies, raise tcp_max_syn_backlog and the listen backlog.",
     (), ("TCPReqQFullDrop", "ListenDrops"), "error"))
 _add(Reason(
+    "syn_backlog_reserve", ("syn_dropped",), "SYN dropped: tcp_max_syn_backlog's reserve",
+    "SYN cookies are off and the listener's SYN queue is in the last quarter of net.ipv4.tcp_max_syn_backlog, "
+    "which the kernel keeps for peers it has talked to before: a SYN from any other peer is dropped (counted in "
+    "ListenDrops only, not TCPReqQFullDrop).",
+    "A SYN flood or a connection burst with net.ipv4.tcp_syncookies=0 and a small tcp_max_syn_backlog.",
+    "Enable net.ipv4.tcp_syncookies (1), raise net.ipv4.tcp_max_syn_backlog and the listen() backlog.",
+    (), ("ListenDrops",), "error"))
+_add(Reason(
+    "listen_drop_other", ("ack_dropped",), "connection not created by the listener",
+    "The handshake's final ACK reached the listener with room in its accept queue, but the kernel could not "
+    "create the connection's socket and dropped the ACK (counted in ListenDrops, not ListenOverflows).",
+    "Kernel memory short (the child socket's allocation failed), no route back to the client, or a security "
+    "module or MPTCP refusing the connection.",
+    "Check dmesg for allocation failures, the route to the client (ip route get ADDR), and `nstat -az "
+    "TcpExtListenDrops TcpExtListenOverflows` (ListenDrops above ListenOverflows).",
+    (), ("ListenDrops",), "error",
+    "final ACK from {ev.remote} to {ev.local} dropped: the listener had room but the kernel could not create the "
+    "connection (memory, route) — the client believes it is connected"))
+_add(Reason(
     "syn_cookie", ("syn_cookie",), "SYN cookie sent",
     "The SYN queue was full, so the kernel answered with a SYN cookie instead of keeping state.",
     "A SYN flood or a connection burst larger than the SYN queue.",
@@ -274,6 +293,13 @@ _checks("syn_queue_full",
         "sysctl net.ipv4.tcp_max_syn_backlog net.ipv4.tcp_syncookies",
         "ss -ltn 'sport = :PORT'; ss -tn state syn-recv 'sport = :PORT' | wc -l — half-open connections",
         "nstat -az TcpExtTCPReqQFullDrop TcpExtListenDrops")
+_checks("syn_backlog_reserve",
+        "sysctl net.ipv4.tcp_syncookies net.ipv4.tcp_max_syn_backlog",
+        "ss -tn state syn-recv 'sport = :PORT' | wc -l — half-open connections against 3/4 of tcp_max_syn_backlog",
+        "nstat -az TcpExtListenDrops TcpExtTCPReqQFullDrop — ListenDrops moves, TCPReqQFullDrop does not")
+_checks("listen_drop_other",
+        "nstat -az TcpExtListenDrops TcpExtListenOverflows — ListenDrops above ListenOverflows",
+        "dmesg for page allocation failures; ip route get CLIENT_ADDR from inside the netns")
 _checks("syn_cookie",
         "nstat -az TcpExtSyncookiesSent TcpExtSyncookiesRecv TcpExtSyncookiesFailed",
         "sysctl net.ipv4.tcp_max_syn_backlog; the listen() backlog also caps the SYN queue")
@@ -290,7 +316,8 @@ def classify(ev: Event) -> str:
 
 
 VERDICT_REASONS = {"accept_queue_full": "accept_queue_full", "syn_queue_full": "syn_queue_full",
-                   "syn_backlog_reserve": "syn_queue_full", "syn_cookie": "syn_cookie"}
+                   "syn_backlog_reserve": "syn_backlog_reserve", "syn_cookie": "syn_cookie",
+                   "listen_drop_other": "listen_drop_other"}
 
 
 def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger_zero: bool,
@@ -303,11 +330,12 @@ def classify_fields(kind: str, kernel_reason: str | None, tcp_flags: int, linger
     if kind in ("syn_dropped", "syn_cookie"):
         return VERDICT_REASONS.get(verdict, "unknown")
     if kind == "ack_dropped":
-        # NO_SOCKET: a SYN cookie's ACK that cookie_v4/v6_check() could not make a child for. That is
-        # the accept queue, unless memory ran out; its length read a moment later cannot tell (the
-        # listener may have accepted since), so the event is marked inferred.
-        full = kernel_reason in ("TCP_LISTEN_OVERFLOW", "NO_SOCKET") or verdict == "accept_queue_full"
-        return "accept_queue_full" if full else "unknown"
+        # The verdict the kernel counted (ListenOverflows, or ListenDrops alone), else the drop reason:
+        # TCP_LISTEN_OVERFLOW, or NO_SOCKET for a SYN cookie's ACK that cookie_v4/v6_check() could not
+        # make a child for — the accept queue, unless memory ran out (such an event is inferred).
+        if verdict != "none":
+            return VERDICT_REASONS.get(verdict, "unknown")
+        return "accept_queue_full" if kernel_reason in ("TCP_LISTEN_OVERFLOW", "NO_SOCKET") else "unknown"
     if kind != "rst_sent":
         return "unknown"
     if kernel_reason is None:
@@ -372,7 +400,7 @@ def infer_rst_reason(callers: list[str], state: str | None, unread: int | None, 
 
 
 def explain(ev: Event) -> str:
-    if ev.queues and ev.reason in ("accept_queue_full", "syn_queue_full", "syn_cookie"):
+    if ev.queues and ev.reason in ("accept_queue_full", "syn_queue_full", "syn_backlog_reserve", "syn_cookie"):
         return explain_queue(ev)
     return CATALOG.get(ev.reason, CATALOG["unknown"]).one_line(ev)
 

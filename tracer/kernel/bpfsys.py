@@ -13,7 +13,8 @@ import platform
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "s390x": 351, "ppc64le": 361, "riscv64": 280}.get(platform.machine())
 
-BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_PROG_GET_NEXT_ID, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 11, 17
+BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_PROG_GET_NEXT_ID, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 10, 11, 17
+BPF_F_TEST_RUN_ON_CPU = 1
 PROG_TYPE_SOCKET_FILTER, PROG_TYPE_KPROBE, PROG_TYPE_SCHED_CLS = 1, 2, 3
 PROG_TYPE_TRACEPOINT, PROG_TYPE_RAW_TRACEPOINT, PROG_TYPE_TRACING = 5, 17, 26
 BPF_TRACE_RAW_TP, BPF_TRACE_FENTRY = 23, 24     # expected_attach_type of PROG_TYPE_TRACING (tp_btf, fentry)
@@ -86,6 +87,49 @@ def probe_tracing_attach(attach_type: int, attach_btf_id: int) -> int:
         return 0
     finally:
         os.close(prog_fd)
+
+
+def prog_test_run_on_cpu(prog_fd: int, cpu: int) -> int:
+    """Run a raw tracepoint program once on `cpu` (BPF_PROG_TEST_RUN, Linux 5.10+: an IPI to that CPU,
+    or right here when it is this one), with no arguments; 0 or the errno."""
+    attr = (ctypes.c_uint8 * 80)()
+    _put(attr, 0, 4, prog_fd)
+    _put(attr, 64, 4, BPF_F_TEST_RUN_ON_CPU)
+    _put(attr, 68, 4, cpu)
+    rc, err = _bpf(BPF_PROG_TEST_RUN, attr)
+    return 0 if rc == 0 else err
+
+
+def probe_test_run_on_cpu() -> int:
+    """0 if a trivial raw tracepoint program can be run on CPU 0 on demand, else the errno."""
+    insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = (ctypes.c_uint8 * 128)()
+    _put(attr, 0, 4, PROG_TYPE_RAW_TRACEPOINT)
+    _put(attr, 4, 4, 2)
+    _put(attr, 8, 8, ctypes.addressof(insns))
+    _put(attr, 16, 8, ctypes.addressof(license))
+    fd, err = _bpf(BPF_PROG_LOAD, attr)
+    if fd < 0:
+        return err
+    try:
+        return prog_test_run_on_cpu(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def online_cpus() -> list[int]:
+    """The CPUs online now (/sys/devices/system/cpu/online)."""
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            text = f.read().strip()
+    except OSError:
+        return list(range(os.cpu_count() or 1))
+    cpus = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def probe_ringbuf() -> int:

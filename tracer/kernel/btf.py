@@ -17,7 +17,8 @@ VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 # BTF kinds (include/uapi/linux/btf.h); stable ABI.
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
 KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 8, 9, 10, 11
-KIND_FUNC, KIND_TYPE_TAG, KIND_ENUM64 = 12, 18, 19
+KIND_FUNC, KIND_VAR, KIND_DATASEC, KIND_TYPE_TAG, KIND_ENUM64 = 12, 14, 15, 18, 19
+PERCPU_SECTION = ".data..percpu"
 _MODIFIERS = {KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG}
 
 
@@ -31,6 +32,10 @@ class _BtfType(ctypes.Structure):
 
 class _BtfMember(ctypes.Structure):
     _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32), ("offset", ctypes.c_uint32)]
+
+
+class _BtfVarSecinfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
 
 
 class _BtfEnum(ctypes.Structure):
@@ -54,6 +59,8 @@ def _load_libbpf() -> ctypes.CDLL:
     lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
     lib.btf__type_by_id.restype = ctypes.POINTER(_BtfType)
     lib.btf__type_by_id.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.btf__type_cnt.restype = ctypes.c_uint32
+    lib.btf__type_cnt.argtypes = [ctypes.c_void_p]
     lib.btf__name_by_offset.restype = ctypes.c_char_p
     lib.btf__name_by_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     return lib
@@ -178,6 +185,21 @@ class KernelBTF:
             kind = KIND_ENUM64
         if type_id <= 0:
             raise BTFError(f"kernel BTF has no enum {name!r}")
+        return self._enum_values(type_id, kind)
+
+    def anonymous_enum(self, first: str) -> dict[str, int]:
+        """Name → value of the unnamed enum whose first enumerator is `first` (the kernel's SNMP
+        indexes, LINUX_MIB_* and TCP_MIB_*, are such enums)."""
+        for type_id in range(1, self._lib.btf__type_cnt(self._btf)):
+            t = self._type(type_id)
+            if self._kind(t) != KIND_ENUM or t.name_off or not self._vlen(t):
+                continue
+            e = _BtfEnum.from_address(ctypes.addressof(t) + ctypes.sizeof(_BtfType))
+            if self._name(e.name_off) == first:
+                return self._enum_values(type_id, KIND_ENUM)
+        raise BTFError(f"kernel BTF has no enum starting with {first}")
+
+    def _enum_values(self, type_id: int, kind: int) -> dict[str, int]:
         t = self._type(type_id)
         base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
         values = {}
@@ -198,6 +220,22 @@ class KernelBTF:
         """BTF id of tracepoint `name`'s btf_trace_<name> typedef (what a tp_btf program is loaded
         for), 0 if absent."""
         return max(0, self._lib.btf__find_by_name_kind(self._btf, f"btf_trace_{name}".encode(), KIND_TYPEDEF))
+
+    def percpu_offsets(self, names: tuple[str, ...]) -> dict[str, int]:
+        """Where each of these per-CPU variables sits in the per-CPU section (its DATASEC offset): a
+        CPU's copy is at that CPU's per-CPU base plus this. Only the names found."""
+        section = self._lib.btf__find_by_name_kind(self._btf, PERCPU_SECTION.encode(), KIND_DATASEC)
+        if section <= 0:
+            return {}
+        t = self._type(section)
+        base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+        wanted, found = set(names), {}
+        for i in range(self._vlen(t)):
+            info = _BtfVarSecinfo.from_address(base + i * ctypes.sizeof(_BtfVarSecinfo))
+            name = self._name(self._type(info.type).name_off)
+            if name in wanted:
+                found[name] = info.offset
+        return found
 
     def has_struct(self, name: str) -> bool:
         return self._lib.btf__find_by_name_kind(self._btf, name.encode(), KIND_STRUCT) > 0

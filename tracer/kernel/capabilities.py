@@ -18,7 +18,7 @@ from pathlib import Path
 from . import bpfsys, offsets, progcache
 from .bootcache import BootCache
 from .btf import VMLINUX_BTF, BTFError, KernelBTF
-from .offsets import resolve_offsets
+from .offsets import netstat_offsets, resolve_offsets
 from .kallsyms import LOCATED_FUNCTIONS, SOFTIRQ_ENTRY_FUNCTIONS, SYN_CONSUMER, function_ranges
 from .tracefs import TracefsError, TracepointFormat, read_format, tracefs_root
 
@@ -78,6 +78,11 @@ class Capabilities:
     kprobe_pmu: bool = False
     ringbuf: bool = False
     offsets: dict[str, int] = field(default_factory=dict)   # OFF_* macros from BTF
+    # What bpf/netstat.bpf.c needs to read the kernel's listen counters per CPU (offsets.py), or why not
+    netstat: dict[str, int] = field(default_factory=dict)
+    netstat_missing: str = ""
+    # Whether a program can be run on a chosen CPU (BPF_PROG_TEST_RUN on a raw tracepoint program, 5.10+)
+    test_run_on_cpu: bool = False
     softirq_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     lockdown: str | None = None
     bcc_version: str | None = None
@@ -131,6 +136,12 @@ class Capabilities:
         tcp_rcv_state_process(), bpf/listen.bpf.c), instead of replayed at every received packet?"""
         return (self.listen_hooks and SYN_CONSUMER in self.text_ranges
                 and bool(self.consume_skb and self.consume_skb.has("location")))
+
+    @property
+    def counted_verdicts(self) -> bool:
+        """Can the listen-queue verdicts be read from the kernel's own per-CPU counters
+        (bpf/netstat.bpf.c), where the SYN and final-ACK hooks run right after the kernel counted them?"""
+        return self.syn_after_decision and bool(self.netstat) and self.test_run_on_cpu
 
     @property
     def synq_full_gt(self) -> bool:
@@ -262,7 +273,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
             with KernelBTF() as btf:
                 btf_facts = {"functions": {f: btf.find_function(f) for f in (*KPROBE_FUNCTIONS, "tcp_conn_request")},
                              "tracepoint_types": {t: btf.tracepoint_type(t) for t in BTF_TRACEPOINTS},
-                             "offsets": resolve_offsets(btf)}
+                             "offsets": resolve_offsets(btf), "netstat": netstat_offsets(btf)}
             if btf_key:
                 cache.put("btf", btf_facts, btf_key)
         except BTFError as err:
@@ -277,6 +288,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         fentry_target = btf_facts["functions"]["tcp_conn_request"]
         caps.functions = {f for f, fid in function_ids.items() if fid}
         caps.offsets = btf_facts["offsets"]
+        caps.netstat, caps.netstat_missing = btf_facts["netstat"]
 
     try:
         caps.tracefs = tracefs_root(mount=mount_tracefs and caps.euid == 0)
@@ -302,6 +314,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.prog_load["fentry"] = bpfsys.probe_prog_load(
             bpfsys.PROG_TYPE_TRACING, bpfsys.BPF_TRACE_FENTRY, fentry_target)
     caps.ringbuf = bpfsys.probe_ringbuf() == 0
+    caps.test_run_on_cpu = caps.prog_load["raw_tracepoint"] == 0 and bpfsys.probe_test_run_on_cpu() == 0
     if caps.prog_load.get("fentry") == 0:
         # Loading is not attaching: some functions refuse a trampoline (seen: tcp_v4_syn_recv_sock on 6.1).
         caps.fentry_functions = {f for f, fid in function_ids.items()
@@ -354,6 +367,15 @@ def _fill_checks(caps: Capabilities) -> None:
     c.append(Check("BTF tracepoints (tp_btf)", True,
                    ", ".join(sorted(caps.btf_tracepoints)) or "none: raw tracepoints instead (a probe read per field)",
                    "the per-connection hook reads the socket without a probe read"))
+    counted = caps.counted_verdicts
+    why_not = (caps.netstat_missing or ("no SYN hook after the decision (skb:consume_skb location, 6.3+)"
+                                        if not caps.syn_after_decision else
+                                        "a program cannot be run on a chosen CPU (BPF_PROG_TEST_RUN, 5.10+)"))
+    c.append(Check("kernel's listen counters per CPU", counted,
+                   "readable: ListenOverflows, ListenDrops, TCPReqQFullDrop, SyncookiesSent on the CPU that counted them"
+                   if counted else why_not,
+                   "listen-queue verdicts as the kernel counted them" if counted else
+                   "listen-queue verdicts inferred from the queues (inferred: true)"))
     c.append(Check("BPF ring buffer", caps.ringbuf, "available" if caps.ringbuf else "missing (Linux < 5.8)",
                    "event transport with loss counting"))
     c.append(Check("softirq context detection", bool(caps.softirq_ranges),

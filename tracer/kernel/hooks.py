@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedKernelError
+from . import bpfsys
 from .capabilities import Capabilities, Coverage
 from .kallsyms import COOKIE_CHECKERS, SYN_CONSUMER
 
@@ -30,6 +31,14 @@ SYN_INFERRED = ("inferred: the listener's queues and the netns sysctls are read 
 SYN_DECIDED = ("inferred: the listener's queues and the netns sysctls are read where tcp_rcv_state_process() "
                "consumes the SYN it decided on, and tcp_conn_request()'s tests are applied to what the SYN met "
                "(the kernel drops these SYNs without a tracepoint)")
+SYN_COUNTED = ("as the kernel counted it: where tcp_rcv_state_process() consumes the SYN it decided on, what "
+               "tcp_conn_request() added on that CPU to the netns's ListenOverflows, ListenDrops, TCPReqQFullDrop "
+               "and SyncookiesSent (the kernel drops these SYNs without a tracepoint)")
+ACK_COUNTED = ("kernel drop reason TCP_LISTEN_OVERFLOW (a SYN cookie's ACK: NO_SOCKET freed in cookie_v4/v6_check()), "
+               "and what the kernel added on that CPU to ListenOverflows and ListenDrops")
+# `RSTTRACE_SYN_VERDICTS=inferred` keeps the verdicts told from the queues where the kernel's counters
+# could be read: for comparing the two (tests, benchmarks), not for users.
+SYN_VERDICTS_ENV = "RSTTRACE_SYN_VERDICTS"
 # `RSTTRACE_SYN_HOOK=netif_receive_skb` keeps the per-packet replay where the consume_skb hook would run:
 # for comparing the two (tests, benchmarks), not for users.
 SYN_HOOK_ENV = "RSTTRACE_SYN_HOOK"
@@ -46,6 +55,8 @@ class HookPlan:
     # BTF tracepoint programs (tp_btf__<name>, bpf/common.bpf.c STATE_HOOK_PROBE) → the btf_trace_*
     # typedef id the loader loads each for (bcc has no tp_btf: tracer/kernel/loader.py loads them)
     btf_types: dict[str, int] = field(default_factory=dict)
+    # Listen-queue verdicts from the kernel's own per-CPU counters (bpf/netstat.bpf.c)
+    counted: bool = False
 
 
 def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
@@ -107,15 +118,27 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
         kprobe_file = True
     elif listen_tp and caps.syn_after_decision and os.environ.get(SYN_HOOK_ENV) != "netif_receive_skb":
         cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:skb:consume_skb"
-        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_DECIDED
         lo, hi = caps.text_ranges[SYN_CONSUMER]
         plan.macros += ["-DLISTEN_SYN_CONSUMED", f"-DSYN_CONSUMER_LO={lo:#x}ULL", f"-DSYN_CONSUMER_HI={hi:#x}ULL"]
-        cov.blind_spots.append(
-            "SYNs at a queue's edge: whether a SYN that found the SYN queue one short of its limit took the last "
-            "place is told from the queue length at the listener's previous SYN, less the connections completed "
-            "since; a SYN that added no request while the accept queue is one short of full is taken to have met it "
-            "full (an accept() in between). A request that expired unanswered, or a connection completed from a SYN "
-            "cookie, in between can make one such SYN be reported the wrong way")
+        if caps.counted_verdicts and os.environ.get(SYN_VERDICTS_ENV) != "inferred":
+            cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_COUNTED
+            plan.counted = True
+            cov.blind_spots.append(
+                "ListenDrops alone at a SYN (no overflow, no full SYN queue) is this SYN only where tcp_max_syn_backlog's "
+                "reserve explains it (syncookies off); else it is counted as `unexplained` in the reconciliation: an ICMP "
+                "error that removed a half-open connection counts the same. A CPU whose per-CPU offset could not be found "
+                "has its SYN verdicts inferred (inferred: true)")
+        else:
+            cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_DECIDED
+            cov.blind_spots.append(
+                "SYNs at a queue's edge: whether a SYN that found the SYN queue one short of its limit took the last "
+                "place is told from the queue length at the listener's previous SYN, less the connections completed "
+                "since; a SYN that added no request while the accept queue is one short of full is taken to have met "
+                "it full (an accept() in between). A request that expired unanswered, or a connection completed from "
+                "a SYN cookie, in between can make one such SYN be reported the wrong way")
+            if not caps.counted_verdicts:
+                cov.blind_spots.append("the kernel's own listen counters cannot be read per CPU here: "
+                                       + (caps.netstat_missing or "no BPF_PROG_TEST_RUN on a chosen CPU"))
     elif listen_tp:
         cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:net:netif_receive_skb"
         cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_INFERRED
@@ -145,8 +168,11 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
             # A SYN cookie's ACK that meets a full accept queue is dropped by cookie_v4/v6_check() with
             # reason NO_SOCKET: told from the other NO_SOCKET drops by where it was freed.
             cov.notes["ack_dropped"] += "; a SYN cookie's ACK: reason NO_SOCKET freed in cookie_v4/v6_check()"
-            cov.blind_spots.append("a SYN cookie's ACK dropped because memory ran out is reported as accept_queue_full: "
-                                   "the kernel gives it the same reason and place")
+            if plan.counted:
+                cov.notes["ack_dropped"] = ACK_COUNTED
+            else:
+                cov.blind_spots.append("a SYN cookie's ACK dropped because memory ran out is reported as "
+                                       "accept_queue_full: the kernel gives it the same reason and place")
             plan.macros.append(f"-DCOOKIE_NO_SOCKET_REASON={caps.no_socket_reason}")
             for i, (lo, hi) in enumerate(cookie_ranges):
                 plan.macros += [f"-DCOOKIE_CHECK{i}_LO={lo:#x}ULL", f"-DCOOKIE_CHECK{i}_HI={hi:#x}ULL"]
@@ -162,6 +188,10 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
 
     if listen_tp and ({"-DLISTEN_SYN_TRACEPOINT", "-DLISTEN_SYN_CONSUMED"} & set(plan.macros) or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
                                                                       for m in plan.macros)):
+        if plan.counted:
+            plan.files.append("netstat.bpf.c")
+            plan.macros += ["-DNETSTAT_PERCPU", f"-DNETSTAT_CPUS={bpfsys.possible_cpus()}"]
+            plan.macros += [f"-D{name}={value}" for name, value in sorted(caps.netstat.items())]
         plan.files.append("listen.bpf.c")
         plan.macros.append("-DCONNECT_OWNERS")
         state_type = caps.btf_tracepoints.get("inet_sock_set_state")

@@ -28,6 +28,8 @@ from .bootcache import BootCache
 from .kallsyms import KernelSymbols, short_kallsyms_for_bcc
 from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 
+LEARN_CPU_OFFSET = progcache.ON_CPU_PREFIX + "learn_cpu_offset"     # bpf/netstat.bpf.c
+
 # 32 MiB (--ring-mb): ~155 000 records of 208 bytes (+8 header) waiting before anything is lost — what
 # the fastest reset storm this 2-core machine makes (~75 000 events/s, scripts/bench/capacity) gets
 # ahead of the reader in 2 s, with room to spare: a burst is absorbed, then written. Resident once
@@ -175,6 +177,8 @@ class RstProgram:
         with _quiet_stderr() as captured, short_kallsyms_for_bcc():
             try:
                 self.bpf = BPF(text=source.encode(), cflags=self.cflags)
+                if self.plan.counted:       # loaded, not attached: run on each CPU (learn_cpu_offsets)
+                    self.bpf.load_func(LEARN_CPU_OFFSET, BPF.RAW_TRACEPOINT)
             except Exception as err:   # bcc raises bare Exception for compile, load and attach failures
                 failure = err
         if failure is not None:
@@ -215,6 +219,27 @@ class RstProgram:
                     f"{_first_error(err.strerror or '') or os.strerror(err.errno or 0)}",
                     f"see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log; "
                     f"{STATE_HOOK_ENV}=raw uses a raw tracepoint instead") from err
+
+    def learn_cpu_offsets(self) -> tuple[int, int]:
+        """Run bpf/netstat.bpf.c's offset finder once on every online CPU, so that a netns's counters can
+        be read on every CPU from its first listener on: (CPUs whose offset was found, CPUs online)."""
+        fn = self.bpf.funcs.get(LEARN_CPU_OFFSET.encode()) or self.bpf.funcs.get(LEARN_CPU_OFFSET)
+        online = bpfsys.online_cpus()
+        if fn is None:
+            return 0, len(online)
+        for cpu in online:
+            bpfsys.prog_test_run_on_cpu(fn.fd, cpu)
+        table = self.bpf["cpu_offsets"]
+        found = sum(1 for cpu in online if table[ctypes.c_int(cpu)].value > 1)
+        return found, len(online)
+
+    def netstat_reads(self) -> list[tuple[int, list[int], list[int], list[int]]]:
+        """bpf/netstat.bpf.c's reads, one per (netns, CPU): the netns inode, its listen counters as last
+        read on that CPU, and what moved there for untraced ports or with no hook to explain it."""
+        if not self.plan.counted:
+            return []
+        return [(val.netns, list(val.count), list(val.other_ports), list(val.unexplained))
+                for _, val in self.bpf["netstat_seen"].items()]
 
     def open_ring(self):
         """The reader of the events ring buffer (tracer/kernel/ringbuf.py): direct from its memory

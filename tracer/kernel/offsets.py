@@ -85,3 +85,44 @@ def syscall_register_offsets(btf: KernelBTF) -> dict[str, int]:
                 "NR_LISTEN": NR_LISTEN[machine]}
     except BTFError:
         return {}
+
+
+# The kernel's listen-queue counters, read per CPU by bpf/netstat.bpf.c: (macro, LINUX_MIB_* name).
+NETSTAT_COUNTERS = (
+    ("MIB_SYNCOOKIESSENT", "LINUX_MIB_SYNCOOKIESSENT"),
+    ("MIB_LISTENOVERFLOWS", "LINUX_MIB_LISTENOVERFLOWS"),
+    ("MIB_LISTENDROPS", "LINUX_MIB_LISTENDROPS"),
+    ("MIB_TCPREQQFULLDOCOOKIES", "LINUX_MIB_TCPREQQFULLDOCOOKIES"),
+    ("MIB_TCPREQQFULLDROP", "LINUX_MIB_TCPREQQFULLDROP"),
+)
+# Per-CPU variables that lead from a CPU's runqueue to its per-CPU offset (x86-64: this_cpu_off holds
+# __per_cpu_offset[cpu]; cpu_number checks the way there).
+PERCPU_VARIABLES = (("PERCPU_RUNQUEUES", "runqueues"), ("PERCPU_THIS_CPU_OFF", "this_cpu_off"),
+                    ("PERCPU_CPU_NUMBER", "cpu_number"))
+
+
+def netstat_offsets(btf: KernelBTF) -> tuple[dict[str, int], str]:
+    """What bpf/netstat.bpf.c needs to read a netns's SNMP counters on the CPU it runs on, and ""; or
+    {} and what is missing. x86-64 only: elsewhere no per-CPU variable holds the CPU's offset."""
+    if platform.machine() != "x86_64":
+        return {}, f"per-CPU counters are read on x86-64 only (this is {platform.machine()})"
+    try:
+        macros = {"OFF_TASK_SE_CFS_RQ": btf.member("task_struct", "se.cfs_rq").offset,
+                  "OFF_NET_MIB_NET_STATISTICS": btf.member("net", "mib.net_statistics").offset,
+                  "OFF_NET_COOKIE": btf.member("net", "net_cookie").offset,
+                  "OFF_SOCK_DROPS": btf.member("sock", "sk_drops").offset}
+        try:
+            macros["OFF_CFS_RQ_RQ"] = btf.member("cfs_rq", "rq").offset
+        except BTFError:
+            return {}, "no cfs_rq.rq in BTF: the kernel is built without CONFIG_FAIR_GROUP_SCHED"
+        mib = btf.anonymous_enum("LINUX_MIB_NUM")
+        for macro, name in NETSTAT_COUNTERS:
+            macros[macro] = mib[name]
+    except (BTFError, KeyError) as err:
+        return {}, f"kernel BTF lacks what the per-CPU counters need: {err}"
+    percpu = btf.percpu_offsets(tuple(var for _, var in PERCPU_VARIABLES))
+    for macro, var in PERCPU_VARIABLES:
+        if var not in percpu:
+            return {}, f"no per-CPU variable {var} in BTF"
+        macros[macro] = percpu[var]
+    return macros, ""

@@ -28,9 +28,11 @@ from . import bpfsys
 from .bootcache import DIRECTORY
 
 FORMAT = 1
+ON_CPU_PREFIX = "oncpu__"
 CACHE_ENV = "RSTTRACE_PROGRAM_CACHE"
 PREFIXES = {"raw_tracepoint__": bpfsys.PROG_TYPE_RAW_TRACEPOINT, "tracepoint__": bpfsys.PROG_TYPE_TRACEPOINT,
-            "tp_btf__": bpfsys.PROG_TYPE_TRACING}     # BTF tracepoints: the loader's own (loader.py)
+            "tp_btf__": bpfsys.PROG_TYPE_TRACING,     # BTF tracepoints: the loader's own (loader.py)
+            ON_CPU_PREFIX: bpfsys.PROG_TYPE_RAW_TRACEPOINT}   # run on demand, never attached (loader.py)
 PERCPU_MAP_TYPES = {5, 6, 10}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 LD_IMM64, PSEUDO_MAP_FD = 0x18, 1
 # Entries kept (the newest used): a --pid filter is compiled in, so each pid traced makes one (~40 kB).
@@ -83,7 +85,8 @@ def cache_path(source: str, cflags: list[str], bcc_version: str | None, director
 def attach_target(function: str) -> tuple[int, str] | None:
     """bcc's auto-attach names → (program type, what it attaches to): raw_tracepoint__kfree_skb →
     raw tracepoint kfree_skb; tracepoint__tcp__tcp_send_reset → tracepoint tcp/tcp_send_reset;
-    tp_btf__inet_sock_set_state → BTF tracepoint inet_sock_set_state."""
+    tp_btf__inet_sock_set_state → BTF tracepoint inet_sock_set_state; oncpu__NAME → a raw tracepoint
+    program attached nowhere (run on a CPU on demand)."""
     for prefix, prog_type in PREFIXES.items():
         if function.startswith(prefix):
             rest = function[len(prefix):]
@@ -309,6 +312,8 @@ class CachedPrograms:
                     fd = bpfsys.prog_load(prog_type, insns, license, entry["kern_version"], short)
                 self.funcs[name] = Program(name, fd, target)
             for prog in self.funcs.values():
+                if prog.name.startswith(ON_CPU_PREFIX):
+                    continue
                 if prog.name.startswith("tp_btf__"):
                     self.links[prog.target] = bpfsys.raw_tracepoint_open(None, prog.fd)
                 elif "/" in prog.target:
