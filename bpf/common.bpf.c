@@ -173,7 +173,81 @@ static __always_inline int netns_wanted(__u32 netns)
 #endif
 }
 
-/* Count the event exactly, then hand a copy to user space (or count it as lost). */
+/* Storms (tracer/storm.py). When more than storm_ctl.high_bytes of the ring buffer wait to be read,
+ * user space is falling behind: from then until user space says the storm has calmed, each event is
+ * counted per shape — its exact-count key, process and window (epoch) — and only the first
+ * STORM_SAMPLES of a shape per CPU and window are written. Nothing is lost: user space reads each
+ * window's counts a window after it closed (no program still adds to it) and writes them as
+ * `aggregate` records; delivered + aggregated + lost = what the programs saw. */
+#define STORM_SAMPLES 2
+/* bcc gives a program no name for the map object itself, only its methods; it refers to each map by
+ * its place among the declarations (bpf_pseudo_fd(1, -N)). `events` is the first one above: a map
+ * declared before it would make this another map, which the verifier refuses for this helper. */
+#define EVENTS_MAP ((void *)bpf_pseudo_fd(1, -1))
+#ifndef BPF_RB_AVAIL_DATA
+#define BPF_RB_AVAIL_DATA 0      /* enum in uapi linux/bpf.h, Linux 5.8+ */
+#endif
+struct storm_ctl {
+	__u64 high_bytes;       /* user space: unread ring data above which a storm starts */
+	__u32 epoch;            /* user space: the window counts go to now */
+	__u32 aggregating;      /* set here when a storm starts; cleared by user space when it calms */
+};
+BPF_ARRAY(storm_ctl, struct storm_ctl, 1);
+struct storm_key {
+	struct rsttrace_count_key shape;
+	__u32 epoch;
+	__u32 tgid;             /* the process: the task in process context, the socket's known owner in softirq */
+	char comm[RSTTRACE_COMM_LEN];
+};
+struct storm_count {
+	__u64 aggregated;       /* counted, not written */
+	__u64 samples;          /* written */
+};
+BPF_F_TABLE("percpu_hash", struct storm_key, struct storm_count, storm_shapes, 4096, BPF_F_NO_PREALLOC);
+
+/* Whether a storm takes this event into its counts instead of the ring buffer. */
+static __always_inline int storm_absorbs(struct rsttrace_event *e, struct rsttrace_count_key *shape)
+{
+	int zero = 0;
+	struct storm_ctl *ctl = storm_ctl.lookup(&zero);
+	if (!ctl)
+		return 0;
+	if (!ctl->aggregating) {
+		if (bpf_ringbuf_query(EVENTS_MAP, BPF_RB_AVAIL_DATA) <= ctl->high_bytes)
+			return 0;
+		ctl->aggregating = 1;
+	}
+	struct storm_key key = {};
+	key.shape = *shape;
+	key.epoch = ctl->epoch;
+	if (e->flags & RSTTRACE_F_SOFTIRQ) {
+		key.tgid = e->owner_tgid;
+		__builtin_memcpy(key.comm, e->owner_comm, sizeof(key.comm));
+	} else {
+		key.tgid = e->tgid;
+		__builtin_memcpy(key.comm, e->comm, sizeof(key.comm));
+	}
+	struct storm_count *n = storm_shapes.lookup(&key);
+	if (!n) {
+		struct storm_count first = {};
+		storm_shapes.insert(&key, &first);
+		n = storm_shapes.lookup(&key);
+		if (!n) {
+			count(RSTTRACE_STAT_STORM_FULL);    /* written one by one (or lost), still counted */
+			return 0;
+		}
+	}
+	if (n->samples < STORM_SAMPLES) {
+		n->samples += 1;
+		return 0;
+	}
+	n->aggregated += 1;
+	count(RSTTRACE_STAT_AGGREGATED);
+	return 1;
+}
+
+/* Count the event exactly, then hand a copy to user space (or count it as lost, or as part of a
+ * storm's aggregate). */
 static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 {
 	if (!netns_wanted(e->netns))
@@ -201,6 +275,8 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 		*n += 1;
 	else if (counts.update(&key, &one) != 0)
 		count(RSTTRACE_STAT_UNCOUNTED);     /* map full: said in every count rsttrace reports */
+	if (storm_absorbs(e, &key))
+		return;
 	/* No wakeup: user space polls the ring on a timer (tracer/kernel/ringbuf.py); a wakeup per record
 	 * would cost every sender an irq_work and the reader a context switch. */
 	if (events.ringbuf_output(e, sizeof(*e), BPF_RB_NO_WAKEUP) == 0)

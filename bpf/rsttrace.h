@@ -125,7 +125,9 @@ enum rsttrace_stat {
 	RSTTRACE_STAT_SUBMITTED = 0,  /* records put into the ring buffer */
 	RSTTRACE_STAT_LOST = 1,       /* records that found the ring buffer full */
 	RSTTRACE_STAT_UNCOUNTED = 2,  /* events that found the counts map full (exact counts incomplete) */
-	RSTTRACE_STAT_MAX = 3,
+	RSTTRACE_STAT_AGGREGATED = 3, /* events counted per shape during a storm instead of written */
+	RSTTRACE_STAT_STORM_FULL = 4, /* storm events that found the shapes map full (written one by one) */
+	RSTTRACE_STAT_MAX = 5,
 };
 
 #endif

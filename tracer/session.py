@@ -28,6 +28,9 @@ from .events.record import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_N
 from .kernel.capabilities import Capabilities, probe
 from .kernel.hooks import plan_hooks
 from .kernel.loader import DEFAULT_RING_MB, Filters, RstProgram
+from .kernel.ringbuf import record_stride
+from .events.record import EVENT_SIZE
+from .storm import WINDOW_S as STORM_WINDOW_S, Storms
 from .sinks import records
 from .sinks.ratelimit import RateLimit
 from .sinks.plain import stderr
@@ -113,6 +116,8 @@ class Session:
         self.decoder = Decoder(self.program.reason_names)
         self.attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.ring = self.program.open_ring()
+        self.storms = Storms(self.program, self.program.ring_bytes, self._reason_of, self.attributor.netns.name,
+                             lambda: self.ring.pending() * record_stride(EVENT_SIZE))
         if self.options.fast_path and fastpath.supported(self.sinks):
             self.fast = FastPath(self)
         self.counters_before = counters.read()
@@ -263,6 +268,7 @@ class Session:
         next_lost_check = 0.0
         next_listeners = time.monotonic() + LISTENERS_INTERVAL
         next_reconcile = time.monotonic() + RECONCILE_INTERVAL
+        next_storm_tick = time.monotonic() + STORM_WINDOW_S
         while not self._stop:
             if self._read_batch() < MAX_BATCH:       # the ring is empty (for now): wait a little
                 timeout = POLL_INTERVAL
@@ -281,6 +287,10 @@ class Session:
             if self.limit is not None and self.limit.window_over(now):
                 self._report_suppressed(now)
             self._refresh_metrics()
+            if now >= next_storm_tick:
+                for rec in self.storms.tick(self.program.stats()):
+                    self._emit(rec)
+                next_storm_tick = now + STORM_WINDOW_S
             if now >= next_lost_check:
                 self._report_losses()
                 self._resolve_new_listeners()
@@ -425,6 +435,8 @@ class Session:
                 if self.limit is not None:
                     self._report_suppressed(time.monotonic())
                 stats = self.program.stats()
+                for rec in self.storms.finish(stats):
+                    self._emit(rec)
                 exact = self.program.exact_counts()
                 percpu = percpu_totals(self.program.netstat_reads())
                 skipped = self.program.skipped_runs()
@@ -450,7 +462,7 @@ class Session:
                 {"netns": "rsttrace's own", "delta": counters.delta(self.counters_before, after)},
                 self.kernel_counts(exact), reconciliation,
                 suppressed=self.limit.total_held_back if self.limit else 0, uncounted=stats["uncounted"],
-                unwritten=unwritten, skipped_runs=skipped)
+                unwritten=unwritten, skipped_runs=skipped, aggregated=stats["aggregated"])
             self._emit(summary)
         return summary or {}
 
@@ -523,6 +535,8 @@ def print_summary(summary: dict, out=stderr) -> None:
         return
     total = sum(sum(r.values()) for r in summary["events"].values())
     held = f", suppressed {summary['suppressed']} (--max-rate)" if summary.get("suppressed") else ""
+    if summary.get("aggregated"):
+        held += f", aggregated {summary['aggregated']} during storms (counted per shape, not written one by one)"
     out(f"rsttrace: {total} events in {summary['duration_s']:.1f}s, lost {summary['lost']}{held}")
     if summary.get("unwritten"):
         out(f"rsttrace: {summary['unwritten']} records were still in the ring buffer when writing gave up "
@@ -534,7 +548,7 @@ def print_summary(summary: dict, out=stderr) -> None:
             + "): another BPF program was running on that CPU when the event fired (an interrupt nested "
               "in it); those events are in no record and no count")
     shown = summary["events"]
-    if summary.get("suppressed") or summary["lost"] or summary.get("unwritten"):
+    if summary.get("suppressed") or summary["lost"] or summary.get("unwritten") or summary.get("aggregated"):
         shown = summary["exact_counts"]
         out("  counted in the kernel (every event past the kernel's filters, written or not):")
     for kind, by_reason in shown.items():
@@ -545,10 +559,20 @@ def print_summary(summary: dict, out=stderr) -> None:
     if moved:
         out("  kernel counters (rsttrace's netns): " + ", ".join(f"{k} +{v}" for k, v in moved.items()))
     for ns in summary.get("reconciliation") or []:
-        k, ours = ns["kernel"], ns["rsttrace"]
+        k, ours = ns["kernel"], ns.get("counted") or ns["rsttrace"]
         listen = ours.get("syn_dropped", 0) + ours.get("ack_dropped", 0)
         if not (k.get("TcpOutRsts") or k.get("TcpExtListenDrops") or ours):
             continue
         name = ns["name"] or ns["inode"]
-        out(f"  netns {name}: RSTs sent {ours.get('rst_sent', 0)} seen / {k.get('TcpOutRsts', 0)} counted (TcpOutRsts); "
-            f"listen drops {listen} seen / {k.get('TcpExtListenDrops', 0)} counted (ListenDrops)")
+        gone = " (gone: its last readings)" if ns.get("gone") else ""
+        since = {"created_after_start": " (made after start: counted from 0)",
+                 "late": f" (first read late: {ns.get('events_before_baseline', 0)} events before)"}.get(ns.get("baseline"), "")
+        other = ns.get("unexplained", {}).get("TcpExtListenDrops")
+        other = f", {other} the kernel counted where no hook saw a drop" if other else ""
+        out(f"  netns {name}{since}{gone}: RSTs sent {ours.get('rst_sent', 0)} seen / {_known(k.get('TcpOutRsts'))} "
+            f"counted (TcpOutRsts); listen drops {listen} seen / {_known(k.get('TcpExtListenDrops'))} counted "
+            f"(ListenDrops){other}")
+
+
+def _known(value: int | None) -> str:
+    return "?" if value is None else str(value)

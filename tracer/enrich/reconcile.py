@@ -74,10 +74,9 @@ def _row(inode: int, name: str | None, origin: str, gone: bool | None, baseline:
         if totals is not None and name_ in totals.count:
             # Both are readings of the same counter: the later one is the larger.
             now = max(now or 0, totals.count[name_])
-        if now is None or baseline is None:
-            kernel[name_] = None
-        else:
-            kernel[name_] = now - baseline.get(name_, 0)
+        # A netns made after start counted from 0; any other baseline holds every counter it had.
+        then = (baseline or {}).get(name_, 0 if origin == CREATED_AFTER_START else None)
+        kernel[name_] = None if now is None or then is None else now - then
     written = {k: v - seen_before.get(k, 0) for k, v in written.items()}
     # The hooks' exact counts cover rsttrace's whole run: after a late baseline only the records
     # written since can be set against the kernel's deltas.

@@ -185,7 +185,7 @@ def recursion_misses(fd: int) -> int:
 
 # --- Maps and programs straight through bpf(2): what the program cache (progcache.py) loads with. ---
 
-BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 4
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "s390x": 331, "ppc64le": 319, "riscv64": 241}.get(
     platform.machine())
 PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_FLAG_FD_CLOEXEC = 2, 1 << 10, 1 << 3
@@ -228,6 +228,16 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
     rc, _ = _bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(fd, k, v))
     return v.raw if rc == 0 else None
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Remove `key`; False where it was not there."""
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = (ctypes.c_uint8 * 32)()
+    _put(attr, 0, 4, fd)
+    _put(attr, 8, 8, ctypes.addressof(k))
+    rc, _ = _bpf(BPF_MAP_DELETE_ELEM, attr)
+    return rc == 0
 
 
 def map_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:

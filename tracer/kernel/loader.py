@@ -241,6 +241,32 @@ class RstProgram:
         return [(val.netns, list(val.count), list(val.other_ports), list(val.unexplained))
                 for _, val in self.bpf["netstat_seen"].items()]
 
+    def storm_control(self) -> tuple[int, int, int]:
+        """(high_bytes, epoch, aggregating) of bpf/common.bpf.c's storm_ctl."""
+        ctl = self.bpf["storm_ctl"][ctypes.c_int(0)]
+        return ctl.high_bytes, ctl.epoch, ctl.aggregating
+
+    def set_storm_control(self, high_bytes: int, epoch: int, aggregating: int) -> None:
+        table = self.bpf["storm_ctl"]
+        ctl = table.Leaf()
+        ctl.high_bytes, ctl.epoch, ctl.aggregating = high_bytes, epoch, aggregating
+        table[ctypes.c_int(0)] = ctl
+
+    def take_storm_shapes(self, through_epoch: int | None) -> list[tuple[object, int, int]]:
+        """The storm counts of every window up to `through_epoch` (None: all), removed from the map:
+        (key: shape, epoch, tgid, comm; aggregated; samples), the CPUs summed."""
+        table = self.bpf["storm_shapes"]
+        out = []
+        for key, per_cpu in table.items():
+            if through_epoch is not None and key.epoch > through_epoch:
+                continue
+            out.append((key, sum(c.aggregated for c in per_cpu), sum(c.samples for c in per_cpu)))
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        return out
+
     def open_ring(self):
         """The reader of the events ring buffer (tracer/kernel/ringbuf.py): direct from its memory
         mapping where the machine allows it, else through bcc's callback consumer."""
@@ -275,7 +301,8 @@ class RstProgram:
         table = self.bpf["stats"]
         out = {}
         for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST),
-                           ("uncounted", record.STAT_UNCOUNTED)):
+                           ("uncounted", record.STAT_UNCOUNTED), ("aggregated", record.STAT_AGGREGATED),
+                           ("storm_full", record.STAT_STORM_FULL)):
             out[name] = sum(table[ctypes.c_int(slot)])
         return out
 

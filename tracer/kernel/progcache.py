@@ -256,6 +256,10 @@ class Map:
                   for i in range(self.cpus)]
         return [getattr(v, "value", v) for v in values]
 
+    def __delitem__(self, key) -> None:
+        if not bpfsys.map_delete(self.map_fd, bytes(key)[:self.key_size]):
+            raise KeyError(key)
+
     def __getitem__(self, key):
         raw = bpfsys.map_lookup(self.map_fd, bytes(key)[:self.key_size], self.stride * self.cpus)
         if raw is None:

@@ -26,7 +26,7 @@ EVENT_TYPES = {
 }
 # event.kind for the records that are not per-event.
 RECORD_KINDS = {"coverage": "state", "listeners": "state", "lost": "metric", "suppressed": "metric",
-                "reconciliation": "metric", "summary": "metric"}
+                "reconciliation": "metric", "summary": "metric", "storm": "event", "aggregate": "metric"}
 
 
 def host_fields() -> dict[str, Any]:

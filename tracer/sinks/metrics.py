@@ -165,6 +165,9 @@ class MetricsSink:
                                                         "(still in rsttrace_events_total)"),
                 ("rsttrace_records_suppressed_total", "suppressed", "Event records held back by --max-rate "
                                                                      "(still in rsttrace_events_total)"),
+                ("rsttrace_events_aggregated_total", "aggregated", "Events counted per shape in the kernel during "
+                                                                   "storms instead of written one by one (still in "
+                                                                   "rsttrace_events_total)"),
                 ("rsttrace_events_uncounted_total", "uncounted", "Events that found the in-kernel count map full "
                                                                   "(missing from rsttrace_events_total)")):
             family(name, "counter", help_text)

@@ -47,6 +47,9 @@ class PlainSink:
                                    f"(total {record['total_lost']}): ring buffer full")
         elif kind == "suppressed":
             self.output.write_line(f"{record['time'][11:26]} SUPPRESSED {one_line(record)}")
+        elif kind in ("storm", "aggregate"):
+            # Counts of what happened during a storm go where the events go, like losses.
+            self.output.write_line(f"{record['time'][11:26]} {kind.upper()} {one_line(record)}")
         # coverage and summary are printed to stderr by the session
 
     def flush(self) -> None:

@@ -89,7 +89,7 @@ def summary_record(counts: dict[str, dict[str, int]], lost: int, submitted: int,
                    kernel_counters: dict[str, Any], exact: dict[str, dict[str, int]],
                    reconciliation: list[dict] | None = None, suppressed: int = 0,
                    uncounted: int = 0, unwritten: int = 0,
-                   skipped_runs: dict[str, int] | None = None) -> dict[str, Any]:
+                   skipped_runs: dict[str, int] | None = None, aggregated: int = 0) -> dict[str, Any]:
     """counts: events emitted (after user-space filters and --max-rate); exact: every event the BPF
     programs saw, counted in the kernel, whether or not its record was delivered (uncounted: events
     that found the count map full, so exact_counts misses them; unwritten: records still in the ring
@@ -97,9 +97,32 @@ def summary_record(counts: dict[str, dict[str, int]], lost: int, submitted: int,
     point — their events are in neither)."""
     rec = base("summary")
     rec.update({"duration_s": round(duration_s, 3), "events": counts, "exact_counts": exact,
-                "delivered": submitted, "lost": lost, "suppressed": suppressed, "uncounted": uncounted,
+                "delivered": submitted, "lost": lost, "aggregated": aggregated, "suppressed": suppressed,
+                "uncounted": uncounted,
                 "unwritten": unwritten, "skipped_runs": skipped_runs or {},
                 "kernel_counters": kernel_counters, "reconciliation": reconciliation})
+    return rec
+
+
+def storm_record(phase: str, since_start: dict[str, int], seconds: float, high_bytes: int,
+                 pending_bytes: int) -> dict[str, Any]:
+    """A storm starts (more than high_bytes of the ring buffer waited to be read: events are counted
+    per shape in the kernel from now on) or ends; `since_start`: events written, aggregated, lost."""
+    rec = base("storm")
+    rec.update({"phase": phase, "duration_s": round(seconds, 3), "written": since_start["submitted"],
+                "aggregated": since_start["aggregated"], "lost": since_start["lost"],
+                "ring_unread_bytes": pending_bytes, "threshold_bytes": high_bytes})
+    return rec
+
+
+def aggregate_record(start: float, end: float, kind: str, reason: str, netns: dict[str, Any], port: int,
+                     process: dict[str, Any] | None, count: int, samples: int) -> dict[str, Any]:
+    """During a storm: `count` events of one shape in one window, counted in the kernel and not
+    written one by one (`samples` of them were)."""
+    rec = base("aggregate")
+    rec.update({"window": {"from": rfc3339(int(start * 1e9)), "to": rfc3339(int(end * 1e9))}, "event": kind,
+                "reason": reason,
+                "netns": netns, "port": port, "process": process, "count": count, "samples": samples})
     return rec
 
 
@@ -130,7 +153,7 @@ def severity_of(rec: dict[str, Any]) -> str:
         from ..enrich.reasons import CATALOG
         reason = CATALOG.get(rec["reason"])
         return reason.severity if reason and reason.severity in SYSLOG_SEVERITY else "warning"
-    return {"lost": "warning", "suppressed": "notice"}.get(kind, "info")
+    return {"lost": "warning", "suppressed": "notice", "storm": "warning", "aggregate": "notice"}.get(kind, "info")
 
 
 def _total(counts: dict[str, dict[str, int]]) -> int:
@@ -161,4 +184,14 @@ def one_line(rec: dict[str, Any]) -> str:
         return f"{len(rec['listeners'])} listeners on traced ports, {full} with a full accept queue"
     if kind == "reconciliation":
         return f"rsttrace's counts beside the kernel's counters in {len(rec['netns'])} network namespaces"
+    if kind == "storm":
+        if rec["phase"] == "start":
+            return (f"storm: {rec['ring_unread_bytes']} bytes of events waiting to be written; from now on the "
+                    f"kernel counts events per shape and rsttrace writes samples and `aggregate` records")
+        return (f"storm over after {rec['duration_s']:.1f} s: {rec['written']} events written, {rec['aggregated']} "
+                f"aggregated, {rec['lost']} lost")
+    if kind == "aggregate":
+        who = f" by {rec['process']['comm']} (pid {rec['process']['pid']})" if rec.get("process") else ""
+        return (f"{rec['count']} × {rec['event']} {rec['reason']} on port {rec['port']}{who} in "
+                f"netns {rec['netns']['name'] or rec['netns']['inode']} (aggregated during a storm)")
     return kind

@@ -20,7 +20,7 @@ from .records import SYSLOG_SEVERITY, one_line, severity_of
 SD_ID = "rsttrace@32473"
 FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,
               **{f"local{i}": 16 + i for i in range(8)}}
-SENT_TYPES = ("event", "lost", "suppressed", "coverage", "summary")
+SENT_TYPES = ("event", "lost", "suppressed", "coverage", "summary", "storm", "aggregate")
 SEND_TIMEOUT_S = 1.0        # a stalled syslog daemon costs at most this per message, then it is dropped
 RECONNECT_EVERY_S = 1.0
 
@@ -74,7 +74,15 @@ def structured_data(rec: dict) -> str:
         params = {"suppressed": rec["suppressed"], "total_suppressed": rec["total_suppressed"],
                   "max_rate": rec["max_rate"]}
     elif kind == "summary":
-        params = {"lost": rec["lost"], "suppressed": rec.get("suppressed", 0), "delivered": rec["delivered"]}
+        params = {"lost": rec["lost"], "suppressed": rec.get("suppressed", 0), "delivered": rec["delivered"],
+                  "aggregated": rec.get("aggregated", 0)}
+    elif kind == "storm":
+        params = {"phase": rec["phase"], "written": rec["written"], "aggregated": rec["aggregated"], "lost": rec["lost"]}
+    elif kind == "aggregate":
+        proc = rec.get("process") or {}
+        params = {"event": rec["event"], "reason": rec["reason"], "count": rec["count"], "port": rec["port"],
+                  "netns": rec["netns"]["inode"], "netns_name": rec["netns"]["name"], "pid": proc.get("pid"),
+                  "comm": proc.get("comm")}
     body = "".join(f' {name}="{sd_escape(value)}"' for name, value in params.items() if value is not None)
     return f"[{SD_ID}{body}]" if body else "-"
 

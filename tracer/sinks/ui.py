@@ -31,6 +31,7 @@ from rich.text import Text
 from .. import __version__
 from ..enrich.reasons import CATALOG
 from ..events.decode import endpoint
+from .records import one_line
 
 REFRESH_HZ = 4              # screen redraws per second, at most
 MAX_EVENTS = 200            # latest events kept for the screen (more than any terminal shows)
@@ -110,6 +111,12 @@ class UiState:
                 for reason, n in by_reason.items():
                     self.counts[(event, reason)] += n
                     self.total += n
+        elif kind == "aggregate":
+            # Counted in the kernel during a storm, not written one by one: still in the reasons and rates.
+            self.counts[(rec["event"], rec["reason"])] += rec["count"]
+            self.total += rec["count"]
+        elif kind == "storm":
+            self.notes.append(one_line(rec))
         elif kind == "lost":
             self.lost = rec.get("total_lost", self.lost + rec.get("lost", 0))
         elif kind == "listeners":
