@@ -317,6 +317,9 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     port_arg = ",".join(map(str, ports))
     if tool == "rsttrace":
         return [str(RSTTRACE), "--json", "-o", output, "--port", port_arg], None
+    if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
+        return ([str(RSTTRACE), "--json", "-o", output, "--port", port_arg],
+                {**os.environ, "RSTTRACE_STORM_HIGH_BYTES": "0"})
     if tool == "rsttrace_compiled":     # a boot's first start: no program cache (tracer/kernel/progcache.py)
         return ([str(RSTTRACE), "--json", "-o", output, "--port", port_arg],
                 {**os.environ, "RSTTRACE_PROGRAM_CACHE": "off"})
@@ -335,7 +338,7 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     raise ValueError(tool)
 
 
-READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
+READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
                "floor": "attached: empty programs"}
 # the floor taken apart: inet_sock_set_state alone (10 runs per connection), and the other hooks
 FLOOR_PARTS = {"floor_state": "state", "floor_others": "syn,kfree,rst"}
@@ -372,12 +375,13 @@ class Tracer:
         # SIGINT back to its default in the child: a benchmark started in the background by a shell
         # (`scripts/bench/run &`) has it ignored, and the tracers would inherit that and never stop
         # on the SIGINT that stop() sends (seen: 90 s per stop, then SIGKILL)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL if tool == "rsttrace" else subprocess.PIPE,
+        ours = tool.startswith("rsttrace")      # rsttrace writes its own file (-o)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL if ours else subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env,
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.rusage = None
         self._copier = None
-        if tool != "rsttrace":
+        if not ours:
             self._copier = threading.Thread(target=self._copy_stdout, daemon=True)
             self._copier.start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -462,7 +466,7 @@ class Tracer:
 
     def _event_word(self) -> bytes:
         """What starts or marks an event in the output (results() counts them)."""
-        return b'"type":"event"' if self.tool == "rsttrace" else b"\nrst_"
+        return b'"type":"event"' if self.tool.startswith("rsttrace") else b"\nrst_"
 
     def stop(self, timeout: float = 90) -> None:
         """SIGINT, then reap with wait4 (total CPU of the process). For the peers SIGINT is
@@ -510,13 +514,14 @@ class Tracer:
                     events += data.count(word)
                     tail = data[-(len(word) - 1):]
                     last = (last + chunk)[-(1 << 16):]
-        if self.tool == "rsttrace":
-            lost = None
+        if self.tool.startswith("rsttrace"):
+            lost = aggregated = None
             for line in last.splitlines()[::-1]:
                 if b'"type":"summary"' in line:
-                    lost = json.loads(line)["lost"]
+                    summary = json.loads(line)
+                    lost, aggregated = summary["lost"], summary.get("aggregated", 0)
                     break
-            return {"events": events, "lost": lost}
+            return {"events": events, "lost": lost, "aggregated": aggregated}
         # "Lost N events": bpftrace and bcc_rst.py print the perf buffer's own count (bpftrace on
         # stdout, where it may come more than once)
         with open(self.output, "rb") as f:
@@ -584,6 +589,11 @@ def _storm_run(exe: str, mode: str, seconds: float, rate: float = 0, tool: str |
                 run.update({"ready_s": ready, "cpu_s": tracer.cpu_total - cpu0, "cpu_window_s": cpu_window,
                             "maxrss_mb": hwm})
                 run["events_per_s"] = run["events"] / storm["seconds"]
+                run["made_per_s"] = run["kernel_events"] / storm["seconds"]
+                if run.get("aggregated") is not None:
+                    run["aggregated_per_s"] = run["aggregated"] / storm["seconds"]
+                # the tracer's CPU while the storm ran, in cores (1.0: one core busy all along)
+                run["cores"] = cpu_window / storm["seconds"] if cpu_window is not None else None
                 run["cpu_ms_per_1k_events"] = (1e6 * run["cpu_s"] / run["events"]) if run["events"] else None
         finally:
             if tracer:

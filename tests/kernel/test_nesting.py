@@ -46,13 +46,17 @@ def test_events_of_interrupting_hooks_are_each_their_own(netns, tracer):
     rst_skipped = sum(n for hook, n in skipped.items() if "send_reset" in hook or "active_reset" in hook)
     assert sum(exact["rst_sent"].values()) + rst_skipped == delta(before, after, "TcpOutRsts"), diagnosis
 
-    # No SYN drop beyond those the kernel counted (the corrupted RSTs were surplus ones). Measured on
-    # this 6.18 VM: with RPS, BPF programs on net:netif_receive_skb (rsttrace's and bpftrace's alike)
-    # miss ~0.4 % of the hits ftrace records there, and the kernel reports no skipped run for them;
-    # at skb:consume_skb, 0.03-1 % of the SYN drops go unreported the same way (5 runs).
+    # Every SYN drop the kernel counted is accounted for, exactly: reported, or — for the few SYNs on
+    # which the SYN hook did not run (RPS hands them to CPU 0 by IPI while it is busy in process
+    # context; the kernel reports at most some of these runs as skipped) — counted by the kernel where
+    # no hook saw a decision, which the next SYN on that CPU finds in the per-CPU counters
+    # (`unexplained`). Before the per-CPU counters, those were simply missing.
     overflows = delta(before, after, "TcpExtListenOverflows")
     drops = exact["syn_dropped"]["accept_queue_full"]
-    assert 0.98 * overflows <= drops <= overflows, diagnosis
+    [row] = [n for n in summary["reconciliation"] if n["inode"] == netns.inode]
+    unexplained = row.get("unexplained", {}).get("TcpExtListenOverflows", 0)
+    assert drops + unexplained == overflows, f"{diagnosis}, unexplained {row.get('unexplained')}"
+    assert unexplained * 10 < overflows, diagnosis      # the SYN hook ran for nearly every one
 
     # And what was written is each event's own: SYN drops at the full listener, RSTs from the clients.
     for r in events(records, event="syn_dropped", netns__inode=netns.inode):
