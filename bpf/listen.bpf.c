@@ -169,17 +169,18 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 #ifdef LISTEN_SYN_CONSUMED
 #ifdef NETSTAT_PERCPU
 /* A SYN to a traced listener, with what the kernel counted for it on this CPU (netstat.bpf.c): a
- * drop or a cookie is reported as the kernel counted it; moves it does not explain stay
+ * drop or a cookie is reported as the kernel counted it; moves it does not explain go to the other
+ * ports (`mixed`: SYNs to untraced ports came on this CPU since its last read), else they stay
  * `unexplained`. The queues shown are read after the decision. */
 static __always_inline void report_counted_syn(void *ctx, struct listener_val *listener, void *net,
-					       struct segment *seg, __u64 *moved, struct netstat_cpu *counted)
+					       struct segment *seg, __u64 *moved, struct netstat_cpu *counted, int mixed)
 {
 	void *sk = (void *)listener->sk;
 	struct queue_state q = {};
 	read_queues(sk, net, &q);
 	listener->synq_seen = q.syn_qlen;     /* the inference's state, for a CPU that loses its baseline */
 	__u8 verdict = counted_syn_verdict(moved, &q, listener_dropped(sk));
-	netstat_keep(counted->unexplained, moved);
+	netstat_keep(mixed ? counted->other_ports : counted->unexplained, moved);
 	if (verdict != RSTTRACE_VERDICT_NONE)
 		emit_syn_verdict(ctx, sk, &q, verdict, seg, RSTTRACE_HOOK_NONE, RAW_TP_STACK_SKIP, 0);
 }
@@ -191,8 +192,8 @@ static __always_inline void report_counted_syn(void *ctx, struct listener_val *l
  * returns 0 on its drop paths, Linux 4.4+). So this runs for the SYNs that reach a listener, after
  * the decision, instead of for every packet of the host before it (netif_receive_skb: 6 runs per
  * connection, parsing each). One compare turns every other consume_skb of the host away. With
- * NETSTAT_PERCPU the verdict is what the kernel counted (netstat.bpf.c), for which the SYNs of every
- * port of a watched netns are read; else it is told from the queues (report_syn_outcome). */
+ * NETSTAT_PERCPU the verdict is what the kernel counted (netstat.bpf.c); else it is told from the
+ * queues (report_syn_outcome). */
 RAW_TRACEPOINT_PROBE(consume_skb)
 {
 	__u64 location = ctx->args[1];
@@ -205,22 +206,24 @@ RAW_TRACEPOINT_PROBE(consume_skb)
 	parse_segment_if(skb, 1, 1, &seg);       /* the transport header is set by now; SYNs only */
 	if (!seg.ok)
 		return 0;
-	int traced = family_wanted(seg.family) && port_wanted(seg.dport, seg.sport);
-#ifndef NETSTAT_PERCPU
-	if (!traced)
-		return 0;
+	if (!family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport)) {
+#ifdef NETSTAT_PERCPU
+		netstat_untraced_syn();
 #endif
+		return 0;
+	}
 	void *net = net_of_skb(skb);        /* skb->dev is cleared by now: the route's device */
-	struct listener_val *listener = traced ? listener_at(net, seg.dport) : 0;
+	struct listener_val *listener = listener_at(net, seg.dport);
 #ifdef NETSTAT_PERCPU
 	__u64 moved[NS_COUNTERS] = {};
 	struct netstat_cpu *counted = netstat_moves(net, moved);
+	int mixed = netstat_untraced_since();
 	if (counted && !listener) {
-		netstat_keep(traced ? counted->unexplained : counted->other_ports, moved);
+		netstat_keep(mixed ? counted->other_ports : counted->unexplained, moved);
 		return 0;
 	}
 	if (counted) {
-		report_counted_syn(ctx, listener, net, &seg, moved, counted);
+		report_counted_syn(ctx, listener, net, &seg, moved, counted, mixed);
 		return 0;
 	}
 #endif

@@ -7,12 +7,15 @@
  * counters: skb:consume_skb in tcp_rcv_state_process() for a SYN (6.3+), skb:kfree_skb in
  * tcp_v4/v6_rcv() or cookie_v4/v6_check() for a final ACK (6.9+). So what this CPU's counters moved
  * since its previous read of that netns is what the kernel counted for this packet: its verdict,
- * not a replay of its tests. Every listener SYN and final-ACK drop of a watched netns is read, for
- * traced ports or not, so that the previous read is always the last one.
+ * not a replay of its tests. A SYN to an untraced port is only counted (reading the counters there
+ * would tax every connection of the host): when one came between two reads, a move is taken for this
+ * SYN only where the listener's own drop count moved (a drop) or its SYN queue can have been full (a
+ * cookie), and the rest is put down to the other ports. Final-ACK drops are read for every port.
  *
  * A netns is watched while it has a listener on a traced port. When the first one is learned, every
- * CPU's counters are read (the baseline of that CPU's first packet); a netns created after rsttrace
- * started may be read at any time — its counters started at 0.
+ * CPU's counters are read: the baseline of that CPU's first packet. A SYN on which the kernel does
+ * not run the hook (seen with RPS: an IPI's softirq on a CPU busy in process context; the kernel
+ * reports only some of those runs as skipped) leaves its moves to the next SYN on that CPU.
  *
  * A CPU's copy of a per-CPU variable is at its per-CPU offset from the variable's address; on x86-64
  * the per-CPU variable this_cpu_off holds that offset (Linux 2.6.30+). It is found from this CPU's
@@ -41,22 +44,28 @@ struct netstat_key {
 	__u32 cpu;
 	__u32 pad;
 };
-/* One watched netns on one CPU: its counters as last read there, and what moved since for no event
- * of a traced port. User space sums the CPUs: the kernel's totals, alive or not (tracer/enrich). */
+/* One watched netns on one CPU: its counters as last read there, and what moved for no event of a
+ * traced port. User space sums the CPUs: the kernel's totals, alive or not (tracer/enrich). */
 struct netstat_cpu {
 	__u64 count[NS_COUNTERS];
-	__u64 other_ports[NS_COUNTERS];   /* moved by listeners on ports rsttrace does not trace */
+	__u64 other_ports[NS_COUNTERS];   /* moved while SYNs to untraced ports came (or their ACKs dropped) */
 	__u64 unexplained[NS_COUNTERS];   /* moved where no hook saw a decision (counted by the kernel only) */
 	__u64 cookie;                     /* net_cookie: the netns these were read from */
+	__u64 at;                         /* where this CPU's copy of its counters is (struct linux_mib) */
 	__u32 netns;
 	__u32 pad;
 };
 BPF_F_TABLE("hash", struct netstat_key, struct netstat_cpu, netstat_seen, NETSTAT_CPUS * 256, BPF_F_NO_PREALLOC);
 
 /* Each listener's drop count (sk_drops) as this CPU last saw it: a drop the netns counters show at a
- * SYN is this listener's only if its own count moved since — else it belongs to a SYN whose program
- * run the kernel skipped (skipped_runs) at another listener. */
+ * SYN is this listener's only if its own count moved since — else it belongs to another listener (a
+ * SYN to an untraced port, or one the hook did not run for). */
 BPF_F_TABLE("percpu_hash", __u64, __u32, listener_drops_seen, 4096, BPF_F_NO_PREALLOC);
+
+/* SYNs to ports rsttrace does not trace, handled on this CPU since its last read of a netns: their
+ * drops and cookies may be in what the next read finds (netstat_untraced_since). Counting them costs
+ * a SYN to another port one map update, where reading the counters would cost it several reads. */
+BPF_PERCPU_ARRAY(syns_untraced, __u64, 1);
 
 /* Watched netns: how many listeners on traced ports rsttrace knows there. */
 struct netstat_net {
@@ -100,15 +109,19 @@ static __always_inline __u64 cpu_offset(__u32 cpu, int here)
 	return offset == OFFSET_UNUSABLE ? 0 : offset;
 }
 
-/* Netns `net`'s counters on the CPU whose per-CPU offset is `offset`. */
-static __always_inline int read_netstat(void *net, __u64 offset, __u64 *out)
+/* Where netns `net`'s counters are on the CPU whose per-CPU offset is `offset` (0: nowhere). */
+static __always_inline __u64 netstat_at(void *net, __u64 offset)
 {
-	void *mib = 0;
+	__u64 mib = 0;
 	bpf_probe_read_kernel(&mib, sizeof(mib), net + OFF_NET_MIB_NET_STATISTICS);
-	if (!mib)
-		return 0;
-	void *at = mib + offset;                  /* struct linux_mib { unsigned long mibs[]; } */
-	if (bpf_probe_read_kernel(&out[NS_SYNCOOKIES_SENT], 8, at + 8 * MIB_SYNCOOKIESSENT))
+	return mib ? mib + offset : 0;
+}
+
+/* The counters at `at` (a netstat_at()). */
+static __always_inline int read_netstat(void *at, __u64 *out)
+{
+	/* struct linux_mib { unsigned long mibs[]; } */
+	if (!at || bpf_probe_read_kernel(&out[NS_SYNCOOKIES_SENT], 8, at + 8 * MIB_SYNCOOKIESSENT))
 		return 0;
 #if MIB_LISTENDROPS == MIB_LISTENOVERFLOWS + 1
 	bpf_probe_read_kernel(&out[NS_LISTEN_OVERFLOWS], 16, at + 8 * MIB_LISTENOVERFLOWS);
@@ -139,8 +152,8 @@ static __always_inline void netstat_snapshot(void *net, __u64 cookie)
 #pragma clang loop unroll(disable)
 	for (__u32 cpu = 0; cpu < NETSTAT_CPUS; cpu++) {
 		__u64 offset = cpu_offset(cpu, cpu == bpf_get_smp_processor_id());
-		__u64 now[NS_COUNTERS] = {};
-		if (!offset || !read_netstat(net, offset, now))
+		__u64 now[NS_COUNTERS] = {}, at = offset ? netstat_at(net, offset) : 0;
+		if (!read_netstat((void *)at, now))
 			continue;
 		struct netstat_key key = {};
 		key.net = (__u64)net;
@@ -153,6 +166,7 @@ static __always_inline void netstat_snapshot(void *net, __u64 cookie)
 		struct netstat_cpu first = {};
 		__builtin_memcpy(first.count, now, sizeof(now));
 		first.cookie = cookie;
+		first.at = at;
 		first.netns = netns;
 		netstat_seen.insert(&key, &first);
 	}
@@ -206,13 +220,14 @@ static __always_inline struct netstat_cpu *netstat_moves(void *net, __u64 *moved
 	key.net = (__u64)net;
 	key.cpu = cpu;
 	struct netstat_cpu *seen = netstat_seen.lookup(&key);
-	__u64 offset;
 	if (!seen) {
 		struct netstat_net *watched = netstat_nets.lookup(&key.net);
+		__u64 offset;
 		if (!watched || watched->listeners <= 0 || !(offset = cpu_offset(cpu, 1)))
 			return 0;
 		struct netstat_cpu first = {};
-		if (read_netstat(net, offset, first.count)) {
+		first.at = netstat_at(net, offset);
+		if (read_netstat((void *)first.at, first.count)) {
 			first.cookie = watched->cookie;
 			first.netns = netns_of_net(net);
 			netstat_seen.insert(&key, &first);
@@ -220,7 +235,7 @@ static __always_inline struct netstat_cpu *netstat_moves(void *net, __u64 *moved
 		return 0;
 	}
 	__u64 now[NS_COUNTERS] = {};
-	if (!(offset = cpu_offset(cpu, 1)) || !read_netstat(net, offset, now))
+	if (!read_netstat((void *)seen->at, now))
 		return 0;
 #pragma unroll
 	for (int i = 0; i < NS_COUNTERS; i++) {
@@ -228,6 +243,26 @@ static __always_inline struct netstat_cpu *netstat_moves(void *net, __u64 *moved
 		seen->count[i] = now[i];
 	}
 	return seen;
+}
+
+/* A SYN to a port rsttrace does not trace was handled here. */
+static __always_inline void netstat_untraced_syn(void)
+{
+	int zero = 0;
+	__u64 *n = syns_untraced.lookup(&zero);
+	if (n)
+		*n += 1;
+}
+
+/* Whether a SYN to an untraced port was handled on this CPU since the last call here. */
+static __always_inline int netstat_untraced_since(void)
+{
+	int zero = 0;
+	__u64 *n = syns_untraced.lookup(&zero);
+	if (!n || !*n)
+		return 0;
+	*n = 0;
+	return 1;
 }
 
 /* Moves no event of a traced port explains: another port's listener, or no hook at all. */
