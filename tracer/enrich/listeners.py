@@ -223,8 +223,7 @@ class ListenerSampler:
 
     # -- which namespaces ------------------------------------------------------------------
     def add_known_namespaces(self) -> None:
-        """The host's netns and every `ip netns` name: watched, baselines taken at start. Every other
-        netns with a process: its counters read now, for when an event first leads there."""
+        """The host's netns and every `ip netns` name: watched, baselines taken at start."""
         self.watch_path(host_netns_path(), "host")
         try:
             for entry in os.scandir("/run/netns"):
@@ -233,6 +232,11 @@ class ListenerSampler:
             pass
         for inode, (_, path) in self._wanted.items():
             self.at_start[inode] = netns_cookie(path)
+
+    def _note_other_namespaces(self) -> None:
+        """Every other netns with a process: its counters read now, for when an event first leads
+        there. In the sampler's thread before its first pass: a host with hundreds of containers
+        does not wait for this to be attached."""
         for inode, path in netns_by_process().items():
             if inode in self.at_start or (self.only_netns and inode not in self.only_netns):
                 continue
@@ -271,6 +275,7 @@ class ListenerSampler:
                 st.diag.close()
 
     def _run(self) -> None:
+        self._note_other_namespaces()
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             while not self._stop.wait(self.interval):

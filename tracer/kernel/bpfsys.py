@@ -38,8 +38,8 @@ def _put(buf: ctypes.Array, offset: int, fmt_size: int, value: int) -> None:
     ctypes.memmove(ctypes.addressof(buf) + offset, value.to_bytes(fmt_size, "little"), fmt_size)
 
 
-def probe_prog_load(prog_type: int, expected_attach_type: int = 0, attach_btf_id: int = 0) -> int:
-    """0 if a trivial program of this type loads, else the errno."""
+def _load_trivial(prog_type: int, expected_attach_type: int = 0, attach_btf_id: int = 0) -> tuple[int, int]:
+    """Load "r0 = 0; exit" as a program of this type: (fd, 0), or (-1, errno)."""
     insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
     license = ctypes.create_string_buffer(b"GPL")
     attr = (ctypes.c_uint8 * 128)()       # union bpf_attr, PROG_LOAD part; unused tail stays zero
@@ -49,7 +49,12 @@ def probe_prog_load(prog_type: int, expected_attach_type: int = 0, attach_btf_id
     _put(attr, 16, 8, ctypes.addressof(license))
     _put(attr, 68, 4, expected_attach_type)
     _put(attr, 108, 4, attach_btf_id)
-    fd, err = _bpf(BPF_PROG_LOAD, attr)
+    return _bpf(BPF_PROG_LOAD, attr)
+
+
+def probe_prog_load(prog_type: int, expected_attach_type: int = 0, attach_btf_id: int = 0) -> int:
+    """0 if a trivial program of this type loads, else the errno."""
+    fd, err = _load_trivial(prog_type, expected_attach_type, attach_btf_id)
     if fd >= 0:
         os.close(fd)
         return 0
@@ -65,16 +70,7 @@ def probe_fentry_attach(attach_btf_id: int) -> int:
 def probe_tracing_attach(attach_type: int, attach_btf_id: int) -> int:
     """0 if a trivial PROG_TYPE_TRACING program of `attach_type` (fentry: a BTF function; tp_btf: a
     tracepoint's btf_trace_* typedef) loads and attaches, else the errno."""
-    insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
-    license = ctypes.create_string_buffer(b"GPL")
-    attr = (ctypes.c_uint8 * 128)()
-    _put(attr, 0, 4, PROG_TYPE_TRACING)
-    _put(attr, 4, 4, 2)
-    _put(attr, 8, 8, ctypes.addressof(insns))
-    _put(attr, 16, 8, ctypes.addressof(license))
-    _put(attr, 68, 4, attach_type)
-    _put(attr, 108, 4, attach_btf_id)
-    prog_fd, err = _bpf(BPF_PROG_LOAD, attr)
+    prog_fd, err = _load_trivial(PROG_TYPE_TRACING, attach_type, attach_btf_id)
     if prog_fd < 0:
         return err
     try:
@@ -102,14 +98,7 @@ def prog_test_run_on_cpu(prog_fd: int, cpu: int) -> int:
 
 def probe_test_run_on_cpu() -> int:
     """0 if a trivial raw tracepoint program can be run on CPU 0 on demand, else the errno."""
-    insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
-    license = ctypes.create_string_buffer(b"GPL")
-    attr = (ctypes.c_uint8 * 128)()
-    _put(attr, 0, 4, PROG_TYPE_RAW_TRACEPOINT)
-    _put(attr, 4, 4, 2)
-    _put(attr, 8, 8, ctypes.addressof(insns))
-    _put(attr, 16, 8, ctypes.addressof(license))
-    fd, err = _bpf(BPF_PROG_LOAD, attr)
+    fd, err = _load_trivial(PROG_TYPE_RAW_TRACEPOINT)
     if fd < 0:
         return err
     try:
@@ -118,10 +107,10 @@ def probe_test_run_on_cpu() -> int:
         os.close(fd)
 
 
-def online_cpus() -> list[int]:
-    """The CPUs online now (/sys/devices/system/cpu/online)."""
+def _cpu_list(name: str) -> list[int]:
+    """The CPUs of /sys/devices/system/cpu/NAME ("0-3,6"), or all os.cpu_count() where unreadable."""
     try:
-        with open("/sys/devices/system/cpu/online") as f:
+        with open(f"/sys/devices/system/cpu/{name}") as f:
             text = f.read().strip()
     except OSError:
         return list(range(os.cpu_count() or 1))
@@ -130,6 +119,11 @@ def online_cpus() -> list[int]:
         lo, _, hi = part.partition("-")
         cpus.extend(range(int(lo), int(hi or lo) + 1))
     return cpus
+
+
+def online_cpus() -> list[int]:
+    """The CPUs online now."""
+    return _cpu_list("online")
 
 
 def probe_ringbuf() -> int:
@@ -313,13 +307,4 @@ def tracepoint_attach(tracepoint_id: int, prog_fd: int) -> int:
 
 def possible_cpus() -> int:
     """How many values a per-CPU map holds per key (the kernel's cpu_possible_mask)."""
-    try:
-        with open("/sys/devices/system/cpu/possible") as f:
-            text = f.read().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    n = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        n = max(n, int(hi or lo) + 1)
-    return n
+    return max(_cpu_list("possible")) + 1
