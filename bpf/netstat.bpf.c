@@ -347,6 +347,19 @@ static __always_inline __u8 counted_ack_verdict(__u64 *moved)
 	return RSTTRACE_VERDICT_NONE;
 }
 
+/* Run by user space on a CPU with a watched netns's struct net * as its one argument, once the hooks
+ * are detached (at exit): what the kernel counted there since that CPU's last read, which no hook
+ * saw — the kernel did not run one, or nothing came after it — is kept as such. Loaded, never
+ * attached (tracer/kernel/loader.py). */
+int oncpu__netstat_flush(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u64 moved[NS_COUNTERS] = {};
+	struct netstat_cpu *seen = netstat_moves((void *)ctx->args[0], moved);
+	if (seen)
+		netstat_keep(netstat_untraced_since() ? seen->other_ports : seen->unexplained, moved);
+	return 0;
+}
+
 /* Run on each CPU by user space at start (BPF_PROG_TEST_RUN, tracer/kernel/loader.py): every CPU's
  * offset is known before the first listener is watched. Loaded, never attached. */
 int oncpu__learn_cpu_offset(struct bpf_raw_tracepoint_args *ctx)

@@ -193,6 +193,16 @@ def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
     return after[name] - before[name]
 
 
+def unexplained(records: list[dict], netns, counter: str) -> int:
+    """What the kernel counted in `netns` where no hook saw a decision (the final reconciliation's
+    `unexplained`, read per CPU at each later packet and once more at exit): the kernel does now and
+    then not run a hook's program for a packet, and says so nowhere. 0 where the kernel's counters
+    are not read per CPU."""
+    summary = records[-1]
+    rows = [n for n in summary.get("reconciliation") or [] if n["inode"] == netns.inode]
+    return rows[0].get("unexplained", {}).get(counter, 0) if rows else 0
+
+
 def events(records: list[dict], **match) -> list[dict]:
     """Event records whose fields equal `match` (dotted keys for nested fields)."""
     out = []

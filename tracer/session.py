@@ -18,7 +18,7 @@ from . import fastpath
 from .enrich import counters, reasons
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
-from .enrich.listeners import ListenerSampler, listeners_everywhere
+from .enrich.listeners import ListenerSampler, listeners_everywhere, netns_alive
 from .enrich.reconcile import percpu_totals, reconcile
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .kernel import bpfsys, listener_poke
@@ -438,6 +438,8 @@ class Session:
                 for rec in self.storms.finish(stats):
                     self._emit(rec)
                 exact = self.program.exact_counts()
+                if self.plan.counted:
+                    self.program.flush_netstat(netns_alive())
                 percpu = percpu_totals(self.program.netstat_reads())
                 skipped = self.program.skipped_runs()
                 self._refresh_metrics()

@@ -46,3 +46,25 @@ def test_a_short_lived_netns_reconciles_with_the_kernels_real_numbers(make_netns
         assert row["kernel"]["TcpOutRsts"] is None, why
     else:
         assert row["gone"] is True and row["kernel"]["TcpOutRsts"] == real["TcpOutRsts"], why
+
+
+def test_drops_at_an_untraced_port_of_a_watched_netns_are_counted_as_the_other_ports(netns, tracer):
+    # A listener on the traced port sits idle; another, on a port rsttrace does not trace, overflows.
+    # Its SYNs are only counted on their way (reading the counters there would tax every connection of
+    # the host); at exit, with the hooks detached, each CPU's counters are read once more, and what
+    # moved is put down to the other ports: every drop the kernel counted is accounted for.
+    t = tracer("--json", "--port", str(PORT))
+    idle = Background(netns, "server", "127.0.0.1", str(PORT), "5", "30")
+    busy = Background(netns, "server", "127.0.0.1", str(PORT + 100), "2", "30")
+    before = netns.counters()
+    netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT + 100), "30", "1.5")
+    after = netns.counters()
+    records = t.stop()
+    idle.stop()
+    busy.stop()
+
+    [row] = [n for n in records[-1]["reconciliation"] if n["inode"] == netns.inode]
+    overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
+    assert overflows > 0 and row["counted"].get("syn_dropped", 0) == 0, row
+    assert row["other_ports"].get("TcpExtListenOverflows", 0) + row.get("unexplained", {}).get(
+        "TcpExtListenOverflows", 0) == overflows == row["kernel"]["TcpExtListenOverflows"], row

@@ -114,6 +114,25 @@ def netns_by_process() -> dict[int, str]:
     return paths
 
 
+def netns_alive() -> set[int]:
+    """The inodes of every netns that can be reached now: the host's, every `ip netns` name, every
+    one with a process."""
+    alive = set(netns_by_process())
+    for path in [host_netns_path(), *(e.path for e in _scandir("/run/netns"))]:
+        try:
+            alive.add(os.stat(path).st_ino)
+        except OSError:
+            continue
+    return alive
+
+
+def _scandir(path: str) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(path))
+    except OSError:
+        return []
+
+
 def _diag_request(family: int) -> bytes:
     # struct inet_diag_req_v2 + struct inet_diag_sockid (zeroed: all sockets)
     req = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 1 << TCP_LISTEN)
@@ -225,11 +244,8 @@ class ListenerSampler:
     def add_known_namespaces(self) -> None:
         """The host's netns and every `ip netns` name: watched, baselines taken at start."""
         self.watch_path(host_netns_path(), "host")
-        try:
-            for entry in os.scandir("/run/netns"):
-                self.watch_path(entry.path, entry.name)
-        except OSError:
-            pass
+        for entry in _scandir("/run/netns"):
+            self.watch_path(entry.path, entry.name)
         for inode, (_, path) in self._wanted.items():
             self.at_start[inode] = netns_cookie(path)
 

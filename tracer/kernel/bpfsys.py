@@ -85,11 +85,15 @@ def probe_tracing_attach(attach_type: int, attach_btf_id: int) -> int:
         os.close(prog_fd)
 
 
-def prog_test_run_on_cpu(prog_fd: int, cpu: int) -> int:
+def prog_test_run_on_cpu(prog_fd: int, cpu: int, args: tuple[int, ...] = ()) -> int:
     """Run a raw tracepoint program once on `cpu` (BPF_PROG_TEST_RUN, Linux 5.10+: an IPI to that CPU,
-    or right here when it is this one), with no arguments; 0 or the errno."""
+    or right here when it is this one), with `args` as its u64 arguments; 0 or the errno."""
+    ctx = (ctypes.c_uint64 * max(len(args), 1))(*args)
     attr = (ctypes.c_uint8 * 80)()
     _put(attr, 0, 4, prog_fd)
+    if args:
+        _put(attr, 40, 4, 8 * len(args))                  # ctx_size_in
+        _put(attr, 48, 8, ctypes.addressof(ctx))          # ctx_in
     _put(attr, 64, 4, BPF_F_TEST_RUN_ON_CPU)
     _put(attr, 68, 4, cpu)
     rc, err = _bpf(BPF_PROG_TEST_RUN, attr)

@@ -29,6 +29,7 @@ from .kallsyms import KernelSymbols, short_kallsyms_for_bcc
 from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 
 LEARN_CPU_OFFSET = progcache.ON_CPU_PREFIX + "learn_cpu_offset"     # bpf/netstat.bpf.c
+NETSTAT_FLUSH = progcache.ON_CPU_PREFIX + "netstat_flush"
 
 # 32 MiB (--ring-mb): ~155 000 records of 208 bytes (+8 header) waiting before anything is lost — what
 # the fastest reset storm this 2-core machine makes (~75 000 events/s, scripts/bench/capacity) gets
@@ -177,8 +178,9 @@ class RstProgram:
         with _quiet_stderr() as captured, short_kallsyms_for_bcc():
             try:
                 self.bpf = BPF(text=source.encode(), cflags=self.cflags)
-                if self.plan.counted:       # loaded, not attached: run on each CPU (learn_cpu_offsets)
-                    self.bpf.load_func(LEARN_CPU_OFFSET, BPF.RAW_TRACEPOINT)
+                if self.plan.counted:       # loaded, not attached: run on a CPU on demand
+                    for name in (LEARN_CPU_OFFSET, NETSTAT_FLUSH):
+                        self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
             except Exception as err:   # bcc raises bare Exception for compile, load and attach failures
                 failure = err
         if failure is not None:
@@ -220,10 +222,13 @@ class RstProgram:
                     f"see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log; "
                     f"{STATE_HOOK_ENV}=raw uses a raw tracepoint instead") from err
 
+    def _on_cpu_program(self, name: str):
+        return self.bpf.funcs.get(name.encode()) or self.bpf.funcs.get(name)
+
     def learn_cpu_offsets(self) -> tuple[int, int]:
         """Run bpf/netstat.bpf.c's offset finder once on every online CPU, so that a netns's counters can
         be read on every CPU from its first listener on: (CPUs whose offset was found, CPUs online)."""
-        fn = self.bpf.funcs.get(LEARN_CPU_OFFSET.encode()) or self.bpf.funcs.get(LEARN_CPU_OFFSET)
+        fn = self._on_cpu_program(LEARN_CPU_OFFSET)
         online = bpfsys.online_cpus()
         if fn is None:
             return 0, len(online)
@@ -232,6 +237,18 @@ class RstProgram:
         table = self.bpf["cpu_offsets"]
         found = sum(1 for cpu in online if table[ctypes.c_int(cpu)].value > 1)
         return found, len(online)
+
+    def flush_netstat(self, alive: set[int]) -> None:
+        """With the hooks detached: read the listen counters of each watched netns still alive (by inode)
+        once more on each CPU, so that what the kernel counted after the last hook there is kept, as
+        counted by no hook (bpf/netstat.bpf.c). A netns that is gone is not read: its memory may be
+        another's now."""
+        fn = self._on_cpu_program(NETSTAT_FLUSH)
+        if fn is None:
+            return
+        for key, val in self.bpf["netstat_seen"].items():
+            if val.netns in alive:
+                bpfsys.prog_test_run_on_cpu(fn.fd, key.cpu, (key.net,))
 
     def netstat_reads(self) -> list[tuple[int, list[int], list[int], list[int]]]:
         """bpf/netstat.bpf.c's reads, one per (netns, CPU): the netns inode, its listen counters as last
