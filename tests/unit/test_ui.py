@@ -285,6 +285,13 @@ def test_losses_and_kernel_reconciliation_are_shown():
     assert "bold red" in styles_of(ui.reconciliation_lines(RECONCILIATION["netns"], True)[0], "coverage")
 
 
+def test_drops_the_kernel_counted_where_no_hook_saw_them_are_said():
+    web = {**RECONCILIATION["netns"][1], "counted": {"syn_dropped": 48},
+           "unexplained": {"TcpExtListenOverflows": 2, "TcpExtListenDrops": 2}}
+    flat = " ".join(draw(ui.Group(*ui.reconciliation_lines([web], True))).split())
+    assert "counted by the kernel where no hook saw a decision: ListenOverflows 2, ListenDrops 2" in flat
+
+
 def test_without_reconciliation_the_panel_says_when_counters_are_compared():
     assert "kernel counters: compared at exit" in draw(ui.completeness_panel(loaded_state(), 0.0))
 

@@ -264,9 +264,13 @@ def reconciliation_lines(per_netns: list[dict], port_filtered: bool) -> list[Any
         style = "dim" if not known else "green" if all(v >= 99.5 for v in known.values()) else "bold red"
         lines.append(Text.assemble(f"netns {_netns(ns)}: ", (
             "coverage " + (" · ".join(f"{k} {v:.0f}%" for k, v in known.items()) or "nothing to compare"), style)))
-        ours = ", ".join(f"{k} {v}" for k, v in (ns.get("rsttrace") or {}).items() if v)
+        ours = ", ".join(f"{k} {v}" for k, v in (ns.get("counted") or ns.get("rsttrace") or {}).items() if v)
         theirs = ", ".join(f"{k.replace('TcpExt', '')} +{v}" for k, v in (ns.get("kernel") or {}).items() if v)
         lines.append(Padding.indent(Text(f"rsttrace saw {ours or 'nothing'}; kernel counted {theirs or 'nothing'}"), 2))
+        unseen = ", ".join(f"{k.replace('TcpExt', '')} {v}" for k, v in (ns.get("unexplained") or {}).items() if v)
+        if unseen:
+            lines.append(Padding.indent(Text(f"counted by the kernel where no hook saw a decision: {unseen}",
+                                             style="yellow"), 2))
     if active and port_filtered:
         lines.append(Text("kernel counters cover every port: with --port, below 100% is expected", style="dim"))
     return lines
