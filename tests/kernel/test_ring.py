@@ -111,7 +111,7 @@ def test_unpaced_storm_from_every_cpu_is_accounted_for_exactly(netns, tracer, rs
 
 
 def test_a_storm_is_aggregated_in_the_kernel_and_per_event_records_return_when_it_calms(netns, tracer, rststorm,
-                                                                                       tmp_path):
+                                                                                       tmp_path, validator):
     """The ring backs up (the threshold is set low: 64 KiB unread, ~300 records): from then on the
     kernel counts events per shape and writes samples; `aggregate` records carry the counts, `storm`
     records its start and end. After it, events are written one by one again."""
@@ -135,6 +135,9 @@ def test_a_storm_is_aggregated_in_the_kernel_and_per_event_records_return_when_i
     summary = got["summary"]
     kernel_events = (after["TcpOutRsts"] - before["TcpOutRsts"]) + storm["ops"] + calm["refused"]
     assert [s["phase"] for s in got["storms"]] == ["start", "end"], got["storms"]
+    for line in data.splitlines():                 # every record but the events, against the schema
+        if b'"type":"event"' not in line:
+            validator.validate(json.loads(line))
     assert got["aggregated"] == summary["aggregated"] > 0 and got["storms"][-1]["aggregated"] <= got["aggregated"]
     assert got["written"] + got["aggregated"] + got["lost"] == kernel_events, summary
     # Every refused connect after the storm, one record each for its RST sent and its RST received.
