@@ -147,13 +147,23 @@ def test_burst_syn_drops_match_listen_overflows(run):
     sc, records, _ = run
     s = sc["burst"]
     drops = ours(records, s, event="syn_dropped")
+    acks = ours(records, s, event="ack_dropped")
     overflows = s.delta("TcpExtListenOverflows")
-    assert overflows > 0 and len(drops) >= 0.99 * overflows and len(drops) <= overflows
-    assert all(d["reason"] == "accept_queue_full" for d in drops)
+    assert overflows > 0 and len(drops) + len(acks) == overflows
+    assert all(d["reason"] == "accept_queue_full" for d in drops + acks)
     assert all((d["queues"]["accept_qlen"], d["queues"]["accept_qmax"]) == (6, 5) for d in drops)
     assert drops[0]["process"]["pid"] == s.facts["server_pid"]
-    closed = rsts_match_kernel(records, s)
-    assert {r["reason"] for r in closed} == {"listener_closed"}
+    every = rsts_match_kernel(records, s)
+    # The six connections in the accept queue are reset when the listener closes.
+    assert [r["reason"] for r in every].count("listener_closed") == 6
+    # Under emulation the softirq can be deferred mid-burst, so that more SYNs than the queue holds
+    # complete their handshake on the client's side: their final ACKs meet the full queue and are
+    # dropped. Once the listener is gone, such a client's FIN retransmission meets no socket and is
+    # answered, once per client: no_socket, and nothing else.
+    late = [r for r in every if r["reason"] != "listener_closed"]
+    assert all(r["reason"] == "no_socket" and r["local"]["port"] == PORT for r in late)
+    assert len({r["remote"]["port"] for r in late}) == len(late) <= s.facts["outcome"].get("connected", 0) - 6
+    assert {r["remote"]["port"] for r in late} <= {a["remote"]["port"] for a in acks}
 
 
 def test_final_ack_overflow_with_abort_on_overflow(run):
