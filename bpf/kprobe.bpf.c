@@ -1,11 +1,16 @@
 /* kprobe.bpf.c — the hooks of the design card on kernel functions, for kernels with fentry or
  * kprobes (most production kernels, e.g. Debian 12's 6.1): RSTs sent where tcp:tcp_send_reset has
  * no reason (< 6.10, and before 6.10 it did not fire for RSTs with no socket), and the listen-queue
- * drops at the functions that decide them. Each hook body is written once and entered either from
- * an fentry program (KFUNC_PROBE, BTF-typed, cheaper: no int3) when FENTRY is defined, or from a
- * kprobe (kprobe__ prefix) otherwise; bcc attaches both kinds at load. The reason of an RST is
- * inferred in user space (tracer/enrich/reasons.py infer_rst_reason) from the hooked function, the
- * callers on the kernel stack and the socket's state; what cannot be told apart stays `unknown`.
+ * drops at the functions that decide them. Uses maps.bpf.c, sock.bpf.c and syn_verdict.bpf.c.
+ *
+ * Each hook body is written once and entered either from an fentry program (KFUNC_PROBE: BTF-typed,
+ * Linux 5.5+, cheaper: no int3) when FENTRY_* is defined, or from a kprobe (kprobe__ prefix)
+ * otherwise; bcc attaches both kinds at load. Kernel functions are no stable interface: the
+ * capability probe looks each one up in the kernel's BTF (and tries fentry on it) before planning it.
+ * No function says why it resets: the reason of an RST is inferred in user space
+ * (tracer/enrich/reasons.py infer_rst_reason) from the hooked function, the callers on the kernel
+ * stack and the socket's state; what cannot be told apart stays `unknown`. The queue verdicts are
+ * replayed on entry (RSTTRACE_F_INFERRED).
  *
  *   FENTRY_RST / FENTRY_SYN / FENTRY_ACK   enter that group through fentry (the kernel attaches
  *                    BPF_PROG_TYPE_TRACING programs to its functions), else through kprobes

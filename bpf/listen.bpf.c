@@ -1,12 +1,19 @@
-/* listen.bpf.c — listen-queue decisions, from tracepoints only (no kprobes needed).
+/* listen.bpf.c — listen-queue decisions and the listeners they are taken by, from tracepoints only
+ * (no kprobes needed). Uses maps.bpf.c, sock.bpf.c, syn_verdict.bpf.c, owners.bpf.c, and
+ * netstat.bpf.c (pasted before it) with NETSTAT_PERCPU.
+ *
+ *   sock:inet_sock_set_state  (Linux 4.16+) listeners entering and leaving LISTEN, their children,
+ *                             and who calls connect() (owners.bpf.c).
+ *   sock:sk_data_ready (6.6+), sock:sock_recv_length (6.3+)   listeners that predate rsttrace.
+ *   skb:consume_skb           (`location`, 6.3+) a SYN right after tcp_conn_request() decided on it.
+ *   net:netif_receive_skb     a SYN before that decision (where consume_skb cannot be used).
+ *   skb:kfree_skb             (TCP_LISTEN_OVERFLOW 6.3+, rx_sk 6.11+) a final ACK the accept queue refused.
  *
  * The kernel drops a SYN in tcp_conn_request() (accept queue full, SYN queue full without cookies)
- * with consume_skb(): no drop reason. So rsttrace reads the decision from the listener's queues and
- * the netns sysctls, and applies tcp_conn_request()'s own tests: after it, where
- * tcp_rcv_state_process() consumes the SYN (skb:consume_skb, 6.3+: once per SYN to a listener), or
- * before it, at net:netif_receive_skb (every packet of the host). These events carry
- * RSTTRACE_F_INFERRED. The 3rd-ACK overflow does have a drop reason (skb:kfree_skb,
- * TCP_LISTEN_OVERFLOW) and is reported as the kernel says it.
+ * with consume_skb(): no drop reason. So the decision is told from what the kernel counted for it
+ * (netstat.bpf.c) or from the listener's queues and the netns sysctls (syn_verdict.bpf.c, these
+ * events carry RSTTRACE_F_INFERRED). The 3rd-ACK overflow does have a drop reason and is reported as
+ * the kernel says it. One listener stands for each (netns, port): SO_REUSEPORT groups share it.
  *
  *   LISTEN_BACKLOG_FROM_REGS    bpf_task_pt_regs() exists (5.15+) and the machine's syscall
  *                               registers are known: listen()'s backlog argument is kept per listener.
@@ -29,11 +36,11 @@
 #define RAW_TP_STACK_SKIP 2
 
 /* sock:inet_sock_set_state (Linux 4.16+): (sk, oldstate, newstate), a TCP socket enters or leaves
- * LISTEN. It fires on every state change of every socket (10 per connection), so it is a BTF
+ * LISTEN. It fires on every state change of every socket (several per connection), so it is a BTF
  * tracepoint where the kernel allows one (STATE_HOOK_BTF: its first reads cost no probe read,
- * common.bpf.c), else a raw one — never the classic tracepoint, which would copy addresses into a
+ * sock.bpf.c), else a raw one — never the classic tracepoint, which would copy addresses into a
  * perf record each time before rsttrace could say "not a listener". With CONNECT_OWNERS it also
- * records who connects to a traced port (common.bpf.c, connectors). */
+ * records who connects to a traced port (owners.bpf.c). */
 STATE_HOOK_PROBE(inet_sock_set_state)
 {
 	int oldstate = (int)ctx->args[1], newstate = (int)ctx->args[2];
@@ -66,7 +73,7 @@ STATE_HOOK_PROBE(inet_sock_set_state)
 		/* The kernel keeps only min(backlog, somaxconn); which of the two binds is what the user
 		 * must change. We run inside listen(): its argument is in the saved user registers
 		 * (bpf_task_pt_regs, 5.15+). Not a syscall tracepoint: enabling one would send every
-		 * syscall on the host through the slow path (measured: +15 ns per syscall). */
+		 * syscall on the host through the slow path. */
 		void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
 		__u64 nr = ~0ULL, arg = 0;
 		bpf_probe_read_kernel(&nr, sizeof(nr), regs + OFF_PT_REGS_SYSCALL_NR);
@@ -190,7 +197,7 @@ static __always_inline void report_counted_syn(void *ctx, struct listener_val *l
  * tcp_rcv_state_process() [SYN_CONSUMER_LO, SYN_CONSUMER_HI): its LISTEN branch consumes every SYN
  * the listener has decided on — accepted, answered with a cookie, or dropped (tcp_conn_request()
  * returns 0 on its drop paths, Linux 4.4+). So this runs for the SYNs that reach a listener, after
- * the decision, instead of for every packet of the host before it (netif_receive_skb: 6 runs per
+ * the decision, instead of for every packet of the host before it (netif_receive_skb: several runs per
  * connection, parsing each). One compare turns every other consume_skb of the host away. With
  * NETSTAT_PERCPU the verdict is what the kernel counted (netstat.bpf.c); else it is told from the
  * queues (report_syn_outcome). */

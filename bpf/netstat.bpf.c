@@ -1,4 +1,6 @@
-/* netstat.bpf.c — the kernel's own listen-queue counters, read on the CPU that counted them.
+/* netstat.bpf.c — the kernel's own listen-queue counters, read on the CPU that counted them, for the
+ * SYN and final-ACK hooks of listen.bpf.c (pasted after this file). Uses maps.bpf.c, sock.bpf.c and
+ * syn_verdict.bpf.c (struct queue_state).
  *
  * tcp_conn_request() (Linux 4.4+) counts its verdict on a SYN, and tcp_v4/v6_syn_recv_sock() an
  * accept-queue overflow at the handshake's final ACK, in the listener netns's per-CPU SNMP counters
@@ -21,7 +23,9 @@
  * the per-CPU variable this_cpu_off holds that offset (Linux 2.6.30+). It is found from this CPU's
  * runqueue (task->se.cfs_rq->rq: CONFIG_FAIR_GROUP_SCHED) less the runqueue's place in the per-CPU
  * section (BTF DATASEC), and checked against the per-CPU cpu_number. BTF of 6.18 has no per-CPU type
- * tags on net_statistics, so bpf_this_cpu_ptr() cannot be used.
+ * tags on net_statistics, so bpf_this_cpu_ptr() cannot be used. The oncpu__ programs at the end are
+ * run by user space on a chosen CPU (BPF_PROG_TEST_RUN with BPF_F_TEST_RUN_ON_CPU, Linux 5.10+),
+ * never attached.
  *
  *   NETSTAT_PERCPU     this file is compiled in
  *   NETSTAT_CPUS       possible CPUs (cpu_offsets entries, the snapshot loop)

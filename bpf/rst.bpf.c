@@ -1,4 +1,14 @@
-/* rst.bpf.c — RSTs sent and received, from tracepoints (no kprobes, no kernel headers).
+/* rst.bpf.c — RSTs sent and received, from tracepoints (no kprobes, no kernel headers). Uses
+ * maps.bpf.c, sock.bpf.c and owners.bpf.c.
+ *
+ *   tcp:tcp_send_reset      every RST the host sends (Linux 4.16+, the loader's floor), with the
+ *                           kernel's reason since 6.10. Before 6.10 it has no reason and misses replies
+ *                           sent with no socket: kprobe.bpf.c takes RSTs sent there where it can run.
+ *   tcp:tcp_receive_reset   every RST a socket accepted (tcp_reset(), Linux 4.15+): the "Connection
+ *                           reset by peer" side. An RST the kernel discards (out of window, no
+ *                           socket) is not seen, and a received RST carries no reason.
+ * In softirq the task on the CPU did not cause the RST: user space names the socket's owner instead
+ * (or the process that connected it, owners.bpf.c).
  *
  *   HAVE_RST_REASON       tcp:tcp_send_reset carries `enum sk_rst_reason reason` and sockaddr
  *                         addresses (Linux 6.10+); without it the older field layout is used.

@@ -1,6 +1,6 @@
 /* rsttrace.h — the one event record shared by every BPF hook and the Python decoder.
  *
- * This layout is the contract between kernel and user space: tracer/events/record.py mirrors it
+ * This layout is the contract between kernel and user space: tracer/kernel/layout.py mirrors it
  * with ctypes, and tests/unit/test_record_layout.py compiles this header with the system C compiler
  * and checks every field's offset and size against the Python side. Change both or neither.
  *

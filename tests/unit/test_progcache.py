@@ -1,9 +1,12 @@
-"""The program cache's bytecode handling: map descriptors found and moved, nothing else touched."""
+"""The program cache's bytecode handling: map descriptors found and moved, nothing else touched; and
+its directory and entries used only where nobody but root could have written them."""
 from __future__ import annotations
+
+import os
 
 import pytest
 
-from tracer.kernel import bpfsys, progcache
+from tracer.kernel import bpfsys, progcache, rootfiles
 
 
 def ld_imm64(dst: int, src: int, imm: int) -> bytes:
@@ -79,7 +82,11 @@ def test_only_the_newest_entries_are_kept(tmp_path):
         f.write_text("{}")
         os.utime(f, (1000 + i, 1000 + i))
     (tmp_path / "boot-x.json").write_text("{}")
-    progcache._prune(str(tmp_path))
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        progcache._prune(fd)
+    finally:
+        os.close(fd)
     left = sorted(p.name for p in tmp_path.glob("programs-*.json"))
     assert left == [f"programs-{i:04d}.json" for i in range(3, progcache.MAX_ENTRIES + 3)]
     assert (tmp_path / "boot-x.json").exists()
@@ -96,3 +103,166 @@ def test_an_edited_header_changes_the_key(tmp_path):
     assert len({first, second, progcache.tree_digest(tmp_path)}) == 3
     keys = {progcache.cache_path("src", [], "0.26.0", str(tmp_path), includes=d) for d in (first, second)}
     assert len(keys) == 2
+
+
+# -- who may have written the cache: only root -------------------------------------------------------
+# tmp_path is root's and 0700 under /tmp (root's, sticky); the tests chown and chmod below it.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="root-owned paths and chown need root")
+NOBODY = 65534
+ENTRY = {"format": progcache.FORMAT, "maps": [], "functions": {}}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache directory as rsttrace makes it (root's, 0700) with one entry; refusals said afresh."""
+    monkeypatch.setattr(rootfiles, "_said", False)
+    directory = tmp_path / "cache"
+    path = str(directory / "programs-0123.json")
+    assert progcache.write_entry(path, ENTRY)
+    return directory, path
+
+
+def said(capsys) -> list[str]:
+    return capsys.readouterr().err.splitlines()
+
+
+@needs_root
+def test_a_cache_only_root_can_write_is_used(cache, capsys):
+    directory, path = cache
+    assert (directory.stat().st_mode & 0o777, os.stat(path).st_mode & 0o777) == (0o700, 0o600)
+    assert progcache.read_entry(path) == ENTRY
+    assert said(capsys) == []
+
+
+@needs_root
+def test_a_sticky_directory_above_it_such_as_tmp_is_accepted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rootfiles, "_said", False)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o1777)
+    path = str(tmp_path / "shared" / "cache" / "programs-0123.json")
+    assert progcache.write_entry(path, ENTRY)
+    assert progcache.read_entry(path) == ENTRY
+    assert said(capsys) == []
+
+
+@needs_root
+@pytest.mark.parametrize("what", ["directory", "entry"])
+def test_a_cache_owned_by_another_user_is_refused_and_said_once(cache, capsys, what):
+    directory, path = cache
+    os.chown(directory if what == "directory" else path, NOBODY, NOBODY)
+    assert progcache.read_entry(path) is None
+    assert progcache.read_entry(path) is None
+    named = str(directory) if what == "directory" else path
+    assert said(capsys) == [f"rsttrace: cache not used: {named} belongs to uid {NOBODY}, not root"]
+
+
+@needs_root
+@pytest.mark.parametrize("mode, by", [(0o770, "group"), (0o707, "others"), (0o1777, "group and others")])
+def test_a_cache_directory_group_or_others_can_write_is_refused(cache, capsys, mode, by):
+    directory, path = cache
+    directory.chmod(mode)        # sticky or not: the cache directory itself is root's alone
+    assert progcache.read_entry(path) is None
+    assert said(capsys) == [f"rsttrace: cache not used: {directory} is writable by {by}"]
+
+
+@needs_root
+def test_an_entry_others_can_write_is_refused(cache, capsys):
+    directory, path = cache
+    os.chmod(path, 0o606)
+    assert progcache.read_entry(path) is None
+    assert said(capsys) == [f"rsttrace: cache not used: {path} is writable by others"]
+
+
+@needs_root
+def test_a_writable_directory_above_the_cache_is_refused(cache, capsys):
+    directory, path = cache
+    directory.parent.chmod(0o777)            # anyone could rename the cache directory away and put theirs
+    try:
+        assert progcache.read_entry(path) is None
+        assert not progcache.write_entry(str(directory / "programs-4567.json"), ENTRY)
+    finally:
+        directory.parent.chmod(0o700)
+    assert not (directory / "programs-4567.json").exists()
+    assert said(capsys) == [f"rsttrace: cache not used: {directory.parent} is writable by group and others"]
+
+
+@needs_root
+def test_a_parent_owned_by_another_user_is_refused(cache, capsys):
+    directory, path = cache
+    os.chown(directory.parent, NOBODY, NOBODY)
+    assert progcache.read_entry(path) is None
+    assert said(capsys) == [f"rsttrace: cache not used: {directory.parent} belongs to uid "
+                            f"{NOBODY}, not root"]
+
+
+@needs_root
+def test_a_symlinked_cache_directory_is_refused(cache, tmp_path, capsys):
+    directory, path = cache
+    (tmp_path / "link").symlink_to(directory)
+    assert progcache.read_entry(str(tmp_path / "link" / "programs-0123.json")) is None
+    assert not progcache.write_entry(str(tmp_path / "link" / "programs-4567.json"), ENTRY)
+    assert said(capsys) == [f"rsttrace: cache not used: {tmp_path / 'link'} is a symbolic link"]
+
+
+@needs_root
+def test_a_symlinked_directory_above_the_cache_is_refused(cache, tmp_path, capsys):
+    directory, path = cache
+    (tmp_path / "above").symlink_to(tmp_path)
+    assert progcache.read_entry(str(tmp_path / "above" / "cache" / "programs-0123.json")) is None
+    assert said(capsys) == [f"rsttrace: cache not used: {tmp_path / 'above'} is a symbolic link"]
+
+
+@needs_root
+def test_a_symlinked_entry_is_refused(cache, capsys):
+    directory, path = cache
+    os.rename(path, directory / "elsewhere.json")
+    os.symlink(directory / "elsewhere.json", path)
+    assert progcache.read_entry(path) is None
+    assert said(capsys) == [f"rsttrace: cache not used: {path} is a symbolic link"]
+
+
+@needs_root
+def test_an_entry_that_is_not_a_regular_file_is_refused(cache, capsys):
+    directory, path = cache
+    os.unlink(path)
+    os.mkfifo(path, 0o600)          # opened without blocking, then refused
+    assert progcache.read_entry(path) is None
+    assert said(capsys) == [f"rsttrace: cache not used: {path} is not a regular file"]
+
+
+@needs_root
+def test_the_override_directory_is_checked_alike(cache, monkeypatch, capsys):
+    directory, path = cache
+    monkeypatch.setenv(progcache.CACHE_ENV, str(directory))
+    assert progcache.cache_directory() == str(directory)
+    assert progcache.likely_cached()
+    assert progcache.read_entry(progcache.cache_path("int x;", [], None)) is None     # no such entry: nothing said
+    assert said(capsys) == []
+    directory.chmod(0o757)
+    assert not progcache.likely_cached()
+    assert progcache.read_entry(path) is None
+    assert said(capsys) == [f"rsttrace: cache not used: {directory} is writable by others"]
+
+
+@needs_root
+def test_a_missing_cache_is_no_refusal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rootfiles, "_said", False)
+    monkeypatch.setenv(progcache.CACHE_ENV, str(tmp_path / "none"))
+    assert not progcache.likely_cached()
+    assert progcache.read_entry(str(tmp_path / "none" / "programs-0123.json")) is None
+    assert said(capsys) == []
+
+
+@needs_root
+def test_the_boot_cache_of_kernel_facts_is_refused_the_same_way(tmp_path, monkeypatch, capsys):
+    # Its struct offsets are compiled into the programs: as much the kernel's business as the programs.
+    from tracer.kernel.bootcache import BootCache
+    monkeypatch.setattr(rootfiles, "_said", False)
+    directory = tmp_path / "boot"
+    first = BootCache(str(directory))
+    first.put("offsets", {"sk_state": 18}, key="v1")
+    first.save()
+    assert BootCache(str(directory)).get("offsets", key="v1") == {"sk_state": 18}
+    os.chmod(directory, 0o777)
+    assert BootCache(str(directory)).get("offsets", key="v1") is None
+    assert said(capsys) == [f"rsttrace: cache not used: {directory} is writable by group and others"]

@@ -1,19 +1,20 @@
 """Facts about the running kernel that hold until the next boot, kept for the next run.
 
-Start-up reads the kernel's BTF (~6 MB, ~45 ms to read and search) for struct offsets and
+Start-up reads the kernel's BTF (megabytes to read and search) for struct offsets and
 function ids, and /proc/kallsyms (the kernel formats every line it is asked for) for the softirq
 entry functions and, at the first event, the names of the functions on the stacks. None of that
 changes until the next boot: core kernel text stays where KASLR put it at boot, and vmlinux's BTF
 with it. So each run keeps what it learned in /run/rsttrace/boot-<boot id>.json (tmpfs: gone at
-reboot; a root-only directory), and the next run starts from it. Module symbols are never kept
+reboot; a root-only directory, checked as kernel/rootfiles.py says), and the next run starts from it. Module symbols are never kept
 (modules can be unloaded and loaded elsewhere). A section carries a key saying what produced it
 (rsttrace's field list, for offsets): a different key means "not cached". Unreadable or
 unwritable, the cache is simply not used.
 """
 from __future__ import annotations
 
-import json
 import os
+
+from . import rootfiles
 
 DIRECTORY = "/run/rsttrace"
 
@@ -28,12 +29,9 @@ class BootCache:
             with open("/proc/sys/kernel/random/boot_id") as f:
                 boot = f.read().strip()
             self.path = os.path.join(directory, f"boot-{boot}.json")
-            with open(self.path) as f:
-                data = json.load(f)
-            if isinstance(data, dict):
-                self._data = data
-        except (OSError, ValueError):
-            pass
+        except OSError:
+            return
+        self._data = rootfiles.read_json(self.path) or {}
 
     def get(self, section: str, key: str | None = None):
         """A section's value, or None (absent, or made for another key)."""
@@ -48,15 +46,5 @@ class BootCache:
 
     def save(self) -> None:
         """Write it out if anything changed (atomically: a concurrent run reads the old or the new)."""
-        if not (self._dirty and self.path):
-            return
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._data, f)
-            os.replace(tmp, self.path)
+        if self._dirty and self.path and rootfiles.write_json(self.path, self._data):
             self._dirty = False
-        except OSError:
-            pass

@@ -1,6 +1,6 @@
 """What this kernel offers rsttrace, found out by looking and by trying (never by version numbers).
 
-`probe()` is run at every start-up (about 50 ms) and by `rsttrace doctor`. It decides, per thing
+`probe()` is run at every start-up and by `rsttrace doctor`. It decides, per thing
 rsttrace wants to see, which hook will deliver it — the "coverage" that is printed at start and
 recorded in the JSON stream — and what this kernel cannot show.
 """
@@ -188,7 +188,7 @@ def kernel_upstream_version(release: str, proc_version: str, signature: str = ""
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
-def _effective_caps() -> int:
+def effective_caps() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
@@ -205,7 +205,7 @@ def _load_bcc() -> None:
 
 def _bcc_version() -> str | None:
     """bcc's version, read from its package without importing it: importing maps libbcc and LLVM
-    (~40 ms and most of rsttrace's memory), which a start from the program cache never needs."""
+    (time, and most of rsttrace's memory), which a start from the program cache never needs."""
     try:
         spec = importlib.util.find_spec("bcc")
         if spec is None or not spec.submodule_search_locations:
@@ -241,10 +241,10 @@ def _text_ranges(cache: BootCache, section: str, names: tuple[str, ...], every: 
 
 
 def probe(mount_tracefs: bool = True) -> Capabilities:
-    caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=_effective_caps())
-    # Loading bcc maps LLVM (~40 ms, mostly in dlopen, which lets other threads run): it happens
-    # while this thread reads BTF, tracefs and kallsyms. Joined before returning, so that the
-    # compile that follows runs in a single-threaded process (kallsyms.py).
+    caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=effective_caps())
+    # Loading bcc maps LLVM (mostly in dlopen, which lets other threads run): it happens
+    # while this thread reads BTF, tracefs and kallsyms. Joined before returning: the compile
+    # that follows needs bcc.
     # Not where this boot's first start cached the programs (progcache.py): no compile will follow.
     loading = threading.Thread(target=_load_bcc, name="rsttrace-load-bcc", daemon=True)
     if not progcache.likely_cached():
@@ -261,7 +261,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
     caps.kernel_headers = os.path.isdir(f"/lib/modules/{caps.kernel}/build/include")
 
     # What BTF and kallsyms say does not change until the next boot: kept from an earlier run
-    # (bootcache.py), else read (~70 ms) and kept for the next one.
+    # (bootcache.py), else read and kept for the next one.
     cache = caps.boot_cache = BootCache()
     try:      # the BTF file as it is now is part of the key: hidden or emptied, it is read (and fails)
         btf_key = f"{BTF_FACTS_KEY}:{os.stat(VMLINUX_BTF).st_size}"
@@ -320,7 +320,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.fentry_functions = {f for f, fid in function_ids.items()
                                  if fid and bpfsys.probe_fentry_attach(fid) == 0}
     # tp_btf is PROG_TYPE_TRACING too, but needs no trampoline: it loads where fentry is refused (seen: 6.18
-    # with a BPF LSM). Tried by attaching a trivial program for a moment (~1 ms).
+    # with a BPF LSM). Tried by attaching a trivial program for a moment.
     caps.btf_tracepoints = {t: tid for t, tid in tracepoint_types.items()
                             if tid and bpfsys.probe_tracing_attach(bpfsys.BPF_TRACE_RAW_TP, tid) == 0}
     caps.softirq_ranges = _text_ranges(cache, "softirq_ranges", SOFTIRQ_ENTRY_FUNCTIONS, every=False)

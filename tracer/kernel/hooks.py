@@ -13,11 +13,15 @@
 Function hooks enter through fentry where the kernel allows BPF_PROG_TYPE_TRACING (cheaper than a
 kprobe's breakpoint), through kprobes otherwise. `--backend tracepoint|kprobe|fentry` forces one
 family where it can run (for tests and comparisons).
+
+`plan_hooks()` decides, one small function per event kind; the result is a `HookPlan` of typed
+choices, which `HookPlan.cflags()` alone turns into the macros bpf/*.c test.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 
 from ..errors import UnsupportedKernelError
 from . import bpfsys
@@ -46,17 +50,112 @@ SYN_HOOK_ENV = "RSTTRACE_SYN_HOOK"
 # run (what kernels that refuse tp_btf get): for tests and benchmarks, not for users.
 STATE_HOOK_ENV = "RSTTRACE_STATE_HOOK"
 
+RST_FUNCTIONS = ("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_reset")
+SYN_FUNCTIONS = ("tcp_conn_request",)
+ACK_FUNCTIONS = ("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
+
+
+class Hook(Enum):
+    """What catches a kind of event."""
+    TRACEPOINT = "tracepoint"               # the event's own tracepoint (tcp:tcp_send_reset, tcp_receive_reset)
+    KPROBE = "kprobe"                       # the kernel function that decides, through a kprobe
+    FENTRY = "fentry"                       # the same function, through a BPF trampoline
+    CONSUME_SKB = "consume_skb"             # raw tracepoint skb:consume_skb, after tcp_conn_request() decided
+    NETIF_RECEIVE_SKB = "netif_receive_skb"  # raw tracepoint net:netif_receive_skb, before it decides
+    KFREE_SKB = "kfree_skb"                 # raw tracepoint skb:kfree_skb, with the kernel's drop reason
+
+
+FUNCTION_HOOKS = (Hook.KPROBE, Hook.FENTRY)     # bpf/kprobe.bpf.c
+
 
 @dataclass
 class HookPlan:
-    files: list[str] = field(default_factory=list)
-    macros: list[str] = field(default_factory=list)
-    coverage: Coverage = field(default_factory=Coverage)
-    # BTF tracepoint programs (tp_btf__<name>, bpf/common.bpf.c STATE_HOOK_PROBE) → the btf_trace_*
-    # typedef id the loader loads each for (bcc has no tp_btf: tracer/kernel/loader.py loads them)
-    btf_types: dict[str, int] = field(default_factory=dict)
-    # Listen-queue verdicts from the kernel's own per-CPU counters (bpf/netstat.bpf.c)
+    """What is hooked how on this kernel; `cflags()` renders it for bpf/*.c."""
+    rst_sent: Hook | None = None            # TRACEPOINT, KPROBE or FENTRY
+    rst_received: Hook | None = None        # TRACEPOINT
+    syn_verdicts: Hook | None = None        # syn_dropped and syn_cookie: KPROBE, FENTRY, CONSUME_SKB, NETIF_RECEIVE_SKB
+    ack_dropped: Hook | None = None         # KFREE_SKB, KPROBE or FENTRY
+    # Listen-queue verdicts from the kernel's own per-CPU counters (bpf/netstat.bpf.c) ...
     counted: bool = False
+    netstat_cpus: int = 0                   # ... in a table per possible CPU
+    netstat_offsets: dict[str, int] = field(default_factory=dict)   # ... read there (Capabilities.netstat)
+    # Kernel text [start, end) that tells where a packet was freed: tcp_rcv_state_process() for
+    # CONSUME_SKB, cookie_v4/v6_check() for a SYN cookie's ACK under KFREE_SKB
+    syn_consumer: tuple[int, int] | None = None
+    cookie_checks: list[tuple[int, int]] = field(default_factory=list)
+    listen_overflow_reason: int | None = None     # skb_drop_reason TCP_LISTEN_OVERFLOW (KFREE_SKB)
+    cookie_no_socket_reason: int | None = None    # skb_drop_reason NO_SOCKET, of a SYN cookie's ACK
+    # The listener table (bpf/listen.bpf.c): sock:inet_sock_set_state as a BTF tracepoint (the
+    # btf_trace_* typedef id the loader loads it for; bcc has no tp_btf), else as a raw one
+    state_hook_type: int | None = None
+    backlog_from_regs: bool = False         # listen()'s backlog, from the syscall's registers
+    learns_older_listeners: bool = False    # sock:sk_data_ready: a listener that predates rsttrace, at its next connection
+    pokes_listeners: bool = False           # sock:sock_recv_length: the same, at once, from a recv() on its fd
+    ipv6_reset: bool = False                # the function hooks take the IPv6 functions too
+    synq_full_gt: bool = False              # Capabilities.synq_full_gt
+    # Hook files the loader pastes after the subject files (loader.SUBJECT_FILES), in this order
+    files: list[str] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=Coverage)
+
+    @property
+    def listen_hooks(self) -> bool:
+        """bpf/listen.bpf.c runs: a SYN or ACK raw tracepoint needs its listener table."""
+        return (self.syn_verdicts in (Hook.CONSUME_SKB, Hook.NETIF_RECEIVE_SKB)
+                or self.ack_dropped is Hook.KFREE_SKB)
+
+    @property
+    def function_hooks(self) -> bool:
+        """bpf/kprobe.bpf.c runs."""
+        return any(hook in FUNCTION_HOOKS for hook in (self.rst_sent, self.syn_verdicts, self.ack_dropped))
+
+    @property
+    def btf_types(self) -> dict[str, int]:
+        """BTF tracepoint programs → the btf_trace_* typedef id each is loaded for."""
+        return {"tp_btf__inet_sock_set_state": self.state_hook_type} if self.state_hook_type else {}
+
+    @property
+    def macros(self) -> list[str]:
+        """cflags(), for callers that still test macro strings."""
+        return self.cflags()
+
+    def cflags(self) -> list[str]:
+        """The macros bpf/*.c test, for these choices (the loader adds offsets and filters)."""
+        out: list[str] = []
+        if self.rst_sent in FUNCTION_HOOKS:
+            out += _fentry(self.rst_sent, "RST") + ["-DRST_SENT_BY_KPROBE", "-DKPROBE_RST"]
+        if self.syn_verdicts in FUNCTION_HOOKS:
+            out += _fentry(self.syn_verdicts, "SYN") + ["-DKPROBE_LISTEN_SYN"]
+        elif self.syn_verdicts is Hook.CONSUME_SKB:
+            lo, hi = self.syn_consumer
+            out += ["-DLISTEN_SYN_CONSUMED", f"-DSYN_CONSUMER_LO={lo:#x}ULL", f"-DSYN_CONSUMER_HI={hi:#x}ULL"]
+        elif self.syn_verdicts is Hook.NETIF_RECEIVE_SKB:
+            out.append("-DLISTEN_SYN_TRACEPOINT")
+        if self.ack_dropped is Hook.KFREE_SKB:
+            out.append(f"-DLISTEN_OVERFLOW_REASON={self.listen_overflow_reason}")
+            if self.cookie_no_socket_reason is not None:
+                out.append(f"-DCOOKIE_NO_SOCKET_REASON={self.cookie_no_socket_reason}")
+                for i, (lo, hi) in enumerate(self.cookie_checks):
+                    out += [f"-DCOOKIE_CHECK{i}_LO={lo:#x}ULL", f"-DCOOKIE_CHECK{i}_HI={hi:#x}ULL"]
+        elif self.ack_dropped in FUNCTION_HOOKS:
+            out += _fentry(self.ack_dropped, "ACK") + ["-DKPROBE_LISTEN_ACK"]
+        if self.listen_hooks:
+            if self.counted:
+                out += ["-DNETSTAT_PERCPU", f"-DNETSTAT_CPUS={self.netstat_cpus}"]
+                out += [f"-D{name}={value}" for name, value in sorted(self.netstat_offsets.items())]
+            out.append("-DCONNECT_OWNERS")
+            flags = ((self.state_hook_type, "-DSTATE_HOOK_BTF"), (self.backlog_from_regs, "-DLISTEN_BACKLOG_FROM_REGS"),
+                     (self.learns_older_listeners, "-DHAVE_SK_DATA_READY"),
+                     (self.pokes_listeners, "-DHAVE_SOCK_RECV_LENGTH"))
+            out += [macro for chosen, macro in flags if chosen]
+        if self.ipv6_reset:
+            out.append("-DHAVE_IPV6_RESET")
+        if self.synq_full_gt:
+            out.append("-DSYNQ_FULL_GT")
+        return out
+
+
+def _fentry(hook: Hook, group: str) -> list[str]:
+    return [f"-DFENTRY_{group}"] if hook is Hook.FENTRY else []
 
 
 def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
@@ -66,32 +165,54 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
     if backend == "fentry" and not caps.fentry:
         raise UnsupportedKernelError("--backend fentry: this kernel refuses fentry programs",
                                      "use --backend auto (see `rsttrace doctor`)")
-    plan = HookPlan(files=["rst.bpf.c"])
-    cov = plan.coverage
-    # Function hooks, per group: fentry where it attaches (auto/fentry), kprobes otherwise.
-    def entry(functions: tuple[str, ...], macro: str) -> str:
-        if backend in ("auto", "fentry") and all(f in caps.fentry_functions for f in functions
-                                                 if f in caps.functions):
-            plan.macros.append(macro)
-            return "fentry"
-        if backend == "fentry":
-            raise UnsupportedKernelError(f"--backend fentry: fentry cannot attach to {', '.join(functions)}",
-                                         "use --backend auto (see `rsttrace doctor`)")
-        return "kprobe"
-    use_kprobes = (caps.fentry or caps.kprobes) and backend != "tracepoint"
-    kprobe_file = False
+    plan = HookPlan()
+    _plan_rst_sent(plan, caps, backend)
+    _plan_rst_received(plan, caps)
+    _plan_syn_verdicts(plan, caps, backend)
+    _plan_ack_dropped(plan, caps, backend)
+    if plan.listen_hooks:
+        _plan_listeners(plan, caps)
+    plan.ipv6_reset = plan.function_hooks and caps.has_function("tcp_v6_send_reset")
+    plan.synq_full_gt = caps.synq_full_gt
+    if not caps.softirq_ranges:
+        plan.coverage.blind_spots.append(
+            "softirq context cannot be detected: process attribution falls back to socket owners")
+    plan.files = ["rst.bpf.c"]
+    if plan.counted:
+        plan.files.append("netstat.bpf.c")
+    if plan.listen_hooks:
+        plan.files.append("listen.bpf.c")
+    if plan.function_hooks:
+        plan.files.append("kprobe.bpf.c")
+    return plan
 
-    # -- RSTs sent -----------------------------------------------------------------------------
+
+def _function_hooks(caps: Capabilities, backend: str) -> bool:
+    return (caps.fentry or caps.kprobes) and backend != "tracepoint"
+
+
+def _entry(caps: Capabilities, backend: str, functions: tuple[str, ...]) -> Hook:
+    """fentry where it attaches to every one of `functions` this kernel has (auto, fentry), else kprobes."""
+    if backend in ("auto", "fentry") and all(f in caps.fentry_functions for f in functions if f in caps.functions):
+        return Hook.FENTRY
+    if backend == "fentry":
+        raise UnsupportedKernelError(f"--backend fentry: fentry cannot attach to {', '.join(functions)}",
+                                     "use --backend auto (see `rsttrace doctor`)")
+    return Hook.KPROBE
+
+
+def _plan_rst_sent(plan: HookPlan, caps: Capabilities, backend: str) -> None:
+    cov = plan.coverage
     if caps.rst_reason and backend not in ("kprobe", "fentry"):
+        plan.rst_sent = Hook.TRACEPOINT
         cov.hooks["rst_sent"] = "tracepoint:tcp:tcp_send_reset"
         cov.notes["rst_sent"] = "kernel reason from the tracepoint"
-    elif use_kprobes:
-        fn = entry(("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_reset"), "-DFENTRY_RST")
-        cov.hooks["rst_sent"] = f"{fn}:tcp_send_active_reset,tcp_v4_send_reset,tcp_v6_send_reset"
+    elif _function_hooks(caps, backend):
+        plan.rst_sent = _entry(caps, backend, RST_FUNCTIONS)
+        cov.hooks["rst_sent"] = f"{plan.rst_sent.value}:{','.join(RST_FUNCTIONS)}"
         cov.notes["rst_sent"] = "reason inferred from the kernel callers and the socket's state"
-        plan.macros += ["-DRST_SENT_BY_KPROBE", "-DKPROBE_RST"]
-        kprobe_file = True
     elif caps.send_reset is not None:
+        plan.rst_sent = Hook.TRACEPOINT
         cov.hooks["rst_sent"] = "tracepoint:tcp:tcp_send_reset"
         cov.notes["rst_sent"] = "no kernel reason on this kernel: reason inferred from callers and socket state"
         cov.blind_spots.append("RSTs sent with no socket (closed port) do not reach tcp_send_reset before 6.10")
@@ -99,37 +220,41 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
         cov.hooks["rst_sent"] = None
         cov.notes["rst_sent"] = "neither tcp:tcp_send_reset nor kprobes"
 
-    # -- RSTs received ---------------------------------------------------------------------------
+
+def _plan_rst_received(plan: HookPlan, caps: Capabilities) -> None:
+    cov = plan.coverage
     if caps.receive_reset is not None:
+        plan.rst_received = Hook.TRACEPOINT
         cov.hooks["rst_received"] = "tracepoint:tcp:tcp_receive_reset"
         cov.notes["rst_received"] = ""
     else:
         cov.hooks["rst_received"] = None
         cov.notes["rst_received"] = "tracepoint tcp:tcp_receive_reset missing"
 
-    # -- listen queue ----------------------------------------------------------------------------
-    listen_tp = caps.listen_hooks
-    if use_kprobes:
-        fn = entry(("tcp_conn_request",), "-DFENTRY_SYN")
-        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = f"{fn}:tcp_conn_request"
-        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = (
-            "inferred at the decision point: tcp_conn_request()'s tests replayed on the queues it is about to read")
-        plan.macros.append("-DKPROBE_LISTEN_SYN")
-        kprobe_file = True
-    elif listen_tp and caps.syn_after_decision and os.environ.get(SYN_HOOK_ENV) != "netif_receive_skb":
-        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:skb:consume_skb"
-        lo, hi = caps.text_ranges[SYN_CONSUMER]
-        plan.macros += ["-DLISTEN_SYN_CONSUMED", f"-DSYN_CONSUMER_LO={lo:#x}ULL", f"-DSYN_CONSUMER_HI={hi:#x}ULL"]
+
+def _plan_syn_verdicts(plan: HookPlan, caps: Capabilities, backend: str) -> None:
+    """syn_dropped and syn_cookie: where a listener's verdict on a SYN is read, and how it is told."""
+    cov = plan.coverage
+    if _function_hooks(caps, backend):
+        plan.syn_verdicts = _entry(caps, backend, SYN_FUNCTIONS)
+        hook = f"{plan.syn_verdicts.value}:tcp_conn_request"
+        note = "inferred at the decision point: tcp_conn_request()'s tests replayed on the queues it is about to read"
+    elif caps.listen_hooks and caps.syn_after_decision and os.environ.get(SYN_HOOK_ENV) != "netif_receive_skb":
+        plan.syn_verdicts = Hook.CONSUME_SKB
+        plan.syn_consumer = caps.text_ranges[SYN_CONSUMER]
+        hook = "raw_tracepoint:skb:consume_skb"
         if caps.counted_verdicts and os.environ.get(SYN_VERDICTS_ENV) != "inferred":
-            cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_COUNTED
             plan.counted = True
+            plan.netstat_cpus = bpfsys.possible_cpus()
+            plan.netstat_offsets = dict(caps.netstat)
+            note = SYN_COUNTED
             cov.blind_spots.append(
                 "ListenDrops alone at a SYN (no overflow, no full SYN queue) is this SYN only where tcp_max_syn_backlog's "
                 "reserve explains it (syncookies off); else it is counted as `unexplained` in the reconciliation: an ICMP "
                 "error that removed a half-open connection counts the same. A CPU whose per-CPU offset could not be found "
                 "has its SYN verdicts inferred (inferred: true)")
         else:
-            cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_DECIDED
+            note = SYN_DECIDED
             cov.blind_spots.append(
                 "SYNs at a queue's edge: whether a SYN that found the SYN queue one short of its limit took the last "
                 "place is told from the queue length at the listener's previous SYN, less the connections completed "
@@ -139,10 +264,9 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
             if not caps.counted_verdicts:
                 cov.blind_spots.append("the kernel's own listen counters cannot be read per CPU here: "
                                        + (caps.netstat_missing or "no BPF_PROG_TEST_RUN on a chosen CPU"))
-    elif listen_tp:
-        cov.hooks["syn_dropped"] = cov.hooks["syn_cookie"] = "raw_tracepoint:net:netif_receive_skb"
-        cov.notes["syn_dropped"] = cov.notes["syn_cookie"] = SYN_INFERRED
-        plan.macros.append("-DLISTEN_SYN_TRACEPOINT")
+    elif caps.listen_hooks:
+        plan.syn_verdicts = Hook.NETIF_RECEIVE_SKB
+        hook, note = "raw_tracepoint:net:netif_receive_skb", SYN_INFERRED
         if caps.recv_length is not None and caps.data_ready is not None:
             cov.blind_spots.append(
                 "a listener that existed before rsttrace started is known a moment after start, from a recv() "
@@ -155,64 +279,48 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
                 if caps.data_ready is not None else
                 "listeners that existed before rsttrace started are known only after an ACK-time overflow")
     else:
-        for kind in ("syn_dropped", "syn_cookie"):
-            cov.hooks[kind] = None
-            cov.notes[kind] = "needs kprobes, or sock:inet_sock_set_state + net:netif_receive_skb raw tracepoints"
+        hook, note = None, "needs kprobes, or sock:inet_sock_set_state + net:netif_receive_skb raw tracepoints"
+    for kind in ("syn_dropped", "syn_cookie"):
+        cov.hooks[kind], cov.notes[kind] = hook, note
 
-    if listen_tp and caps.listen_overflow_reason is not None and backend not in ("kprobe", "fentry"):
+
+def _plan_ack_dropped(plan: HookPlan, caps: Capabilities, backend: str) -> None:
+    """ack_dropped: a handshake's final ACK that met a full accept queue."""
+    cov = plan.coverage
+    if caps.listen_hooks and caps.listen_overflow_reason is not None and backend not in ("kprobe", "fentry"):
+        plan.ack_dropped = Hook.KFREE_SKB
+        plan.listen_overflow_reason = caps.listen_overflow_reason
         cov.hooks["ack_dropped"] = "raw_tracepoint:skb:kfree_skb"
         cov.notes["ack_dropped"] = "kernel drop reason TCP_LISTEN_OVERFLOW"
-        plan.macros.append(f"-DLISTEN_OVERFLOW_REASON={caps.listen_overflow_reason}")
         cookie_ranges = [caps.text_ranges[f] for f in COOKIE_CHECKERS if f in caps.text_ranges]
         if caps.no_socket_reason is not None and cookie_ranges:
             # A SYN cookie's ACK that meets a full accept queue is dropped by cookie_v4/v6_check() with
             # reason NO_SOCKET: told from the other NO_SOCKET drops by where it was freed.
+            plan.cookie_no_socket_reason = caps.no_socket_reason
+            plan.cookie_checks = cookie_ranges
             cov.notes["ack_dropped"] += "; a SYN cookie's ACK: reason NO_SOCKET freed in cookie_v4/v6_check()"
             if plan.counted:
                 cov.notes["ack_dropped"] = ACK_COUNTED
             else:
                 cov.blind_spots.append("a SYN cookie's ACK dropped because memory ran out is reported as "
                                        "accept_queue_full: the kernel gives it the same reason and place")
-            plan.macros.append(f"-DCOOKIE_NO_SOCKET_REASON={caps.no_socket_reason}")
-            for i, (lo, hi) in enumerate(cookie_ranges):
-                plan.macros += [f"-DCOOKIE_CHECK{i}_LO={lo:#x}ULL", f"-DCOOKIE_CHECK{i}_HI={hi:#x}ULL"]
-    elif use_kprobes:
-        fn = entry(("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock"), "-DFENTRY_ACK")
-        cov.hooks["ack_dropped"] = f"{fn}:tcp_v4_syn_recv_sock,tcp_v6_syn_recv_sock"
+    elif _function_hooks(caps, backend):
+        plan.ack_dropped = _entry(caps, backend, ACK_FUNCTIONS)
+        cov.hooks["ack_dropped"] = f"{plan.ack_dropped.value}:{','.join(ACK_FUNCTIONS)}"
         cov.notes["ack_dropped"] = "inferred: sk_acceptq_is_full(), the function's first test, replayed on entry"
-        plan.macros.append("-DKPROBE_LISTEN_ACK")
-        kprobe_file = True
     else:
         cov.hooks["ack_dropped"] = None
         cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb (6.3+), no kprobes or fentry"
 
-    if listen_tp and ({"-DLISTEN_SYN_TRACEPOINT", "-DLISTEN_SYN_CONSUMED"} & set(plan.macros) or any(m.startswith("-DLISTEN_OVERFLOW_REASON")
-                                                                      for m in plan.macros)):
-        if plan.counted:
-            plan.files.append("netstat.bpf.c")
-            plan.macros += ["-DNETSTAT_PERCPU", f"-DNETSTAT_CPUS={bpfsys.possible_cpus()}"]
-            plan.macros += [f"-D{name}={value}" for name, value in sorted(caps.netstat.items())]
-        plan.files.append("listen.bpf.c")
-        plan.macros.append("-DCONNECT_OWNERS")
-        state_type = caps.btf_tracepoints.get("inet_sock_set_state")
-        if state_type and os.environ.get(STATE_HOOK_ENV) != "raw":
-            plan.macros.append("-DSTATE_HOOK_BTF")
-            plan.btf_types["tp_btf__inet_sock_set_state"] = state_type
-        if "OFF_PT_REGS_ARG2" in (caps.offsets or {}):
-            plan.macros.append("-DLISTEN_BACKLOG_FROM_REGS")
-        if caps.data_ready is not None:
-            plan.macros.append("-DHAVE_SK_DATA_READY")
-        if caps.recv_length is not None:
-            plan.macros.append("-DHAVE_SOCK_RECV_LENGTH")
-    if kprobe_file:
-        plan.files.append("kprobe.bpf.c")
-        if caps.has_function("tcp_v6_send_reset"):
-            plan.macros.append("-DHAVE_IPV6_RESET")
-    if caps.synq_full_gt:
-        plan.macros.append("-DSYNQ_FULL_GT")
-    if "-DLISTEN_BACKLOG_FROM_REGS" not in plan.macros and "listen.bpf.c" in plan.files:
-        cov.blind_spots.append("the backlog passed to listen() is unknown (no bpf_task_pt_regs(), Linux 5.15+); "
-                               "only min(backlog, somaxconn) is")
-    if not caps.softirq_ranges:
-        cov.blind_spots.append("softirq context cannot be detected: process attribution falls back to socket owners")
-    return plan
+
+def _plan_listeners(plan: HookPlan, caps: Capabilities) -> None:
+    """The listener table the SYN and ACK raw tracepoints look listeners up in (bpf/listen.bpf.c)."""
+    state_type = caps.btf_tracepoints.get("inet_sock_set_state")
+    if state_type and os.environ.get(STATE_HOOK_ENV) != "raw":
+        plan.state_hook_type = state_type
+    plan.backlog_from_regs = "OFF_PT_REGS_ARG2" in (caps.offsets or {})
+    plan.learns_older_listeners = caps.data_ready is not None
+    plan.pokes_listeners = caps.recv_length is not None
+    if not plan.backlog_from_regs:
+        plan.coverage.blind_spots.append("the backlog passed to listen() is unknown (no bpf_task_pt_regs(), "
+                                         "Linux 5.15+); only min(backlog, somaxconn) is")

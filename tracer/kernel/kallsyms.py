@@ -1,19 +1,14 @@
-"""Kernel text symbols from /proc/kallsyms: the address ranges of the softirq entry functions, and a
-short kallsyms for bcc's compiler (it would read all of it at every compile).
+"""Kernel text symbols from /proc/kallsyms: the address ranges of the softirq entry functions, and
+the names of the functions on the stacks BPF programs saw.
 
 A BPF program tells softirq context from process context by looking for one of these functions on
-its kernel stack (see walk_stack() in bpf/common.bpf.c). Addresses are hidden (all zero) unless
+its kernel stack (see walk_stack() in bpf/maps.bpf.c). Addresses are hidden (all zero) unless
 kptr_restrict allows root to see them; then context detection is reported as unavailable.
 """
 from __future__ import annotations
 
 import bisect
-import contextlib
-import ctypes
-import os
 import re
-import tempfile
-import threading
 
 from .bootcache import BootCache
 
@@ -68,69 +63,6 @@ def function_ranges(names: tuple[str, ...], path: str = "/proc/kallsyms",
                         return {}   # addresses hidden by kptr_restrict
                     pending = (name, start)
     return found
-
-
-# bcc 0.26 reads all of /proc/kallsyms into a hash table at every compile (b_frontend_action.cc,
-# DoMiscWorkAround), only to learn whether bpf_probe_read_kernel exists, and its Python side looks up
-# a few more bpf_* names while attaching (support_raw_tracepoint, support_kfunc). Measured here: 122k
-# symbols, ~200 ms of each start-up. These are the only names it asks for; rsttrace needs Linux 5.8+
-# (the ring buffer), where all of them exist.
-BCC_ASKS_FOR = ("bpf_probe_read_kernel", "bpf_probe_read_user", "bpf_get_raw_tracepoint",
-                "bpf_trampoline_link_prog")
-_CLONE_NEWNS = 0x00020000
-_MS_BIND = 4096
-_MS_PRIVATE = 1 << 18
-
-
-@contextlib.contextmanager
-def short_kallsyms_for_bcc():
-    """During the block, this process alone sees a /proc/kallsyms that holds just BCC_ASKS_FOR: a
-    private mount namespace with a small file bound over it, left again at the end. The process must
-    be single-threaded (unshare(CLONE_NEWNS) refuses otherwise); where anything fails, the block runs
-    with the real file, as it would have anyway. bcc's Python-side symbol cache read during the block
-    is dropped afterwards, so that symbolizing kernel addresses later reads the real file."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    entered = False
-    home = fake = None
-    try:
-        if threading.active_count() == 1:
-            home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            fake = tempfile.NamedTemporaryFile("w", prefix="rsttrace-kallsyms-")
-            fake.write("".join(f"{0xffffffff81000000 + i:016x} T {name}\n" for i, name in enumerate(BCC_ASKS_FOR)))
-            fake.flush()
-            entered = libc.unshare(_CLONE_NEWNS) == 0
-            # /proc private first, so that the bind mount cannot propagate to the host's /proc.
-            if not (entered and libc.mount(None, b"/proc", None, _MS_PRIVATE, None) == 0
-                    and libc.mount(fake.name.encode(), b"/proc/kallsyms", None, _MS_BIND, None) == 0):
-                _leave(libc, home, entered)
-                entered = False
-    except OSError:
-        pass
-    try:
-        yield
-    finally:
-        if entered:
-            _leave(libc, home, entered)
-            _forget_bcc_kernel_symbols()
-        if home is not None:
-            os.close(home)
-        if fake is not None:
-            fake.close()
-
-
-def _leave(libc, home: int | None, entered: bool) -> None:
-    """Back to the mount namespace we came from (the private one, and its bind mount, go with us)."""
-    if entered and home is not None and libc.setns(home, _CLONE_NEWNS) != 0:
-        # Cannot happen for root with the fd we opened; if it does, at least show the real file.
-        libc.umount2(b"/proc/kallsyms", 2)      # MNT_DETACH
-
-
-def _forget_bcc_kernel_symbols() -> None:
-    try:
-        from bcc import BPF
-        BPF._sym_caches.pop(-1, None)
-    except ImportError:
-        pass
 
 
 class KernelSymbols:

@@ -1,7 +1,7 @@
 """Make a listener that predates rsttrace pass through a hook, so that its SYN drops are seen at once.
 
 A listener created before rsttrace started never went through listen() while traced, and the BPF
-side knows a listener only by its `struct sock *` (bpf/common.bpf.c, listeners). The hooks that name
+side knows a listener only by its `struct sock *` (bpf/maps.bpf.c, listeners). The hooks that name
 one (sock:sk_data_ready on a queued child, skb:kfree_skb's rx_sk) may never fire for it: an
 application stuck with a full accept queue queues no child, and its SYNs are dropped without a trace.
 So rsttrace pokes it: it takes a copy of the listener's file descriptor from a process that holds it

@@ -1,7 +1,7 @@
 """Compile and attach rsttrace's BPF programs with bcc — header-free, offsets from BTF.
 
 The loader turns the capability probe and the user's filters into feature macros, compiles
-bpf/common.bpf.c + bpf/*.bpf.c against bpf/kernel-headers (never /lib/modules), attaches, and hands the ring
+bpf/*.bpf.c against bpf/kernel-headers (never /lib/modules), attaches, and hands the ring
 buffer to the caller. It never formats output. A start after the first of a boot loads what that
 first start compiled, without bcc (progcache.py).
 """
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import BPFRefusedError, UnsupportedKernelError
-from ..events import record
+from . import layout
 from ..paths import BPF_DIR, KERNEL_HEADERS_DIR
 from .capabilities import Capabilities
 from .hooks import STATE_HOOK_ENV, HookPlan
 from . import bpfsys, progcache
 from .bootcache import BootCache
-from .kallsyms import KernelSymbols, short_kallsyms_for_bcc
+from .kallsyms import KernelSymbols
 from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 
 LEARN_CPU_OFFSET = progcache.ON_CPU_PREFIX + "learn_cpu_offset"     # bpf/netstat.bpf.c
@@ -34,7 +34,7 @@ NETSTAT_FLUSH = progcache.ON_CPU_PREFIX + "netstat_flush"
 # 32 MiB (--ring-mb): ~155 000 records of 208 bytes (+8 header) waiting before anything is lost — what
 # the fastest reset storm this 2-core machine makes (~75 000 events/s, scripts/bench/capacity) gets
 # ahead of the reader in 2 s, with room to spare: a burst is absorbed, then written. Resident once
-# mapped (ringbuf.py), after the compiler's memory went back: the peak stays the compile's.
+# mapped (ringbuf.py).
 DEFAULT_RING_MB = 32
 
 
@@ -52,10 +52,10 @@ class Filters:
 
 def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], plan: HookPlan,
                  ring_mb: int = DEFAULT_RING_MB) -> list[str]:
-    flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(ring_mb)}", *plan.macros]
+    flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(ring_mb)}", *plan.cflags()]
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
     # Fields the per-packet hooks read together, in one read where they sit close
-    # (bpf/common.bpf.c: read_skb_offsets) ...
+    # (bpf/sock.bpf.c: read_skb_offsets) ...
     flags += span_macros("SKB_SPAN", offsets, (("OFF_SKB_HEAD", 8), ("OFF_SKB_NETWORK_HEADER", 2),
                                                ("OFF_SKB_TRANSPORT_HEADER", 2)))
     # ... and the per-SYN verdict (read_queues): the accept queue's length and limit, the two sysctls
@@ -115,22 +115,36 @@ def _quiet_stderr():
             os.close(tmp)
 
 
+# bpf/'s subject files, pasted before the hook files in this order: each uses only those before it.
+# maps.bpf.c comes first because `events` must be the first map declared (its EVENTS_MAP).
+SUBJECT_FILES = ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c")
+# The subject files each hook file uses (a hook file not named here gets them all).
+HOOK_SUBJECTS = {
+    "rst.bpf.c": ("maps.bpf.c", "sock.bpf.c", "owners.bpf.c"),
+    "netstat.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c"),
+    "listen.bpf.c": SUBJECT_FILES,
+    "kprobe.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c"),
+}
+
+
 def compose_source(hook_files: list[str]) -> str:
-    """One compilation unit: the shared maps/helpers (common.bpf.c), then each hook file.
+    """One compilation unit: the subject files the hook files use (SUBJECT_FILES order), then each
+    hook file.
 
     bcc rewrites its syntax (TRACEPOINT_PROBE args, `map.lookup()` methods) only in the main
     source, never in #included files, so the files are pasted together — without #line markers,
     which would hide them from the rewriter too. Only plain C (rsttrace.h) is #included.
     """
+    needed = {SUBJECT_FILES[0]}.union(*(HOOK_SUBJECTS.get(name, SUBJECT_FILES) for name in hook_files))
     parts = []
-    for name in ["common.bpf.c", *hook_files]:
+    for name in [*(s for s in SUBJECT_FILES if s in needed), *hook_files]:
         parts.append(f"/* ---- {name} ---- */\n")
         parts.append((BPF_DIR / name).read_text())
     return "".join(parts)
 
 
 class RstProgram:
-    """The loaded and attached BPF programs: bpf/common.bpf.c + the hook files."""
+    """The loaded and attached BPF programs: the plan's hook files and the subject files they use."""
 
 
     def __init__(self, caps: Capabilities, filters: Filters, plan: HookPlan, ring_mb: int = DEFAULT_RING_MB):
@@ -175,7 +189,7 @@ class RstProgram:
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         _return_freed_memory()
         failure = None
-        with _quiet_stderr() as captured, short_kallsyms_for_bcc():
+        with _quiet_stderr() as captured:
             try:
                 self.bpf = BPF(text=source.encode(), cflags=self.cflags)
                 if self.plan.counted:       # loaded, not attached: run on a CPU on demand
@@ -259,7 +273,7 @@ class RstProgram:
                 for _, val in self.bpf["netstat_seen"].items()]
 
     def storm_control(self) -> tuple[int, int, int]:
-        """(high_bytes, epoch, aggregating) of bpf/common.bpf.c's storm_ctl."""
+        """(high_bytes, epoch, aggregating) of bpf/maps.bpf.c's storm_ctl."""
         ctl = self.bpf["storm_ctl"][ctypes.c_int(0)]
         return ctl.high_bytes, ctl.epoch, ctl.aggregating
 
@@ -288,11 +302,11 @@ class RstProgram:
         """The reader of the events ring buffer (tracer/kernel/ringbuf.py): direct from its memory
         mapping where the machine allows it, else through bcc's callback consumer."""
         if _direct_ring():
-            return RingReader(self.bpf["events"].map_fd, self.ring_bytes, record.EVENT_SIZE)
-        return CallbackRingReader(self.bpf, "events", record.EVENT_SIZE)
+            return RingReader(self.bpf["events"].map_fd, self.ring_bytes, layout.EVENT_SIZE)
+        return CallbackRingReader(self.bpf, "events", layout.EVENT_SIZE)
 
     def known_listeners(self) -> dict[tuple[int, int], tuple[int, str]]:
-        """Every listener the BPF programs know (bpf/common.bpf.c, listeners): (netns inode, port) →
+        """Every listener the BPF programs know (bpf/maps.bpf.c, listeners): (netns inode, port) →
         (pid, comm) of the process seen calling listen(), (0, "") for one that predates rsttrace."""
         return {(val.netns, key.port): (val.owner_tgid, val.owner_comm.decode(errors="replace"))
                 for key, val in self.bpf["listeners"].items()}
@@ -317,9 +331,9 @@ class RstProgram:
     def stats(self) -> dict[str, int]:
         table = self.bpf["stats"]
         out = {}
-        for name, slot in (("submitted", record.STAT_SUBMITTED), ("lost", record.STAT_LOST),
-                           ("uncounted", record.STAT_UNCOUNTED), ("aggregated", record.STAT_AGGREGATED),
-                           ("storm_full", record.STAT_STORM_FULL)):
+        for name, slot in (("submitted", layout.STAT_SUBMITTED), ("lost", layout.STAT_LOST),
+                           ("uncounted", layout.STAT_UNCOUNTED), ("aggregated", layout.STAT_AGGREGATED),
+                           ("storm_full", layout.STAT_STORM_FULL)):
             out[name] = sum(table[ctypes.c_int(slot)])
         return out
 
@@ -340,12 +354,12 @@ class RstProgram:
                 out[label] = out.get(label, 0) + n
         return out
 
-    def exact_counts(self) -> list[tuple[record.CountKey, int]]:
+    def exact_counts(self) -> list[tuple[layout.CountKey, int]]:
         """The kernel's exact per-key counts (every event that passed the filters, delivered or not)."""
         table = self.bpf["counts"]
         out = []
         for key, per_cpu in table.items():
-            k = record.CountKey.from_buffer_copy(bytes(key))
+            k = layout.CountKey.from_buffer_copy(bytes(key))
             out.append((k, sum(per_cpu)))
         return out
 
@@ -422,33 +436,16 @@ def _return_freed_memory() -> None:
 
 
 def _release_compiler_memory() -> None:
-    """Once the programs are loaded, bcc's compiler is not needed again: give back what it used.
-    Its libraries' code (LLVM, clang: ~72 MB resident) leaves this process's page tables with
-    MADV_DONTNEED — read-only text, never written, so nothing is lost: it stays in the page cache
-    and would fault back in should it ever run again; their data pages are left alone. glibc returns
-    clang's freed heap. Then malloc keeps freed memory longer than during the compile
-    (_return_freed_memory), so that the event loop does not brk() up and down on every batch.
-    Measured: resident memory after start-up ~120 MB → ~45 MB, in ~1 ms; the peak stays the compile's."""
+    """Once the programs are loaded, bcc's compiler is not needed again: glibc returns clang's freed
+    heap. Then malloc keeps freed memory longer than during the compile (_return_freed_memory), so
+    that the event loop does not brk() up and down on every batch."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         libc.malloc_trim(0)
         libc.mallopt(-1, 8 << 20)    # M_TRIM_THRESHOLD
         libc.mallopt(-3, 1 << 20)    # M_MMAP_THRESHOLD
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split()
-                if (len(fields) < 6 or fields[1] != "r-xp"
-                        or not any(lib in fields[5] for lib in COMPILER_LIBRARIES)):
-                    continue
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                libc.madvise(lo, hi - lo, MADV_DONTNEED)
     except (OSError, AttributeError):
         pass
-
-
-MADV_DONTNEED = 4
-COMPILER_LIBRARIES = ("libLLVM", "libclang")
 
 
 def _first_error(text: str) -> str:

@@ -13,6 +13,13 @@ perf_event_open(2).
 Only plans made of tracepoints and raw tracepoints are cached (kprobes and fentry stay with bcc);
 anything unexpected in the bytecode, and any failure while loading from the cache, means compiling.
 `RSTTRACE_PROGRAM_CACHE=off` always compiles; `RSTTRACE_PROGRAM_CACHE=DIR` keeps the cache in DIR (tests).
+
+What the cache holds is loaded into the kernel as root, so it is used only where nobody else could
+have written it: the directory, every directory above it and the entry must be root's and not
+writable by group or others, and none of them may be a symbolic link (checked on each component
+as it is opened). A directory above it may be a root-owned sticky one such as /tmp, where others
+cannot rename or remove root's entries. Anything else is said once on stderr, and the programs
+are compiled.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import os
 import platform
 from dataclasses import dataclass
 
-from . import bpfsys
+from . import bpfsys, rootfiles
 from .bootcache import DIRECTORY
 
 FORMAT = 1
@@ -51,10 +58,22 @@ def cache_directory() -> str:
 def likely_cached() -> bool:
     """Whether this boot has cached programs at all (before the key is known: the probe uses it to
     skip loading bcc, which only a compile needs)."""
+    if not enabled():
+        return False
+    fd = rootfiles.open_directory(cache_directory())
+    if fd is None:
+        return False
     try:
-        return enabled() and any(n.startswith("programs-") for n in os.listdir(cache_directory()))
+        return any(n.startswith("programs-") for n in os.listdir(fd))
     except OSError:
         return False
+    finally:
+        os.close(fd)
+
+
+def read_entry(path: str) -> dict | None:
+    """The cache entry at `path`, if it is there and only root could have written it."""
+    return rootfiles.read_json(path)
 
 
 def tree_digest(root) -> str:
@@ -160,30 +179,25 @@ def save(bpf, path: str, btf_types: dict[str, int] | None = None) -> bool:
     entry = {"format": FORMAT, "license": lib.bpf_module_license(bpf.module).decode(),
              "kern_version": lib.bpf_module_kern_version(bpf.module), "maps": maps, "functions": functions,
              "btf_types": btf_types or {}}
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}"
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(entry, f)     # root's alone: what is in it is loaded into the kernel
-        os.replace(tmp, path)
-        _prune(os.path.dirname(path))
-    except OSError:
-        return False
-    return True
+    return write_entry(path, entry)
 
 
-def _prune(directory: str) -> None:
+def write_entry(path: str, entry: dict) -> bool:
+    """Keep `entry` at `path`, root's alone (what is in it is loaded into the kernel)."""
+    return rootfiles.write_json(path, entry, after=_prune)
+
+
+def _prune(dir_fd: int) -> None:
     entries = []
-    for name in os.listdir(directory):
+    for name in os.listdir(dir_fd):
         if name.startswith("programs-") and name.endswith(".json"):
-            full = os.path.join(directory, name)
             try:
-                entries.append((os.stat(full).st_mtime, full))
+                entries.append((os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime, name))
             except OSError:
                 continue
-    for _, full in sorted(entries, reverse=True)[MAX_ENTRIES:]:
+    for _, name in sorted(entries, reverse=True)[MAX_ENTRIES:]:
         try:
-            os.unlink(full)
+            os.unlink(name, dir_fd=dir_fd)
         except OSError:
             pass
 
@@ -351,17 +365,12 @@ class CachedPrograms:
 
 
 def load(path: str, tracefs: str) -> CachedPrograms | None:
-    """The programs of the cache entry at `path`, attached; None where there is none or it fails."""
-    try:
-        with open(path) as f:
-            entry = json.load(f)
-        if entry.get("format") != FORMAT:
-            return None
-        programs = CachedPrograms(entry, tracefs)     # closes what it made if it fails
-    except (OSError, ValueError, KeyError, TypeError):
+    """The programs of the cache entry at `path`, attached; None where there is none, it is refused
+    (read_entry) or it fails."""
+    entry = read_entry(path)
+    if entry is None or entry.get("format") != FORMAT:
         return None
     try:
-        os.utime(path)           # recently used: kept by _prune
-    except OSError:
-        pass
-    return programs
+        return CachedPrograms(entry, tracefs)     # closes what it made if it fails
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,7 +1,7 @@
 """The BPF ring buffer, read straight from its memory mapping: whole batches of records per call.
 
 bcc (through libbpf) calls back into Python once per record, from C, through ctypes; in a storm that
-per-record round trip cost several microseconds each (measured: ~10 % of rsttrace's time). Here one
+per-record round trip costs a noticeable share of rsttrace's time. Here one
 call copies every committed record out of the mapping and moves the consumer position once.
 
 Layout (kernel/bpf/ringbuf.c, Linux 5.8+): page 0 of the map holds consumer_pos (the only page user
@@ -10,7 +10,7 @@ space may write), page 1 producer_pos, then the data area. Each record starts wi
 the data area twice so that records are contiguous across the end; rsttrace maps it once (half the
 resident memory) and joins the two pieces of a batch that wraps.
 
-The BPF side submits with BPF_RB_NO_WAKEUP (bpf/common.bpf.c), so the reader polls: a wakeup per
+The BPF side submits with BPF_RB_NO_WAKEUP (bpf/maps.bpf.c), so the reader polls: a wakeup per
 record costs the sender an irq_work and the reader a context switch, and a tracer has no use for
 sub-millisecond latency. Loads must be ordered (a header seen committed before its data is read):
 x86-64's memory model gives that to plain loads; elsewhere bcc's consumer is used instead.
@@ -48,8 +48,8 @@ class RingReader:
         self._data = memoryview(self._producer)[page:]
         # The positions as native 8-byte words: one load or store each. struct's "<Q" goes through
         # a byte-by-byte copy, and a consumer_pos the kernel reads half-written looks far behind:
-        # it refuses records as if the ring were full (measured: losses in a storm while the ring
-        # was 90 % empty).
+        # it refuses records as if the ring were full (seen: losses in a storm while the ring was
+        # mostly empty).
         self._consumer_pos = memoryview(self._consumer).cast("Q")
         self._producer_pos = memoryview(self._producer)[:8].cast("Q")
         self._words = self._data.cast("I")       # record headers, one native load each, likewise

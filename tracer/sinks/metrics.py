@@ -85,8 +85,7 @@ class MetricsSink:
 
         self._server = Server(address, Handler)   # OSError (in use, bad address): the caller says so
         self.address = self._server.server_address[:2]
-        # Bound now (errors before anything is loaded), served once start() is called: the session
-        # does so after the BPF compile, which runs faster in a single-threaded process (kernel/kallsyms.py).
+        # Bound now (errors before anything is loaded), served once the session calls start().
         self._thread = threading.Thread(target=self._server.serve_forever, name="rsttrace-metrics", daemon=True)
 
     def start(self) -> None:
