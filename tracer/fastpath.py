@@ -1,8 +1,9 @@
-"""The fast path for repeated events: record → JSON line once per event *shape*, not per event.
+"""The pipeline's per-shape cache (tracer/pipeline.py): record → JSON line once per event *shape*,
+not per event.
 
 A storm repeats one event thousands of times a second: same kind, kernel reason, stack, process,
 netns — only the connection (addresses, ports, socket, unread bytes) and the time differ. For such
-events the first one of each shape goes the normal way (Session.handle: decode, classify,
+events the first one of each shape goes the normal way (Pipeline.handle: decode, classify,
 attribute, explain, record, JSON) and its JSON line becomes a template: the line orjson writes for
 that very record with each per-event field replaced by a marker, split at the markers. The next
 events of that shape fill the template straight from the raw record: no Event, no record dict, no
@@ -13,11 +14,9 @@ them, record for record).
 A chunk of known shapes takes one pass, each record's objects made and dropped in turn
 (_known_shapes). The records it cannot take (a new shape, one the shape does not decide) are put
 off to the end of the chunk, handled there together (attribution prepared once for all of them),
-and their lines written in their place. Measured on the fastest reset storm
-(scripts/bench/capacity): 8.4–9.1 → 4.9–5.3 ms of CPU per 1000 events; the same chunk offline
-2.9 → 2.3 µs per event. The earlier two passes over every record (a plan of the whole chunk, then
-the lines) cost more in the storm than offline, likely because a chunk's worth of tuples was alive
-at once, out of the CPU's caches.
+and their lines written in their place (scripts/bench/README.md has what it saves). One pass, not
+two (a plan of the whole chunk, then the lines): with two, a chunk's worth of tuples is alive at
+once, out of the CPU's caches.
 
 Taken only when every sink takes JSON lines as they are (--json) or ignores events (--metrics),
 and only for events the shape decides entirely: RSTs without listener queues whose process is the
@@ -32,17 +31,32 @@ import operator
 import struct
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import orjson
 
 from .enrich import reasons
-from .events import record
-from .events.decode import AF_INET, AF_INET6, CACHE_MAX, RING_RECORD, Event
+from .kernel import layout
+from .enrich.attribution import Attributor
+from .events.decode import AF_INET, AF_INET6, CACHE_MAX, RING_RECORD, Decoder, Event
 from .sinks import records
+from .sinks.ratelimit import RateLimit
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class EventPath(Protocol):
+    """What the fast path needs of the pipeline (tracer/pipeline.py) it caches for: its parts, and
+    its counts, which both paths keep alike."""
+    decoder: Decoder
+    attributor: Attributor
+    sinks: list
+    limit: RateLimit | None
+    count_limit: int | None
+    counts: Counter
+    emitted: int
+
+    def handle(self, ev: Event) -> bool: ...
+    def netns_counter(self, netns: int) -> Counter: ...
+    def count_written(self, n: int) -> None: ...
 
 TEMPLATE_TTL_S = 5.0
 MAX_TEMPLATES = 4096
@@ -50,20 +64,20 @@ MAX_TEMPLATES = 4096
 # Two views of a ring record (after its 8-byte header; the bytes not named are skipped: no Python
 # objects made of them). The shape is the record's bytes from linger_jiffies to owner_comm
 # (bpf/rsttrace.h groups them).
-SHAPE = slice(8 + record.RawEvent.linger_jiffies.offset,
-              8 + record.RawEvent.owner_comm.offset + record.RawEvent.owner_comm.size)
+SHAPE = slice(8 + layout.RawEvent.linger_jiffies.offset,
+              8 + layout.RawEvent.owner_comm.offset + layout.RawEvent.owner_comm.size)
 _STRIDE = RING_RECORD.size
 # KEY_RECORD: what FastPath.key() needs, for a record no template took.
 _KEYED = ("sock_ino", "kind", "owner_tgid", "flags", "lport", "laddr")
-_format, _at = record.struct_layout(record.RawEvent, set(_KEYED))
-KEY_RECORD = struct.Struct("<I4x" + _format[1:] + "x" * (_STRIDE - 8 - record.EVENT_SIZE))
+_format, _at = layout.struct_layout(layout.RawEvent, set(_KEYED))
+KEY_RECORD = struct.Struct("<I4x" + _format[1:] + "x" * (_STRIDE - 8 - layout.EVENT_SIZE))
 (_INO, _KIND, _OWNER, _FLAGS, _LPORT, _LADDR) = (_at[name] + 1 for name in _KEYED)
 
 
 def _known_record() -> struct.Struct:
     """KNOWN_RECORD: what a record of a known shape needs (_known_shapes), in one item each: the
     per-event fields, and the shape as one bytes object (its template's key)."""
-    raw, fmt, at = record.RawEvent, "<I4x", 0
+    raw, fmt, at = layout.RawEvent, "<I4x", 0
     for offset, code in ((raw.ktime_ns.offset, "Q"), (raw.sock_cookie.offset, "Q"), (raw.sock_ino.offset, "Q"),
                          (SHAPE.start - 8, f"{SHAPE.stop - SHAPE.start}s"), (raw.unread_bytes.offset, "I"),
                          (raw.lport.offset, "H"), (raw.rport.offset, "H"), (raw.laddr.offset, "16s"),
@@ -77,8 +91,8 @@ def _known_record() -> struct.Struct:
 
 KNOWN_RECORD = _known_record()
 (_K_KTIME, _K_COOKIE, _K_INO, _K_SHAPE, _K_UNREAD, _K_LPORT, _K_RPORT, _K_LADDR, _K_RADDR) = range(1, 10)
-F_QUEUES, F_SOFTIRQ = record.F_QUEUES, record.F_SOFTIRQ
-_RST_KINDS = {value for value, name in record.KIND_NAMES.items() if name in ("rst_sent", "rst_received")}
+F_QUEUES, F_SOFTIRQ = layout.F_QUEUES, layout.F_SOFTIRQ
+_RST_KINDS = {value for value, name in layout.KIND_NAMES.items() if name in ("rst_sent", "rst_received")}
 
 # Markers for the per-event fields, in the record and in the explanation.
 _M = {name: f"@@rsttrace:{name}@@" for name in ("time", "ktime", "laddr", "lport", "raddr", "rport", "inode",
@@ -128,7 +142,7 @@ class Template:
         self.emit = emit                        # passes --reason and the process filters
         self.kind, self.reason = ev.kind, ev.reason
         self.count_key = (ev.kind, ev.reason)
-        self.per_netns = per_netns              # Session.netns_counts[netns]
+        self.per_netns = per_netns              # the pipeline's count of events seen in the netns
         self.family = AF_INET6 if ev.family == "ipv6" else AF_INET
         self.addrs = addrs[self.family]         # FastPath's address texts of that family
         if not emit:
@@ -184,18 +198,18 @@ def _json_inner(text: str) -> bytes:
 
 
 class FastPath:
-    """Per chunk of ring records: template lines for known shapes, Session.handle for the rest.
+    """Per chunk of ring records: template lines for known shapes, Pipeline.handle for the rest.
 
     Templates are keyed by the shape's bytes (`templates`), or for a reset with no socket by the
     shape and then the local address and port (`by_port`): its listener, or nobody. With --count or
     --max-rate every event is counted in ring order, so a record a template cannot take ends the
     pass, and the rest of the chunk goes through _classify and _in_order."""
 
-    def __init__(self, session: "Session"):
-        self.session = session
-        self.decoder = session.decoder
-        self.attributor = session.attributor
-        self.out = [s.write_event_lines for s in session.sinks if getattr(s, "write_event_json", None)]
+    def __init__(self, path: EventPath):
+        self.path = path
+        self.decoder = path.decoder
+        self.attributor = path.attributor
+        self.out = [s.write_event_lines for s in path.sinks if getattr(s, "write_event_json", None)]
         self.templates: dict[bytes, Template] = {}                  # shapes that decide the template
         self.by_port: dict[bytes, dict[tuple, Template]] = {}       # resets with no socket: per local port
         self._stored = 0
@@ -210,13 +224,10 @@ class FastPath:
         flags = t[_FLAGS]
         if t[_KIND] not in _RST_KINDS or flags & F_QUEUES:
             return None
-        if flags & F_SOFTIRQ or not self.attributor.context_known:
-            if t[_OWNER]:
-                return shape                    # the process seen calling connect()
-            if t[_INO]:
-                return None                     # the fd holder, looked up per socket
+        decided_by = self.attributor.decided_by(bool(flags & F_SOFTIRQ), t[_OWNER], t[_INO])
+        if decided_by == "port_listener":
             return (shape, t[_LADDR], t[_LPORT])    # no socket: the local port's listener, or nobody
-        return shape                            # the task on the CPU
+        return shape if decided_by is not None else None
 
     def _template(self, key: bytes | tuple) -> Template | None:
         if type(key) is bytes:
@@ -225,7 +236,7 @@ class FastPath:
         return ports.get(key[1:]) if ports is not None else None
 
     def _store(self, key: bytes | tuple, ev: Event, passed: bool) -> None:
-        tmpl = Template(ev, passed, self.session.netns_counts[ev.netns], self._addrs)
+        tmpl = Template(ev, passed, self.path.netns_counter(ev.netns), self._addrs)
         if type(key) is bytes:
             self.templates[key] = tmpl
         else:
@@ -241,8 +252,8 @@ class FastPath:
             self._stored = 0
             self._expires = now + TEMPLATE_TTL_S
         self.decoder.refresh()
-        s = self.session
-        if s.limit is None and s.options.count is None:
+        p = self.path
+        if p.limit is None and p.count_limit is None:
             self._known_shapes(chunk, 0, len(chunk), missed=[])
         else:       # --max-rate, --count: every event counted in ring order, so no record is put off
             done = self._known_shapes(chunk, 0, len(chunk))
@@ -252,15 +263,15 @@ class FastPath:
         return len(chunk) // _STRIDE
 
     def _known_shapes(self, chunk: bytes, start: int, stop: int, missed: list[int] | None = None) -> int:
-        """Records chunk[start:stop] of shapes that have a template, in one pass: what Session.handle
+        """Records chunk[start:stop] of shapes that have a template, in one pass: what Pipeline.handle
         does for them, from the raw records. A record that needs more is put off with `missed`
         (then taken the normal way, its line in its place) or, without, ends the pass. Returns where
         it stopped: `stop`, or the first record it left (or, for --count, where the count was reached)."""
-        s = self.session
-        limit, count = s.limit, s.options.count
+        p = self.path
+        limit, count = p.limit, p.count_limit
         checked = limit is not None or count is not None
         templates, by_port, remember = self.templates, self.by_port, self._remember
-        wall, size = self.decoder._mono_to_wall, record.EVENT_SIZE
+        wall, size = self.decoder.mono_to_wall, layout.EVENT_SIZE
         second, second_text = self._second, self._second_text
         used: list[Template] = []
         lines: list[bytes] = []
@@ -283,16 +294,14 @@ class FastPath:
                     line_at[at] = len(lines)
                     continue
             if checked:
-                if count is not None and s.emitted >= count:
+                if count is not None and p.emitted >= count:
                     break
                 what.per_netns[what.kind] += 1
                 self.fast += 1
                 if not what.emit or limit is not None and not limit.allow(time.monotonic(), what.kind, what.reason):
                     continue
-                s.counts[what.count_key] += 1
-                s.emitted += 1
-                if count is not None and s.emitted >= count:
-                    s._stop = True
+                p.counts[what.count_key] += 1
+                p.count_written(1)
             else:
                 used.append(what)               # counted per template below
                 if not what.emit:
@@ -310,12 +319,12 @@ class FastPath:
         self._second, self._second_text = second, second_text
         if used:
             self.fast += len(used)
-            counts = s.counts
+            counts = p.counts
             for tmpl, n in Counter(used).items():
                 tmpl.per_netns[tmpl.kind] += n
                 if tmpl.emit:
                     counts[tmpl.count_key] += n
-            s.emitted += len(lines)
+            p.count_written(len(lines))
         if missed:
             self._in_order(chunk, self._classify(chunk, missed), lines, line_at)
         elif lines:
@@ -326,8 +335,8 @@ class FastPath:
         """The records at these offsets, each with its shape and, where it needs the normal path,
         its Event (the first of a new shape, a record the shape does not decide); attribution is
         prepared once for all of those. The others have a template, or will once the first of their
-        shape has been through Session.handle."""
-        decoder, size = self.decoder, record.EVENT_SIZE
+        shape has been through Pipeline.handle."""
+        decoder, size = self.decoder, layout.EVENT_SIZE
         shape_from, shape_to = SHAPE.start, SHAPE.stop
         out: list[tuple[int, bytes | tuple | None, Event | None]] = []
         first: set = set()
@@ -341,16 +350,16 @@ class FastPath:
                 continue
             if key is not None:
                 first.add(key)
-            out.append((at, key, decoder._event(RING_RECORD.unpack_from(chunk, at))))
+            out.append((at, key, decoder.event(RING_RECORD.unpack_from(chunk, at))))
         self.attributor.prepare([ev for _, _, ev in out if ev is not None])
         return out
 
     def _in_order(self, chunk: bytes, classified: list, lines: list[bytes], line_at: dict[int, int]) -> None:
         """Classified records in ring order, with the lines already made for the records around them
-        (lines[:line_at[offset]] come before the record at that offset): Session.handle for those
+        (lines[:line_at[offset]] come before the record at that offset): Pipeline.handle for those
         with an Event, their template for the rest (runs of neighbours in one _known_shapes call)."""
-        s = self.session
-        count = s.options.count
+        p = self.path
+        count = p.count_limit
         written = 0
         run_from = run_to = -1
         end = len(chunk)
@@ -372,10 +381,10 @@ class FastPath:
             if ev is None:
                 run_from, run_to = at, at + _STRIDE
                 continue
-            if count is not None and s.emitted >= count:
+            if count is not None and p.emitted >= count:
                 break
             self.slow += 1
-            passed = s.handle(ev)
+            passed = p.handle(ev)
             if key is not None and self._template(key) is None:
                 self._store(key, ev, passed)
         if written < len(lines):
@@ -387,7 +396,7 @@ class FastPath:
         if sum(map(len, self._addrs.values())) > CACHE_MAX:
             for addrs in self._addrs.values():
                 addrs.clear()
-        text = self.decoder._text_addr(raw[:4] if family == AF_INET else raw, family).encode()
+        text = self.decoder.text_addr(raw[:4] if family == AF_INET else raw, family).encode()
         self._addrs[family][raw] = text
         return text
 

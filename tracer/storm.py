@@ -1,5 +1,5 @@
 """Storms: when events come faster than rsttrace can write them, the kernel side counts them per
-shape instead (bpf/common.bpf.c, storm_absorbs), and this turns those counts into records.
+shape instead (bpf/maps.bpf.c, storm_absorbs), and this turns those counts into records.
 
 A storm starts in the kernel: the first event that finds more than `high_bytes` of the ring buffer
 unread sets `aggregating`. From then on each event is counted per shape (its exact-count key, its
@@ -16,7 +16,7 @@ import os
 import time
 from typing import Callable
 
-from .events.record import KIND_NAMES
+from .kernel.layout import KIND_NAMES
 from .sinks import records
 
 WINDOW_S = 1.0
@@ -35,7 +35,7 @@ class Storms:
                  pending: Callable[[], int], clock: Callable[[], float] = time.monotonic):
         self.program = program
         self.clock = clock
-        self.reason_of = reason_of            # exact-count key → rsttrace reason (Session._reason_of)
+        self.reason_of = reason_of            # exact-count key → rsttrace reason (enrich/exact.py ExactCounts.reason_of)
         self.netns_name = netns_name
         self.pending = pending                # bytes of the ring not read yet
         self.high = int(os.environ.get(HIGH_ENV, ring_bytes // HIGH_FRACTION))

@@ -16,7 +16,7 @@ from conftest import REPO, RSTTRACE, events
 from tracer.enrich import reasons
 from tracer.kernel import loader
 from tracer.kernel.capabilities import probe
-from tracer.kernel.hooks import HookPlan, plan_hooks
+from tracer.kernel.hooks import Hook, HookPlan, plan_hooks
 from tracer.paths import BPF_DIR, KERNEL_HEADERS_DIR
 
 PORT = 8100
@@ -24,8 +24,8 @@ PORT = 8100
 
 def test_every_kprobe_program_passes_this_kernels_verifier(root):
     caps = probe()
-    macros = ["-DRST_SENT_BY_KPROBE", "-DKPROBE_RST", "-DKPROBE_LISTEN_SYN", "-DKPROBE_LISTEN_ACK", "-DHAVE_IPV6_RESET"]
-    plan = HookPlan(files=["rst.bpf.c", "kprobe.bpf.c"], macros=macros)
+    plan = HookPlan(rst_sent=Hook.KPROBE, syn_verdicts=Hook.KPROBE, ack_dropped=Hook.KPROBE, ipv6_reset=True,
+                    files=["rst.bpf.c", "kprobe.bpf.c"])
     flags = loader.build_cflags(caps, loader.Filters(ports=[PORT]), caps.offsets, plan)
     os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
     from bcc import BPF
@@ -73,9 +73,10 @@ def test_caller_inference_agrees_with_the_kernels_own_reasons(netns, tracer):
         tcp_flags = sum(flags[f] for f in r["evidence"]["tcp_flags"])
         q = r["queues"]
         inferred = reasons.infer_rst_reason(
-            r["evidence"]["callers"], r["state"], r["socket"]["unread_bytes"], r["socket"]["linger"],
-            r["socket"]["orphan"], tcp_flags, bool(q and q["accept_qlen"] > q["accept_qmax"]),
-            r["socket"]["inode"] is not None or r["state"] is not None)
+            r["evidence"]["callers"], state=r["state"], unread=r["socket"]["unread_bytes"],
+            linger_zero=r["socket"]["linger"], orphan=r["socket"]["orphan"], tcp_flags=tcp_flags,
+            queue_full=bool(q and q["accept_qlen"] > q["accept_qmax"]),
+            has_socket=r["socket"]["inode"] is not None or r["state"] is not None)
         assert inferred == r["reason"], (r["evidence"]["callers"], r["kernel_reason"])
         seen.add(r["reason"])
     assert {"no_listener", "closed_with_unread_data", "linger_zero", "listener_closed"} <= seen

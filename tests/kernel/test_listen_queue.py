@@ -175,7 +175,7 @@ def test_syn_flood_reconciles_with_cookie_and_queue_counters(netns, tracer, sync
 def test_bursts_at_a_busy_listener_with_backlog_1_reconcile_at_the_queue_edge(netns, tracer, syncookies):
     # A server that accepts at once, but with listen(1): each burst of concurrent connects meets the
     # SYN queue at its limit while handshakes complete — the case where whether a SYN took the last
-    # place is told from the listener's previous SYN (bpf/common.bpf.c, report_syn_outcome). Cookie
+    # place is told from the listener's previous SYN (bpf/syn_verdict.bpf.c, report_syn_outcome). Cookie
     # ACKs that then meet the full accept queue are ListenDrops too (cookie_v4_check, NO_SOCKET).
     # Only the consume_skb hook is held to this: the per-packet replay reads the queues before the
     # decision, while the server drains them (seen: 21 reported, 14 counted).

@@ -64,6 +64,7 @@ def test_drops_at_an_untraced_port_of_a_watched_netns_are_counted_as_the_other_p
     busy.stop()
 
     [row] = [n for n in records[-1]["reconciliation"] if n["inode"] == netns.inode]
+    assert row["gone"] is False, row           # read once more at exit, alive
     overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
     assert overflows > 0 and row["counted"].get("syn_dropped", 0) == 0, row
     assert row["other_ports"].get("TcpExtListenOverflows", 0) + row.get("unexplained", {}).get(

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import socket
 
-from tracer.events import record
+from tracer.kernel import layout
 from tracer.events.decode import RING_RECORD, Decoder
 from tracer.kernel.ringbuf import record_stride
 
 
-def ring_chunk(*raws: record.RawEvent, discard: int | None = None) -> bytes:
+def ring_chunk(*raws: layout.RawEvent, discard: int | None = None) -> bytes:
     out = b""
     for i, raw in enumerate(raws):
-        length = record.EVENT_SIZE | ((1 << 30) if i == discard else 0)
+        length = layout.EVENT_SIZE | ((1 << 30) if i == discard else 0)
         body = bytes(raw)
         out += length.to_bytes(4, "little") + b"\0" * 4 + body + b"\0" * (RING_RECORD.size - 8 - len(body))
     return out
 
 
-def sample_raw() -> record.RawEvent:
-    r = record.RawEvent()
+def sample_raw() -> layout.RawEvent:
+    r = layout.RawEvent()
     r.ktime_ns, r.skaddr, r.sock_cookie, r.sock_ino, r.linger_jiffies = 11, 12, 13, 14, 0
     r.callers[:] = [0xffffffff81000001, 0xffffffff81000002, 0, 0]
     r.kind, r.kernel_reason, r.tgid, r.uid, r.netns, r.state = 1, 9, 4242, 33, 4026531840, 7
@@ -27,8 +27,8 @@ def sample_raw() -> record.RawEvent:
     r.accept_qlen, r.accept_qmax, r.syn_qlen, r.somaxconn, r.max_syn_backlog = 6, 5, 3, 4096, 128
     r.listen_backlog, r.owner_tgid = 5, 77
     r.family, r.lport, r.rport = socket.AF_INET6, 8080, 51234
-    r.flags = (record.F_SOFTIRQ | record.F_HAVE_SOCKET | record.F_FULLSOCK | record.F_QUEUES
-               | record.F_UNREAD | record.F_INFERRED)
+    r.flags = (layout.F_SOFTIRQ | layout.F_HAVE_SOCKET | layout.F_FULLSOCK | layout.F_QUEUES
+               | layout.F_UNREAD | layout.F_INFERRED)
     r.tcp_flags, r.syncookies, r.abort_on_overflow, r.verdict, r.hook = 0x12, 1, 0, 1, 2
     r.laddr[:] = list(socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
     r.raddr[:] = list(socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.2"))
@@ -59,7 +59,7 @@ def test_every_field_lands_where_the_header_puts_it():
 def test_discarded_records_are_skipped_and_the_stride_matches_the_ring():
     a, b = sample_raw(), sample_raw()
     b.tgid = 1
-    assert RING_RECORD.size == record_stride(record.EVENT_SIZE)
+    assert RING_RECORD.size == record_stride(layout.EVENT_SIZE)
     events = Decoder({}).decode_batch(ring_chunk(a, b, a, discard=0))
     assert [ev.task_pid for ev in events] == [1, 4242]
 

@@ -9,10 +9,10 @@ import socket
 import pytest
 
 from tracer.enrich.attribution import Attributor
-from tracer.events import record
+from tracer.kernel import layout
 from tracer.events.decode import RING_RECORD, Decoder
-from tracer.fastpath import FastPath
-from tracer.session import Options, Session
+from tracer.pipeline import Pipeline
+from tracer.session import Options
 from tracer.sinks.jsonl import JsonSink
 from tracer.sinks.output import LineOutput
 
@@ -30,8 +30,8 @@ class FakeProgram:
             addr & 0xf, f"fn_{addr:x}")
 
 
-def raw(kind: int, *, i: int, v6: bool = False, **fields) -> record.RawEvent:
-    r = record.RawEvent()
+def raw(kind: int, *, i: int, v6: bool = False, **fields) -> layout.RawEvent:
+    r = layout.RawEvent()
     r.ktime_ns = T0 + i * 37_000_001            # crosses whole seconds every ~27 records
     r.kind, r.netns, r.tgid, r.uid, r.comm = kind, NETNS, ME, 0, b"python3"
     r.family = socket.AF_INET6 if v6 else socket.AF_INET
@@ -41,7 +41,7 @@ def raw(kind: int, *, i: int, v6: bool = False, **fields) -> record.RawEvent:
     else:
         r.laddr[:4] = [127, 0, 0, 1]
         r.raddr[:4] = [127, 0, 0, 1 + i % 3]
-    r.kernel_reason = record.NO_REASON
+    r.kernel_reason = layout.NO_REASON
     for name, value in fields.items():
         if name == "callers":
             r.callers[:len(value)] = value
@@ -50,44 +50,44 @@ def raw(kind: int, *, i: int, v6: bool = False, **fields) -> record.RawEvent:
     return r
 
 
-def storm(n: int) -> list[record.RawEvent]:
+def storm(n: int) -> list[layout.RawEvent]:
     """A mixed storm: the incidents' resets, in every shape the fast path takes and some it does not."""
-    full = record.F_HAVE_SOCKET | record.F_FULLSOCK
+    full = layout.F_HAVE_SOCKET | layout.F_FULLSOCK
     out = []
     for i in range(n):
         port = 40000 + i
         out += [
             # close with unread data, in the closing process (the nginx incident)
-            raw(1, i=i, kernel_reason=11, state=7, lport=8080, rport=port, flags=full | record.F_UNREAD,
+            raw(1, i=i, kernel_reason=11, state=7, lport=8080, rport=port, flags=full | layout.F_UNREAD,
                 unread_bytes=100 + i, skaddr=0xffff0000 + i, sock_ino=9000 + i, callers=[1, 2]),
             # the same over IPv6
-            raw(1, i=i, v6=True, kernel_reason=11, state=7, lport=8080, rport=port, flags=full | record.F_UNREAD,
+            raw(1, i=i, v6=True, kernel_reason=11, state=7, lport=8080, rport=port, flags=full | layout.F_UNREAD,
                 unread_bytes=7, skaddr=0xffff1000 + i, sock_ino=0, callers=[1, 2]),
             # connect to a closed port: RST with no socket, in softirq
-            raw(1, i=i, kernel_reason=2, lport=9, rport=port, tcp_flags=0x02, flags=record.F_SOFTIRQ, callers=[3]),
+            raw(1, i=i, kernel_reason=2, lport=9, rport=port, tcp_flags=0x02, flags=layout.F_SOFTIRQ, callers=[3]),
             # the client's side of it, connect() seen by the kernel
-            raw(2, i=i, state=2, lport=port, rport=9, flags=record.F_SOFTIRQ | full, skaddr=0xffff2000 + i,
+            raw(2, i=i, state=2, lport=port, rport=9, flags=layout.F_SOFTIRQ | full, skaddr=0xffff2000 + i,
                 sock_ino=7000 + i, sock_cookie=5000 + i, owner_tgid=ME, owner_comm=b"python3", callers=[4]),
             # a connection reset whose socket is only known by its fd (looked up per socket: slow path)
-            raw(2, i=i, state=1, lport=8080, rport=port, flags=record.F_SOFTIRQ | full, skaddr=0xffff3000 + i,
+            raw(2, i=i, state=1, lport=8080, rport=port, flags=layout.F_SOFTIRQ | full, skaddr=0xffff3000 + i,
                 sock_ino=123456789 + i, callers=[4]),
             # SO_LINGER {1, 0}, from a process whose name needs escaping in JSON and in %-formats
-            raw(1, i=i, kernel_reason=7, state=7, lport=port, rport=8080, flags=full | record.F_LINGER,
+            raw(1, i=i, kernel_reason=7, state=7, lport=port, rport=8080, flags=full | layout.F_LINGER,
                 linger_jiffies=0, comm='we"ird%s\\é'.encode()[:15], callers=[1]),
             # a minisocket (TIME_WAIT answering): no unread bytes to show
             raw(1, i=i, kernel_reason=2, state=6, lport=8080, rport=port, tcp_flags=0x10,
-                flags=record.F_SOFTIRQ | record.F_HAVE_SOCKET, skaddr=0xffff4000 + i, callers=[3]),
+                flags=layout.F_SOFTIRQ | layout.F_HAVE_SOCKET, skaddr=0xffff4000 + i, callers=[3]),
             # a listener's queue event: never the fast path
             raw(3, i=i, state=10, lport=8080, rport=port,
-                flags=record.F_SOFTIRQ | full | record.F_QUEUES | record.F_INFERRED, accept_qlen=6, accept_qmax=5,
+                flags=layout.F_SOFTIRQ | full | layout.F_QUEUES | layout.F_INFERRED, accept_qlen=6, accept_qmax=5,
                 somaxconn=4096, listen_backlog=5, owner_tgid=ME, owner_comm=b"python3", verdict=1),
         ]
     return out
 
 
-def chunks(raws: list[record.RawEvent], per_chunk: int = 50) -> list[bytes]:
-    pad = b"\0" * (RING_RECORD.size - 8 - record.EVENT_SIZE)
-    recs = [record.EVENT_SIZE.to_bytes(4, "little") + b"\0" * 4 + bytes(r) + pad for r in raws]
+def chunks(raws: list[layout.RawEvent], per_chunk: int = 50) -> list[bytes]:
+    pad = b"\0" * (RING_RECORD.size - 8 - layout.EVENT_SIZE)
+    recs = [layout.EVENT_SIZE.to_bytes(4, "little") + b"\0" * 4 + bytes(r) + pad for r in raws]
     return [b"".join(recs[i:i + per_chunk]) for i in range(0, len(recs), per_chunk)]
 
 
@@ -95,21 +95,16 @@ def run(tmp_path, name: str, fast: bool, options: Options, data: list[bytes]):
     path = tmp_path / f"{name}-{'fast' if fast else 'slow'}.jsonl"
     out = LineOutput(str(path))
     options.fast_path = fast
-    s = Session(options, [JsonSink(out)])
-    s.decoder = Decoder(REASONS)
-    s.decoder._mono_to_wall = 1_764_000_000_000_000_000
-    s.decoder._synced_at = float("inf")
-    s.attributor = Attributor(context_known=True)
-    s.program = FakeProgram()
-    s.fast = FastPath(s) if fast else None
+    decoder = Decoder(REASONS)
+    decoder.mono_to_wall = 1_764_000_000_000_000_000
+    decoder._synced_at = float("inf")
+    p = Pipeline(options, [JsonSink(out)], decoder, Attributor(context_known=True), ksym=FakeProgram().ksym)
+    assert (p.fast is not None) == fast
     for chunk in data:
-        if s.fast is not None:
-            s.fast.process(chunk)
-        else:
-            s.process_batch(s.decoder.decode_batch(chunk))
-        s._flush()
+        p.read(chunk)
+        p.flush()
     out.close()
-    return path.read_bytes(), s
+    return path.read_bytes(), p
 
 
 @pytest.mark.parametrize("name,options,per_chunk", [

@@ -35,7 +35,8 @@ SYN, ACK, RST = 0x02, 0x10, 0x04
 def test_kernel_reason_maps_to_stable_reason(kernel_reason, flags, linger_zero, expected):
     orphan = linger_zero == "orphan"
     linger_zero = linger_zero is True
-    assert reasons.classify_fields("rst_sent", kernel_reason, flags, linger_zero, orphan=orphan) == expected
+    assert reasons.classify_fields("rst_sent", kernel_reason=kernel_reason, tcp_flags=flags, linger_zero=linger_zero,
+                                   orphan=orphan) == expected
 
 
 @pytest.mark.parametrize("kind,kernel_reason,verdict,queue_full,expected", [
@@ -53,17 +54,17 @@ def test_kernel_reason_maps_to_stable_reason(kernel_reason, flags, linger_zero, 
     ("rst_sent", "INVALID_SYN", "none", False, "invalid_syn"),
 ])
 def test_listen_queue_decisions_map_to_reasons(kind, kernel_reason, verdict, queue_full, expected):
-    assert reasons.classify_fields(kind, kernel_reason, 0, False, verdict, queue_full) == expected
+    assert reasons.classify_fields(kind, kernel_reason=kernel_reason, verdict=verdict, queue_full=queue_full) == expected
 
 
 def test_received_reset_is_peer_reset():
-    assert reasons.classify_fields("rst_received", None, 0, False) == "peer_reset"
+    assert reasons.classify_fields("rst_received") == "peer_reset"
 
 
 def test_every_reason_of_the_618_tracepoint_is_mapped_or_deliberately_unknown():
     fmt = parse_format("tcp", "tcp_send_reset", (DATA / "tcp_send_reset-6.18.format").read_text())
     names = set(fmt.symbols("reason").values()) - {"MAX"}
-    unmapped = {n for n in names if reasons.classify_fields("rst_sent", n, 0, False) == "unknown"}
+    unmapped = {n for n in names if reasons.classify_fields("rst_sent", kernel_reason=n) == "unknown"}
     assert unmapped == {"NOT_SPECIFIED", "ERROR"}
 
 
@@ -107,7 +108,8 @@ def test_catalog_entries_are_complete():
 ])
 def test_reason_inferred_from_callers_and_socket_state(callers, state, unread, linger_zero, orphan, flags, queue_full,
                                                        has_socket, expected):
-    assert reasons.infer_rst_reason(callers, state, unread, linger_zero, orphan, flags, queue_full, has_socket) == expected
+    assert reasons.infer_rst_reason(callers, state=state, unread=unread, linger_zero=linger_zero, orphan=orphan,
+                                    tcp_flags=flags, queue_full=queue_full, has_socket=has_socket) == expected
 
 
 def test_each_summary_renders_as_its_str_format_template_would():

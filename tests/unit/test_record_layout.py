@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
-from tracer.events import record
+from tracer.kernel import layout
 from tracer.paths import EVENT_HEADER
 
 
@@ -37,14 +37,14 @@ def check(struct: str, cls, tmp_path):
 
 
 def test_event_record_matches_the_c_header(tmp_path):
-    check("rsttrace_event", record.RawEvent, tmp_path)
+    check("rsttrace_event", layout.RawEvent, tmp_path)
 
 
 def test_count_key_matches_the_c_header(tmp_path):
-    check("rsttrace_count_key", record.CountKey, tmp_path)
+    check("rsttrace_count_key", layout.CountKey, tmp_path)
 
 
 def test_constants_come_from_the_header():
-    assert record.KIND_NAMES == {1: "rst_sent", 2: "rst_received", 3: "syn_dropped", 4: "ack_dropped", 5: "syn_cookie"}
-    assert record.F_SOFTIRQ == 1 and record.NO_REASON == 0xFFFFFFFF
-    assert record.VERDICT_NAMES[1] == "accept_queue_full" and record.VERDICT_NAMES[4] == "syn_cookie"
+    assert layout.KIND_NAMES == {1: "rst_sent", 2: "rst_received", 3: "syn_dropped", 4: "ack_dropped", 5: "syn_cookie"}
+    assert layout.F_SOFTIRQ == 1 and layout.NO_REASON == 0xFFFFFFFF
+    assert layout.VERDICT_NAMES[1] == "accept_queue_full" and layout.VERDICT_NAMES[4] == "syn_cookie"

@@ -13,7 +13,7 @@ from tracer.enrich import reasons
 from tracer.events.decode import Event
 from tracer.sinks import records
 from tracer.kernel.loader import attach_point
-from tracer.session import print_summary
+from tracer.sinks.summary import print_summary
 from tracer.sinks.plain import format_event
 
 REPO = Path(__file__).resolve().parents[2]

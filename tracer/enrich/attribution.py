@@ -56,8 +56,7 @@ class SocketOwners:
     socket missing from an index built after its event is gone or was never accept()ed. Rebuilds
     happen at most once per batch of events and at least 1/`max_per_s` apart.
 
-    A rebuild costs in proportion to every socket on the host (measured: ~70 ms with 10 000 idle
-    connections), so rebuilds also keep to `cpu_share` of one core: on a big host in a storm, an
+    A rebuild costs in proportion to every socket on the host, so rebuilds also keep to `cpu_share` of one core: on a big host in a storm, an
     event whose socket is newer than the index may then go without an owner (`process: null`)
     rather than rsttrace falling behind the kernel."""
 
@@ -161,9 +160,8 @@ class SocketOwners:
 
 class PortListeners:
     """(netns, local address, port) → inodes of the sockets listening there: an inet_diag dump of the
-    netns' listeners, made through /proc/<pid>/ns/net of any process in that netns. (Measured here:
-    0.12 ms for a lookup, against 2.6 ms to read the head of /proc/PID/net/tcp{,6}, which walks every
-    bucket of the kernel's socket hashes.)"""
+    netns' listeners, made through /proc/<pid>/ns/net of any process in that netns: far cheaper than
+    reading /proc/PID/net/tcp{,6}, which walks every bucket of the kernel's socket hashes."""
 
     def __init__(self, min_gap_s: float = 0.1):
         self.min_gap_s = min_gap_s
@@ -301,6 +299,19 @@ class Attributor:
 
     def needs_owner(self, ev: Event) -> bool:
         return not (self.context_known and not ev.softirq and not self._listener_event(ev))
+
+    def decided_by(self, softirq: bool, owner_pid: int, sock_ino: int) -> str | None:
+        """For a reset (no listener queues), what names its process, where the record alone decides
+        it: "task" (process context), "recorded_owner" (seen calling connect()), "port_listener" (no
+        socket: the local port's listener, or nobody); None where the socket's fd holder is looked
+        up per socket. The fast path's templates (tracer/fastpath.py) rest on this."""
+        if self.context_known and not softirq:
+            return "task"
+        if owner_pid:
+            return "recorded_owner"
+        if sock_ino:
+            return None
+        return "port_listener"
 
     def prepare(self, events: list[Event]) -> None:
         """Before attributing a batch: one index refresh if any of its sockets may be new."""

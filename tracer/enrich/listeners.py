@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..kernel import listener_poke
 from . import counters
 
+LISTENER_SCAN_INTERVAL = 10.0 # seconds between looks for listeners that predate rsttrace (all netns)
 CLONE_NEWNET = 0x40000000
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -283,9 +285,12 @@ class ListenerSampler:
         self._thread.start()
 
     def stop(self) -> None:
+        """The thread stops; a last sample_once() may follow (at exit), then close()."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+
+    def close(self) -> None:
         for st in self.netns.values():
             if st.diag:
                 st.diag.close()
@@ -390,3 +395,107 @@ class ListenerSampler:
                     "drops_per_s": round(st.drop_rates.get((lst.addr, lst.port, lst.inode), 0.0), 2),
                 })
         return rows
+
+
+class ListenerTracking:
+    """What the session does for listeners beside the sampler: learn those that predate rsttrace into
+    the BPF table (where the plan has the hooks for it), name each listener's owner, and turn the
+    sampler's view into `listeners` records.
+
+    program: the loaded programs (tracer/kernel/loader.py RstProgram); attributor: the event path's
+    (its socket-owner index is shared, one /proc scan for both)."""
+
+    def __init__(self, program, attributor, sampler: ListenerSampler | None, ports: list[int],
+                 learning: bool, poking: bool):
+        self.program = program
+        self.attributor = attributor
+        self.sampler = sampler
+        self.ports = set(ports)
+        self.learning = learning                  # sk_data_ready attached to learn older listeners
+        self.poking = poking                      # sock_recv_length attached for the poke
+        self.backlogs: dict[tuple[int, int], int] = {}     # (netns, port) → listen() backlog seen
+        self._older: dict[tuple[int, int], list[int]] | None = None   # → socket inodes
+        self._older_scanned_at = 0.0
+        self._resolved: set[int] = set()
+        self._owners: dict[tuple[int, int], tuple[int, str]] = {}     # recorded at listen()
+
+    def observe(self, ev) -> None:
+        """An attributed event: its process's netns joins the sampler's; a listener's backlog is noted."""
+        if ev.netns not in self.sampler.netns and ev.process and ev.process.get("pid"):
+            self.sampler.watch_pid(ev.process["pid"])
+        if ev.queues and ev.queues.get("backlog") is not None:
+            self.backlogs[(ev.netns, ev.local_port)] = ev.queues["backlog"]
+
+    def tick(self, now: float) -> None:
+        self._resolve_new()
+        if self.learning:
+            self._learn_older(now)
+
+    def _learn_older(self, now: float) -> None:
+        """Listeners that existed before rsttrace reach the BPF table only when they next queue a
+        connection (sock:sk_data_ready, which fires for every socket receiving data on the host).
+        Once every listener on the traced ports in every netns is known, that hook is detached: new
+        listeners arrive through listen() (inet_sock_set_state)."""
+        if self._older is None or now - self._older_scanned_at >= LISTENER_SCAN_INTERVAL:
+            self._older = listeners_everywhere(self.ports)
+            self._older_scanned_at = now
+            if self.poking:
+                self._poke_older()
+        if self._older.keys() <= self.program.known_listeners().keys():
+            self.program.stop_learning_listeners()
+            self.learning = False
+
+    def _poke_older(self) -> None:
+        """One round, at start: a recv() on a copy of each unknown older listener's fd makes it pass
+        through sock:sock_recv_length, where the BPF side learns it (tracer/kernel/listener_poke.py).
+        Listeners that predate rsttrace all exist by the first scan (later ones call listen() while
+        traced), so the hook goes after it; any listener the poke missed is left to sk_data_ready."""
+        known = self.program.known_listeners().keys()
+        inodes = [inode for key, found in self._older.items() if key not in known for inode in found]
+        if inodes:
+            now_ns = time.monotonic_ns()
+            self.attributor.sockets.refresh_for([(inode, now_ns) for inode in inodes])
+            for inode in inodes:
+                for pid in self.attributor.sockets.owners(inode):
+                    if listener_poke.poke(pid, inode):      # one owner's copy is enough
+                        break
+        self.program.stop_poke_hook()
+        self.poking = False
+
+    def _resolve_new(self) -> None:
+        """Name each listener's owner as soon as the sampler sees it, before its first drop: by then the
+        owner index may have just been rebuilt for another socket, and the process may be gone. The
+        BPF programs saw most listeners' owners call listen(): only the others are looked up in
+        /proc, once each (a look costs a scan of every fd on the host)."""
+        if self.sampler is None:
+            return
+        current = {(st.inode, lst.port, lst.inode) for st in list(self.sampler.netns.values())
+                   for lst in st.listeners}
+        inodes = {inode for _, _, inode in current}
+        self._resolved &= inodes           # forget closed listeners: bounded over long runs
+        new = [(netns, port, inode) for netns, port, inode in current if inode not in self._resolved]
+        if not new:
+            return
+        self._owners = self.program.known_listeners()
+        unknown = [inode for netns, port, inode in new if not self._owners.get((netns, port), (0,))[0]]
+        if unknown:
+            self.attributor.sockets.refresh_for([(inode, time.monotonic_ns()) for inode in unknown])
+        self._resolved.update(inode for _, _, inode in new)
+
+    def rows(self) -> list[dict]:
+        """The sampler's listeners with their owners, and the backlog their listen() asked for."""
+        rows = self.sampler.snapshot(self._owner)
+        for row in rows:
+            backlog = self.backlogs.get((row["netns"]["inode"], row["local"]["port"]))
+            if backlog is not None and row["somaxconn"] is not None:
+                row["backlog"] = backlog
+                row["binding_limit"] = "somaxconn" if backlog > row["somaxconn"] else "listen_backlog"
+        return rows
+
+    def _owner(self, netns: int, port: int, inode: int) -> dict | None:
+        pid, comm = self._owners.get((netns, port), (0, ""))
+        if pid:
+            owner = self.attributor.recorded_owner(pid, comm, "listener_owner")
+            owner["cgroup"], owner["container"] = self.attributor.cgroups.of(pid)
+            return owner
+        return self.attributor.owner_of_socket(inode, "listener_owner")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..kernel.ringbuf import HEADER_SIZE, record_stride
-from . import record
+from ..kernel import layout
 
 TCP_STATES = {
     1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
@@ -79,10 +79,10 @@ class Event:
 
 # A record as the ring reader hands it over: the ring's 8-byte header (length, page offset), the
 # record, padding to the next record (tracer/kernel/ringbuf.py).
-RING_RECORD = struct.Struct("<I4x" + record.EVENT_FORMAT[1:] + "x" * (record_stride(record.EVENT_SIZE)
-                                                                      - HEADER_SIZE - record.EVENT_SIZE))
+RING_RECORD = struct.Struct("<I4x" + layout.EVENT_FORMAT[1:] + "x" * (record_stride(layout.EVENT_SIZE)
+                                                                      - HEADER_SIZE - layout.EVENT_SIZE))
 _F = {name: (at + 1 if isinstance(at, int) else slice(at.start + 1, at.stop + 1))
-      for name, at in record.EVENT_FIELDS.items()}      # field → position in a RING_RECORD tuple
+      for name, at in layout.EVENT_FIELDS.items()}      # field → position in a RING_RECORD tuple
 CACHE_MAX = 65536      # distinct addresses / task names remembered (cleared when full: bounded memory)
 # Positions of the fields the decoder reads, as module constants (cheaper than a lookup per field).
 (_KTIME, _SKADDR, _SOCK_COOKIE, _SOCK_INO, _LINGER_JIFFIES, _CALLERS, _KIND, _KERNEL_REASON, _TGID, _UID, _NETNS,
@@ -91,9 +91,9 @@ CACHE_MAX = 65536      # distinct addresses / task names remembered (cleared whe
     "ktime_ns", "skaddr", "sock_cookie", "sock_ino", "linger_jiffies", "callers", "kind", "kernel_reason", "tgid",
     "uid", "netns", "state", "unread_bytes", "owner_tgid", "family", "lport", "rport", "flags", "tcp_flags",
     "verdict", "hook", "laddr", "raddr", "comm", "owner_comm"))
-KIND_NAMES, VERDICT_NAMES, HOOK_NAMES, NO_REASON = record.KIND_NAMES, record.VERDICT_NAMES, record.HOOK_NAMES, record.NO_REASON
+KIND_NAMES, VERDICT_NAMES, HOOK_NAMES, NO_REASON = layout.KIND_NAMES, layout.VERDICT_NAMES, layout.HOOK_NAMES, layout.NO_REASON
 F_SOFTIRQ, F_LINGER, F_FULLSOCK, F_QUEUES, F_INFERRED, F_ORPHAN = (
-    record.F_SOFTIRQ, record.F_LINGER, record.F_FULLSOCK, record.F_QUEUES, record.F_INFERRED, record.F_ORPHAN)
+    layout.F_SOFTIRQ, layout.F_LINGER, layout.F_FULLSOCK, layout.F_QUEUES, layout.F_INFERRED, layout.F_ORPHAN)
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 
 
@@ -110,12 +110,12 @@ class Decoder:
 
     def _resync_clock(self) -> None:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; wall = mono + offset (re-read to follow NTP steps).
-        self._mono_to_wall = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self.mono_to_wall = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self._synced_at = time.monotonic()
 
     def decode(self, data: bytes) -> Event:
         """One record without its ring header (tests, tools)."""
-        header = struct.pack("<II", record.EVENT_SIZE, 0)
+        header = struct.pack("<II", layout.EVENT_SIZE, 0)
         return self.decode_batch(header + data + b"\0" * (RING_RECORD.size - HEADER_SIZE - len(data)))[0]
 
     def refresh(self) -> None:
@@ -129,10 +129,10 @@ class Decoder:
     def decode_batch(self, chunk: bytes) -> list[Event]:
         """Every record of a ring-reader chunk (discarded ones skipped)."""
         self.refresh()
-        size = record.EVENT_SIZE
-        return [self._event(t) for t in RING_RECORD.iter_unpack(chunk) if t[0] == size]
+        size = layout.EVENT_SIZE
+        return [self.event(t) for t in RING_RECORD.iter_unpack(chunk) if t[0] == size]
 
-    def _text_addr(self, raw: bytes, family: int) -> str:
+    def text_addr(self, raw: bytes, family: int) -> str:
         text = self._addr.get(raw)
         if text is None:
             text = socket.inet_ntop(family, raw)
@@ -146,17 +146,17 @@ class Decoder:
             self._comm[raw] = text
         return text
 
-    def _event(self, t: tuple) -> Event:
+    def event(self, t: tuple) -> Event:
         kind_value = t[_KIND]
         kind = KIND_NAMES.get(kind_value) or f"kind_{kind_value}"
         if t[_FAMILY] == AF_INET6:
             family = "ipv6"
-            laddr = self._text_addr(t[_LADDR], AF_INET6)
-            raddr = self._text_addr(t[_RADDR], AF_INET6)
+            laddr = self.text_addr(t[_LADDR], AF_INET6)
+            raddr = self.text_addr(t[_RADDR], AF_INET6)
         else:
             family = "ipv4"
-            laddr = self._text_addr(t[_LADDR][:4], AF_INET)
-            raddr = self._text_addr(t[_RADDR][:4], AF_INET)
+            laddr = self.text_addr(t[_LADDR][:4], AF_INET)
+            raddr = self.text_addr(t[_RADDR][:4], AF_INET)
         kernel_reason = t[_KERNEL_REASON]
         if kernel_reason == NO_REASON:
             kreason = None
@@ -165,9 +165,9 @@ class Decoder:
         flags = t[_FLAGS]
         state = t[_STATE]
         ktime = t[_KTIME]
-        # Positional, in Event's field order (a keyword call costs ~2 µs more per event).
+        # Positional, in Event's field order: a keyword call costs more, for every event.
         return Event(
-            kind, ktime, ktime + self._mono_to_wall, family,
+            kind, ktime, ktime + self.mono_to_wall, family,
             laddr, t[_LPORT], raddr, t[_RPORT],
             TCP_STATES.get(state) if state else None,
             t[_NETNS], kreason, bool(flags & F_SOFTIRQ),

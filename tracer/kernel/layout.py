@@ -1,4 +1,5 @@
-"""The event record, read from bpf/rsttrace.h — the single definition of the kernel/user contract.
+"""The ring record's layout, read from bpf/rsttrace.h — the single definition of the kernel/user
+contract (what the sinks write is another thing: tracer/sinks/records.py, the output records).
 
 The ctypes structure and the constants (kinds, flags, stat slots) are built from the C header at
 import time, so there is no second copy to keep in sync; tests/unit/test_record_layout.py compiles

@@ -1,0 +1,56 @@
+"""The exit summary on stderr: what was written, what the kernel counted, and per netns how the two
+compare (the `summary` record, as a person reads it)."""
+from __future__ import annotations
+
+from .plain import stderr
+
+# How long the session goes on writing what is still in the ring buffer at exit (tracer/session.py).
+DRAIN_S = 20.0
+
+
+def print_summary(summary: dict, out=stderr) -> None:
+    if not summary:
+        return
+    total = sum(sum(r.values()) for r in summary["events"].values())
+    held = f", suppressed {summary['suppressed']} (--max-rate)" if summary.get("suppressed") else ""
+    if summary.get("aggregated"):
+        held += f", aggregated {summary['aggregated']} during storms (counted per shape, not written one by one)"
+    out(f"rsttrace: {total} events in {summary['duration_s']:.1f}s, lost {summary['lost']}{held}")
+    if summary.get("unwritten"):
+        out(f"rsttrace: {summary['unwritten']} records were still in the ring buffer when writing gave up "
+            f"after {DRAIN_S:.0f} s (counted below)")
+    skipped = summary.get("skipped_runs") or {}
+    if skipped:
+        out(f"rsttrace: the kernel skipped {sum(skipped.values())} runs of rsttrace's programs ("
+            + ", ".join(f"{hook} {n}" for hook, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+            + "): another BPF program was running on that CPU when the event fired (an interrupt nested "
+              "in it); those events are in no record and no count")
+    shown = summary["events"]
+    if summary.get("suppressed") or summary["lost"] or summary.get("unwritten") or summary.get("aggregated"):
+        shown = summary["exact_counts"]
+        out("  counted in the kernel (every event past the kernel's filters, written or not):")
+    for kind, by_reason in shown.items():
+        for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1]):
+            out(f"  {n:>8}  {kind:<13} {reason}")
+    delta = summary["kernel_counters"]["delta"]
+    moved = {k: v for k, v in delta.items() if v}
+    if moved:
+        out("  kernel counters (rsttrace's netns): " + ", ".join(f"{k} +{v}" for k, v in moved.items()))
+    for ns in summary.get("reconciliation") or []:
+        k, ours = ns["kernel"], ns.get("counted") or ns["rsttrace"]
+        listen = ours.get("syn_dropped", 0) + ours.get("ack_dropped", 0)
+        if not (k.get("TcpOutRsts") or k.get("TcpExtListenDrops") or ours):
+            continue
+        name = ns["name"] or ns["inode"]
+        gone = " (gone: its last readings)" if ns.get("gone") else ""
+        since = {"created_after_start": " (made after start: counted from 0)",
+                 "late": f" (first read late: {ns.get('events_before_baseline', 0)} events before)"}.get(ns.get("baseline"), "")
+        other = ns.get("unexplained", {}).get("TcpExtListenDrops")
+        other = f", {other} the kernel counted where no hook saw a drop" if other else ""
+        out(f"  netns {name}{since}{gone}: RSTs sent {ours.get('rst_sent', 0)} seen / {_known(k.get('TcpOutRsts'))} "
+            f"counted (TcpOutRsts); listen drops {listen} seen / {_known(k.get('TcpExtListenDrops'))} counted "
+            f"(ListenDrops){other}")
+
+
+def _known(value: int | None) -> str:
+    return "?" if value is None else str(value)
