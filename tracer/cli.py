@@ -252,7 +252,7 @@ def run_trace(options, fmt: str | None = None, output: str | None = None, syslog
         cov = session.plan.coverage
         hooks = ", ".join(f"{k}: {v}" for k, v in cov.hooks.items() if v)
         blind = [k for k, v in cov.hooks.items() if not v]
-        how = "programs cached by this boot's first start" if session.program.cached else "compiled"
+        how = "compiled" if session.program.compiled else "programs cached by this boot's first start"
         stderr(f"rsttrace: attached in {(session.attached_at - STARTED) * 1000:.0f} ms ({how}) — {hooks}")
         if blind:
             stderr(f"rsttrace: not visible with this build/kernel: {', '.join(blind)}")

@@ -168,8 +168,9 @@ def test_output_file_is_appended_whole_lines(netns, tracer, tmp_path, validator)
 
 
 def test_a_later_start_loads_the_programs_the_first_compiled(netns, tracer, tmp_path):
-    """tracer/kernel/progcache.py: the first start compiles and keeps the bytecode; the next loads it
-    without clang, reports the same, and leaves nothing in the kernel; a damaged entry is compiled anew."""
+    """tracer/kernel/progcache.py: the first start compiles (in a child process) and keeps the bytecode;
+    the next loads it without clang, reports the same, and leaves nothing in the kernel; a damaged entry
+    is compiled anew."""
     env = dict(os.environ, RSTTRACE_PROGRAM_CACHE=str(tmp_path))
     runs = []
     for damage in (False, False, True, False):
@@ -181,6 +182,10 @@ def test_a_later_start_loads_the_programs_the_first_compiled(netns, tracer, tmp_
             entry.write_text(json.dumps(data))
         t = tracer("--json", "--port", str(PORT), env=env)
         ours = prog_ids_of(t.proc.pid)
+        # A first start compiles in a child process: the compiler is never mapped in the tracer.
+        with open(f"/proc/{t.proc.pid}/maps") as f:
+            compiler = sorted({line.split()[-1] for line in f if "libLLVM" in line or "libbcc" in line})
+        assert compiler == [], compiler
         before = netns.counters()
         netns.scenario("closed_port", "127.0.0.1", PORT)
         netns.scenario("unread_close", "127.0.0.1", PORT + 1)     # filtered out in the kernel

@@ -242,12 +242,12 @@ def _text_ranges(cache: BootCache, section: str, names: tuple[str, ...], every: 
 
 def probe(mount_tracefs: bool = True) -> Capabilities:
     caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=effective_caps())
-    # Loading bcc maps LLVM (mostly in dlopen, which lets other threads run): it happens
-    # while this thread reads BTF, tracefs and kallsyms. Joined before returning: the compile
-    # that follows needs bcc.
-    # Not where this boot's first start cached the programs (progcache.py): no compile will follow.
+    # Where the program cache is off, this process compiles: loading bcc maps LLVM (mostly in
+    # dlopen, which lets other threads run), so it happens while this thread reads BTF, tracefs and
+    # kallsyms, joined before returning. With the cache on, a boot's first start compiles in a
+    # child process (loader.py), which loads bcc itself: the tracer never maps the compiler.
     loading = threading.Thread(target=_load_bcc, name="rsttrace-load-bcc", daemon=True)
-    if not progcache.likely_cached():
+    if not progcache.enabled():
         loading.start()
     texts = []
     for path in ("/proc/version", "/proc/version_signature"):

@@ -14,6 +14,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -167,7 +168,11 @@ class RstProgram:
         cache = progcache.cache_path(source, self.cflags, caps.bcc_version,
                                      includes=progcache.tree_digest(BPF_DIR))
         # A start after the first of this boot loads what the first compiled (progcache.py).
-        self.cached = progcache.load(cache, caps.tracefs) if progcache.enabled() and _direct_ring() else None
+        cacheable = progcache.enabled() and _direct_ring()
+        self.cached = progcache.load(cache, caps.tracefs) if cacheable else None
+        self.compiled = self.cached is None
+        if self.cached is None and cacheable and self._compile_apart(source, cache):
+            self.cached = progcache.load(cache, caps.tracefs)
         self.bpf = self.cached
         if self.cached is None:
             self._compile(source, cache)
@@ -185,7 +190,33 @@ class RstProgram:
             for inode in filters.netns:
                 table[ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
 
-    def _compile(self, source: str, cache: str) -> None:
+    def _compile_apart(self, source: str, cache: str) -> bool:
+        """A boot's first start compiles in a child process, which keeps the programs in the cache
+        and exits; this process then loads them from there as any later start does, and the
+        compiler (LLVM: most of a compiling process's memory) never stays in the tracer. Only for
+        plans the cache takes, and while this process has one thread (fork copies only the
+        caller). True if the child kept the programs; otherwise the caller compiles here, and
+        reports a failure in its own words."""
+        if self.plan.function_hooks or threading.active_count() > 1:
+            return False
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            kept = False
+            try:
+                kept = self._compile(source, cache)
+                self.bpf.cleanup()
+            except BaseException:     # noqa: BLE001 — the parent compiles again and says why
+                pass
+            finally:
+                # A forked child leaves without the parent's exit handlers and buffered output.
+                os._exit(0 if kept else 1)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
+
+    def _compile(self, source: str, cache: str) -> bool:
+        """Compile, load and attach with bcc; True if the programs were kept in the cache."""
         from bcc import BPF   # imported late: `rsttrace --help`/`explain` must work without bcc
         _return_freed_memory()
         failure = None
@@ -209,8 +240,7 @@ class RstProgram:
                 "see `rsttrace doctor`; RSTTRACE_DEBUG=1 prints the verifier log") from failure
         self._load_btf_tracepoints()
         _release_compiler_memory()
-        if progcache.enabled():
-            progcache.save(self.bpf, cache, self.plan.btf_types)
+        return progcache.enabled() and progcache.save(self.bpf, cache, self.plan.btf_types)
 
     def _load_btf_tracepoints(self) -> None:
         """Load and attach the plan's BTF tracepoint programs: bcc compiles them but has no tp_btf. They
@@ -425,7 +455,7 @@ def _direct_ring() -> bool:
 
 def _return_freed_memory() -> None:
     """clang's compile is rsttrace's memory peak: have glibc hand large and trailing free blocks
-    back to the kernel instead of keeping them (measured: about -1.7 MB of peak RSS)."""
+    back to the kernel instead of keeping them."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-1, 128 * 1024)    # M_TRIM_THRESHOLD

@@ -1,7 +1,6 @@
 """The compiled-program cache: a start after the first of a boot skips clang.
 
-bcc compiles rsttrace's C at every start — measured here ~450 ms of a ~0.6 s start-up (a one-line
-program alone costs bcc ~230 ms). What it hands the kernel is plain bytecode in which each map is
+bcc compiles rsttrace's C at every start, most of a start-up's time. What it hands the kernel is plain bytecode in which each map is
 referred to by its file descriptor (ld_imm64 with src_reg BPF_PSEUDO_MAP_FD). So after a compile, the
 bytecode of every program and the definition of every map are kept in /run/rsttrace (tmpfs: gone at
 reboot), under a key made of everything the compile depended on: the source and every file under
@@ -12,6 +11,8 @@ perf_event_open(2).
 
 Only plans made of tracepoints and raw tracepoints are cached (kprobes and fentry stay with bcc);
 anything unexpected in the bytecode, and any failure while loading from the cache, means compiling.
+A boot's first start compiles in a child process that keeps its programs here and exits, then
+loads them like any later start (loader.py): the compiler never stays in the tracer's memory.
 `RSTTRACE_PROGRAM_CACHE=off` always compiles; `RSTTRACE_PROGRAM_CACHE=DIR` keeps the cache in DIR (tests).
 
 What the cache holds is loaded into the kernel as root, so it is used only where nobody else could
@@ -53,22 +54,6 @@ def enabled() -> bool:
 def cache_directory() -> str:
     setting = os.environ.get(CACHE_ENV, "on")
     return setting if setting.startswith("/") else DIRECTORY
-
-
-def likely_cached() -> bool:
-    """Whether this boot has cached programs at all (before the key is known: the probe uses it to
-    skip loading bcc, which only a compile needs)."""
-    if not enabled():
-        return False
-    fd = rootfiles.open_directory(cache_directory())
-    if fd is None:
-        return False
-    try:
-        return any(n.startswith("programs-") for n in os.listdir(fd))
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def read_entry(path: str) -> dict | None:
