@@ -1,5 +1,7 @@
 """Shared parts of the benchmarks: the tracers under test (rsttrace and its peers) as whole processes,
-private network namespaces, the C load generator, and the statistics every table uses.
+the storms of the load generator (rststorm.c), the kernel's accounting of BPF run time, and the
+statistics every table uses. Network namespaces and background servers are the tests' own
+(tests/conftest.py), and the kernel's counters are read with tracer's parser.
 
 Every wait has a deadline; every storm is bounded in time and runs on 127.0.0.1 inside a netns made
 for it (and deleted after), so nothing touches the host's traffic or sysctls.
@@ -20,15 +22,31 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+# The tests' helpers import pytest, which scripts/setup installs into the project's venv (bcc comes
+# with its system site packages): the benchmarks run there, whichever python3 started them.
+if Path(sys.prefix).resolve() != VENV_PYTHON.parents[1].resolve() and VENV_PYTHON.exists():
+    os.execv(VENV_PYTHON, [str(VENV_PYTHON), *sys.argv])
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from conftest import Background, Netns as TestNetns      # noqa: E402
+from tracer.enrich import counters                        # noqa: E402
+
 BENCH = REPO / "scripts" / "bench"
 OUT = REPO / ".bench-out"
 RSTTRACE = REPO / ".venv" / "bin" / "rsttrace"
+# RSTTRACE_BENCH_BASE=/path/to/another/checkout: that rsttrace runs beside this one, as the tool
+# "rsttrace_base" (a change's cost, measured against its parent in the same run).
+BASE_ENV = "RSTTRACE_BENCH_BASE"
+# A boot's first start, each time: the cache it fills is emptied before every such start.
+FIRST_START_CACHE = "/run/rsttrace-bench-first-start"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Ports below the ephemeral range (32768+), so that nobody's client port is mistaken for ours.
 STORM_PORT = 23456          # the storms' listener (unread, conn); STORM_PORT + 1 is the closed port
 OTHER_PORT = 24000          # "rsttrace filtering another port"; more untraced ports count up from here
 IDLE_PORT = OTHER_PORT + 1000   # the idle established connections' listener: never traced, past the extra ports
+MAX_STORM_S = 3600          # rststorm's own bound on SECONDS
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -39,8 +57,41 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def mean_ci(values: list[float]) -> dict:
+    """Mean and the half-width of its 95 % confidence interval (t distribution)."""
+    n = len(values)
+    if n < 2:
+        return {"mean": values[0] if values else None, "ci95": None, "n": n}
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.2)
+    return {"mean": statistics.mean(values), "ci95": t95 * statistics.stdev(values) / math.sqrt(n), "n": n}
+
+
+def ci_verdict(m: dict, limit: float) -> bool | str | None:
+    """Met (True) or missed (False) where the 95 % interval of a mean_ci() lies on one side of the
+    limit; where it spans it, the measurement cannot tell."""
+    if m.get("mean") is None or m.get("ci95") is None:
+        return None
+    if m["mean"] + m["ci95"] <= limit:
+        return True
+    if m["mean"] - m["ci95"] > limit:
+        return False
+    return "not decided: the interval spans the target"
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b not in (None, 0) else None
+
+
+def fmt(s: dict, spec: str = ".0f", unit: str = "") -> str:
+    """median (min–max) of a summary()"""
+    if s.get("median") is None:
+        return "–"
+    m, lo, hi = (format(s[k], spec) for k in ("median", "min", "max"))
+    return f"{m}{unit} ({lo}–{hi})" if len(s["runs"]) > 1 else f"{m}{unit}"
+
+
+def fmt_ratio(r: float | None, spec: str = ".2f") -> str:
+    return "–" if r is None else f"{r:{spec}}×"
 
 
 def write_result(name: str, result: dict, table: str) -> None:
@@ -65,7 +116,7 @@ def start_benchmark(name: str) -> None:
     signal.signal(signal.SIGTERM, unwind)
     # rsttrace as scripts/setup leaves it: byte-compiled (a source edited since, with
     # PYTHONDONTWRITEBYTECODE set, would be compiled again at every start and counted in start-up).
-    subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "compileall", "-q", str(REPO / "tracer")],
+    subprocess.run([str(VENV_PYTHON), "-m", "compileall", "-q", str(REPO / "tracer")],
                    stdout=subprocess.DEVNULL, check=False)
 
 
@@ -73,80 +124,69 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 # -- the load generator --------------------------------------------------------------------------
 def build_storm() -> str:
     """Compile scripts/bench/rststorm.c with the system compiler (again only when the source changed)."""
-    return _compile("rststorm")
-
-
-def _compile(name: str) -> str:
-    src, exe = BENCH / f"{name}.c", OUT / name
+    src, exe = BENCH / "rststorm.c", OUT / "rststorm"
     OUT.mkdir(exist_ok=True)
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True)
     return str(exe)
 
 
-class Netns:
-    """A private network namespace with loopback up; deleted on exit (with the TIME_WAIT sockets a
-    storm leaves, so that no run inherits another's)."""
+class Netns(TestNetns):
+    """The tests' private netns (loopback up; counters()), made for one benchmark step and deleted
+    when its with-block ends, with the TIME_WAIT sockets a storm leaves: no run inherits another's."""
     _made = 0
 
     def __init__(self):
         Netns._made += 1
-        self.name = f"rsttrace-bench-{os.getpid()}-{Netns._made}"
+        super().__init__(f"rsttrace-bench-{os.getpid()}-{Netns._made}")
 
     def __enter__(self) -> "Netns":
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True)
         return self
 
     def __exit__(self, *exc) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
+        self.delete()
 
     def argv(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def counters(self) -> dict[str, int]:
-        text = subprocess.run(self.argv("cat", "/proc/net/snmp"), capture_output=True, text=True, check=True).stdout
-        out: dict[str, int] = {}
-        lines = text.splitlines()
-        for header, values in zip(lines[0::2], lines[1::2]):
-            group, _, names = header.partition(":")
-            for name, num in zip(names.split(), values.partition(":")[2].split()):
-                out[group + name] = int(num)
-        return out
-
     def storm(self, exe: str, mode: str, port: int, seconds: float, procs: int = 2, rate: float = 0) -> dict:
-        argv = self.argv(exe, mode, str(port), str(seconds), str(procs), str(int(rate)))
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+        out = self.run(exe, mode, str(port), str(seconds), str(procs), str(int(rate)), check=False,
+                       timeout=seconds + 30)
         if out.returncode != 0:
             raise RuntimeError(f"rststorm {mode} failed: {out.stderr.strip()}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # A window's "fast rate": the 90th percentile of its quarter-second rates. What disturbs the storm
-# here comes from outside the VM and only ever slows it, in dips of a fraction of a second to a few
-# seconds; a tracer's cost is paid by every connection, so it lowers every quarter-second alike. The
-# fast rate is the best-of-N of timing practice: measured on this VM (180 s of the storm, no tracer),
-# it moved by 1.4–1.9 % between neighbouring 2–3 s windows where the whole-window mean moved by 3.2–3.4 %.
+# on a VM comes from outside it and only ever slows it, in dips of a fraction of a second to a few
+# seconds; a tracer's cost is paid by every connection, so it lowers every quarter-second alike.
+# The fast rate is the best-of-N of timing practice: it leaves the dips out.
 SUB_S = 0.25
-MAX_STORM_S = 3600   # rststorm's and hostspeed's own bound on SECONDS
 
 
 class LongStorm:
-    """One storm that runs through a whole measurement in its netns, measured in windows: connections
-    per second from the netns's Tcp ActiveOpens (read through /proc/PID/net/snmp of the storm: no
-    fork per sample), CPU from its worker processes' /proc/PID/stat. The overhead benchmark compares
-    windows next to each other in time: what a fresh netns and a fresh storm vary by drops out."""
+    """One conn storm (2 workers) that runs through a whole measurement in its netns, measured in
+    windows: connections per second from the netns's Tcp ActiveOpens (read through /proc/PID/net/snmp
+    of the storm: no fork per sample), CPU from its workers' /proc/PID/stat. Windows next to each
+    other in time are compared: what a fresh netns and a fresh storm vary by drops out."""
 
-    def __init__(self, ns: Netns, exe: str, mode: str, seconds: float, procs: int = 2):
-        self.proc = subprocess.Popen(ns.argv(exe, mode, str(STORM_PORT), str(seconds), str(procs)),
+    def __init__(self, ns: Netns, exe: str, seconds: float):
+        self.proc = subprocess.Popen(ns.argv(exe, "conn", str(STORM_PORT), str(seconds), "2"),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 10
-        while len(self._workers()) < procs:
+        while len(self._workers()) < 2:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rststorm {mode} did not start: {self.proc.stderr.read().strip()}")
+                raise RuntimeError(f"rststorm conn did not start: {self.proc.stderr.read().strip()}")
             time.sleep(0.05)
 
     def _workers(self) -> list[str]:
@@ -161,18 +201,14 @@ class LongStorm:
         cpu_s = 0.0
         for pid in self._workers() if cpu else []:
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-                cpu_s += (int(fields[11]) + int(fields[12])) / CLK_TCK
+                cpu_s += cpu_seconds(int(pid))
             except OSError:
                 pass
         try:
             with open(f"/proc/{self.proc.pid}/net/snmp") as f:
-                lines = f.read().splitlines()
+                opens = counters.parse(f.read())["TcpActiveOpens"]
         except FileNotFoundError:
             raise self._stopped() from None
-        opens = next(int(values.split()[header.split().index("ActiveOpens")])
-                     for header, values in zip(lines[0::2], lines[1::2]) if header.startswith("Tcp:"))
         return time.monotonic(), opens, cpu_s
 
     def window(self, seconds: float, tracer: "Tracer | None" = None) -> dict:
@@ -194,7 +230,7 @@ class LongStorm:
         quarters = sorted((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(points, points[1:]) if b[0] - a[0] > SUB_S / 2)
         return {"conns_per_s": conns / (t1 - t0), "fast_conns_per_s": quarters[int(0.9 * (len(quarters) - 1))],
                 "cpu_us_per_conn": 1e6 * (c1 - c0 + tracer_cpu) / conns,
-                "tracer_cpu_pct": 100 * tracer_cpu / (t1 - t0), "seconds": t1 - t0, "start": t0, "end": t1}
+                "tracer_cpu_pct": 100 * tracer_cpu / (t1 - t0), "seconds": t1 - t0}
 
     def _stopped(self) -> RuntimeError:
         return RuntimeError(f"the storm stopped (exit {self.proc.poll()}): {self.proc.stderr.read().strip()}")
@@ -205,56 +241,14 @@ class LongStorm:
         self.proc.wait(timeout=30)
 
 
-class HostSpeed:
-    """scripts/bench/hostspeed.c on every CPU: how fast each vCPU runs kernel code, quarter-second by
-    quarter-second, through a whole measurement. What moves this VM's storm rate by 5–10 % between
-    two windows of the same code comes from its host and shows in no counter the guest has (no
-    steal, no idle, no softirq shift; measured); the probe's kernel round trips slow down with it.
-    A window's storm rate divided by the probe's speed in the same window (between()) keeps what a
-    tracer costs — the probe passes none of the tracers' hooks — and loses much of the host's
-    swing: neighbouring no-tracer windows differed by an sd of 3.3–4.5 % that way, 4.3–8.9 % raw
-    (three 90 s storms, 2 s windows)."""
-
-    def __init__(self, seconds: float):
-        exe = _compile("hostspeed")
-        self.slots: dict[int, list[tuple[float, float]]] = {}
-        self.procs = []
-        for cpu in sorted(os.sched_getaffinity(0)):
-            proc = subprocess.Popen([exe, str(cpu), str(min(MAX_STORM_S, math.ceil(seconds)))], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-            self.slots[cpu] = []
-            threading.Thread(target=self._read, args=(proc, self.slots[cpu]), daemon=True).start()
-            self.procs.append(proc)
-
-    @staticmethod
-    def _read(proc, into: list) -> None:
-        for line in proc.stdout:
-            t, best_us = line.split()
-            into.append((float(t), 1e6 / float(best_us)))      # bursts per second: higher is faster
-
-    def between(self, start: float, end: float) -> float | None:
-        """The mean speed of the CPUs over the quarter-seconds that ended inside [start, end]."""
-        per_cpu = []
-        for slots in self.slots.values():
-            inside = [v for t, v in list(slots) if start < t <= end + 1e-3]
-            if inside:
-                per_cpu.append(sum(inside) / len(inside))
-        return sum(per_cpu) / len(per_cpu) if len(per_cpu) == len(self.slots) else None
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
-
-
 class IdleConnections:
-    """COUNT established, idle loopback connections held open in a netns by one rststorm process."""
+    """COUNT established, idle loopback connections held open in a netns by rststorm's hold mode
+    (bounded by its own time limit, which also bounds the wait for its "ready")."""
 
     def __init__(self, ns: Netns, exe: str, port: int, count: int, max_seconds: float = 600):
         self.proc = subprocess.Popen(ns.argv(exe, "hold", str(port), str(count), str(max_seconds)),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = _readline_within(self.proc.stdout, 60)
+        line = self.proc.stdout.readline()
         if not line.startswith("ready"):
             self.close()
             raise RuntimeError(f"rststorm hold {count} did not get ready: {line!r}")
@@ -266,14 +260,6 @@ class IdleConnections:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait()
-
-
-def _readline_within(stream, seconds: float) -> str:
-    got: list[str] = []
-    t = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
-    t.start()
-    t.join(seconds)
-    return got[0] if got else ""
 
 
 # -- the tracers under test ----------------------------------------------------------------------
@@ -294,8 +280,8 @@ def bpftrace_program(ports: list[int]) -> str:
 
 
 def kernel_headers() -> str | None:
-    """A full kernel header tree for bcc (Debian's linux-headers-amd64, 6.1): the arch package holds
-    only the generated headers and the -common package the rest, so bcc's BCC_KERNEL_SOURCE needs both
+    """A full kernel header tree for bcc (Debian's linux-headers-amd64): the arch package holds only
+    the generated headers and the -common package the rest, so bcc's BCC_KERNEL_SOURCE needs both
     merged into one tree. Built once, as symlinks, under .bench-out/."""
     for arch_dir in sorted(glob.glob("/usr/src/linux-headers-*-amd64"), reverse=True):
         common = arch_dir[:-len("amd64")] + "common"
@@ -315,20 +301,22 @@ def kernel_headers() -> str | None:
 def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict | None]:
     """argv and environment of each tracer, writing its records to `output`."""
     port_arg = ",".join(map(str, ports))
+    rsttrace = [str(RSTTRACE), "--json", "-o", output, "--port", port_arg]
     if tool == "rsttrace":
-        return [str(RSTTRACE), "--json", "-o", output, "--port", port_arg], None
+        return rsttrace, None
     if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
-        return ([str(RSTTRACE), "--json", "-o", output, "--port", port_arg],
-                {**os.environ, "RSTTRACE_STORM_HIGH_BYTES": "0"})
-    if tool == "rsttrace_compiled":     # a boot's first start: no program cache (tracer/kernel/progcache.py)
-        return ([str(RSTTRACE), "--json", "-o", output, "--port", port_arg],
-                {**os.environ, "RSTTRACE_PROGRAM_CACHE": "off"})
+        return rsttrace, {**os.environ, "RSTTRACE_STORM_HIGH_BYTES": "0"}
+    if tool == "rsttrace_compiled":     # a boot's first start: an empty program cache (tracer/kernel/progcache.py)
+        subprocess.run(["rm", "-rf", FIRST_START_CACHE], check=True)
+        return rsttrace, {**os.environ, "RSTTRACE_PROGRAM_CACHE": FIRST_START_CACHE}
+    if tool == "rsttrace_base":         # another checkout of rsttrace, the baseline of a change (BASE_ENV)
+        base = os.environ[BASE_ENV]
+        return ([str(REPO / ".venv" / "bin" / "python"), "-m", "tracer", *rsttrace[1:]],
+                {**os.environ, "PYTHONPATH": base})
     if tool == "bpftrace":
         return ["bpftrace", "-e", bpftrace_program(ports)], None
-    if tool == "floor":          # empty programs on rsttrace's hooks (floor.py); ports do not matter
-        return ["/usr/bin/python3", str(BENCH / "floor.py")], None
-    if tool in FLOOR_PARTS:      # empty programs on some of them (overhead --by-hook)
-        return ["/usr/bin/python3", str(BENCH / "floor.py"), "--hooks", FLOOR_PARTS[tool]], None
+    if tool == "empty":          # empty programs on rsttrace's hooks; ports do not matter
+        return ["/usr/bin/python3", str(BENCH / "empty_programs.py")], None
     if tool == "bcc":
         headers = kernel_headers()
         if headers is None:
@@ -338,16 +326,16 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     raise ValueError(tool)
 
 
-READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
-               "floor": "attached: empty programs"}
-# the floor taken apart: inet_sock_set_state alone (10 runs per connection), and the other hooks
-FLOOR_PARTS = {"floor_state": "state", "floor_others": "syn,kfree,rst"}
-READY_WORDS.update({tool: READY_WORDS["floor"] for tool in FLOOR_PARTS})
+READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in",
+               "rsttrace_base": "attached in",
+               "bpftrace": "Attaching", "bcc": "Tracing TCP resets", "empty": "attached: empty programs"}
 
 
 def peers_available() -> list[str]:
     """rsttrace and the peers this machine has (bcc needs the kernel header package)."""
     tools = ["rsttrace"]
+    if os.environ.get(BASE_ENV):
+        tools.append("rsttrace_base")
     if subprocess.run(["which", "bpftrace"], capture_output=True).returncode == 0:
         tools.append("bpftrace")
     if kernel_headers() is not None:
@@ -356,17 +344,18 @@ def peers_available() -> list[str]:
 
 
 class Tracer:
-    """One tracer as a whole process: spawned, waited for until it says it is attached, its CPU time
-    read from /proc/PID/stat (all threads), stopped with SIGINT like a user does, reaped with wait4
-    for its total CPU; peak RSS is VmHWM, read before it is stopped. Its records go to a file
-    (rsttrace: -o; the peers: stdout)."""
+    """One tracer as a whole process, as a user runs it: spawned, waited for until it says it is
+    attached, its CPU time read from /proc/PID/stat, stopped with SIGINT, reaped with wait4 for its
+    total CPU; peak RSS is VmHWM, read before it is stopped. Its records go to a file (rsttrace: -o;
+    the peers: stdout), not to this process: a storm's output can be hundreds of MB. (The tests'
+    Tracer runs `python -m tracer` and keeps its output in memory: right for checking records, not
+    for timing a tracer.)"""
 
-    def __init__(self, tool: str, ports: list[int], output: Path, extra: list[str] | None = None):
+    def __init__(self, tool: str, ports: list[int], output: Path):
         self.tool = tool
         self.output = output
         output.unlink(missing_ok=True)
         argv, env = tool_argv(tool, ports, str(output))
-        argv += extra or []
         self.stderr: list[str] = []
         self._ready = threading.Event()
         self.start = time.monotonic()
@@ -374,7 +363,7 @@ class Tracer:
         # bpftrace's "Attaching" is seen when it is written, not when a file buffer is flushed.
         # SIGINT back to its default in the child: a benchmark started in the background by a shell
         # (`scripts/bench/run &`) has it ignored, and the tracers would inherit that and never stop
-        # on the SIGINT that stop() sends (seen: 90 s per stop, then SIGKILL)
+        # on the SIGINT that stop() sends.
         ours = tool.startswith("rsttrace")      # rsttrace writes its own file (-o)
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL if ours else subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env,
@@ -420,6 +409,7 @@ class Tracer:
         return info is not None
 
     def status(self, field: str) -> float | None:
+        """A size field of /proc/PID/status (VmHWM, ...) in MB."""
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
                 for line in f:
@@ -430,16 +420,13 @@ class Tracer:
         return None
 
     def cpu(self) -> float:
-        """User + system CPU seconds of the whole process so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_seconds(self.proc.pid)
 
     def settle(self, timeout: float = 60, quiet: float = 1.0) -> float:
         """Wait until the tracer has caught up: no new event in its output and (almost) no CPU for
         `quiet` seconds. Returns the seconds waited (the tracer's lag behind the storm). Records that
-        are not events do not count: rsttrace writes a `listeners` record every 2 s, which would
-        read as up to a second of lag."""
+        are not events do not count: rsttrace writes a `listeners` record every few seconds, which
+        would read as lag."""
         start = time.monotonic()
         size, cpu, since = 0, self.cpu(), time.monotonic()
         while time.monotonic() - start < timeout:
@@ -455,16 +442,14 @@ class Tracer:
 
     def _events_between(self, start: int, end: int) -> bool:
         """Whether the output's bytes [start, end) hold an event (more than 64 KiB: surely)."""
-        if end - start > 65536:
-            return True
-        if end <= start:
-            return False
-        word = self._event_word()
+        if end - start > 65536 or end <= start:
+            return end > start
         with open(self.output, "rb") as f:
-            f.seek(max(0, start - len(word)))
-            return word in (b"\n" if start == 0 else b"") + f.read(end - max(0, start - len(word)))
+            f.seek(max(0, start - len(self.event_word)))
+            return self.event_word in (b"\n" if start == 0 else b"") + f.read(end - f.tell())
 
-    def _event_word(self) -> bytes:
+    @property
+    def event_word(self) -> bytes:
         """What starts or marks an event in the output (results() counts them)."""
         return b'"type":"event"' if self.tool.startswith("rsttrace") else b"\nrst_"
 
@@ -488,7 +473,7 @@ class Tracer:
                 deadline = now + 10
             elif now >= next_int:   # os.kill: Popen.send_signal() would reap it first (poll)
                 os.kill(self.proc.pid, signal.SIGINT)
-                next_int = now + 2.0 if self.tool != "rsttrace" else deadline
+                next_int = now + 2.0 if not self.tool.startswith("rsttrace") else deadline
             time.sleep(0.02)
 
     def kill(self) -> None:
@@ -505,7 +490,7 @@ class Tracer:
         output can be hundreds of MB, and this process's size would leak into the next child's)."""
         events = lost = 0
         last = b""
-        word = self._event_word()
+        word = self.event_word
         tail = b"\n"           # peers: a line starts after a newline; the file starts a line too
         if self.output.exists():
             with open(self.output, "rb") as f:
@@ -547,8 +532,7 @@ def storm_run(*args, **kwargs) -> dict:
 
 
 def _storm_run(exe: str, mode: str, seconds: float, rate: float = 0, tool: str | None = None,
-               ports: list[int] | None = None, extra: list[str] | None = None, idle: int = 0,
-               settle_timeout: float = 60) -> dict:
+               ports: list[int] | None = None, idle: int = 0) -> dict:
     """One storm in a fresh netns, with `tool` attached (or none). For a tracer: what it wrote, lost,
     its CPU seconds from storm start to exit (drain included), its peak RSS, and how far it lagged.
     mode "idle": no storm, `seconds` of nothing (what the tracer costs while attached)."""
@@ -557,7 +541,7 @@ def _storm_run(exe: str, mode: str, seconds: float, rate: float = 0, tool: str |
         tracer = None
         try:
             if tool:
-                tracer = Tracer(tool, ports or [STORM_PORT], OUT / f"run-{tool}.out", extra)
+                tracer = Tracer(tool, ports or [STORM_PORT], OUT / f"run-{tool}.out")
                 ready = tracer.wait_ready()
                 time.sleep(STEADY_S)
                 cpu0 = tracer.cpu()
@@ -579,7 +563,7 @@ def _storm_run(exe: str, mode: str, seconds: float, rate: float = 0, tool: str |
             if storm["ops"]:
                 run["cpu_us_per_op"] = 1e6 * (storm["cpu_s"] + (cpu_window or 0)) / storm["ops"]
             if tracer:
-                run["lag_s"] = tracer.settle(settle_timeout)
+                run["lag_s"] = tracer.settle()
                 hwm = tracer.status("VmHWM")     # per process image (wait4's maxrss counts the parent before exec)
                 tracer.stop()
                 run["rc"] = tracer.proc.returncode
@@ -603,37 +587,23 @@ def _storm_run(exe: str, mode: str, seconds: float, rate: float = 0, tool: str |
     return run
 
 
-def fmt(s: dict, spec: str = ".0f", unit: str = "") -> str:
-    """median (min–max) of a summary()"""
-    if s.get("median") is None:
-        return "–"
-    m, lo, hi = (format(s[k], spec) for k in ("median", "min", "max"))
-    return f"{m}{unit} ({lo}–{hi})" if len(s["runs"]) > 1 else f"{m}{unit}"
-
-
-def fmt_ratio(r: float | None, spec: str = ".2f") -> str:
-    return "–" if r is None else f"{r:{spec}}×"
-
-
 # -- overhead in windows of one storm ------------------------------------------------------------
 WARMUP_S = 2.0      # the storm's first seconds (TIME_WAIT filling up) are not measured
 GAP_S = 0.5         # after a tracer exits, before a no-tracer window
 
 
 def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: float, idle: int = 0) -> dict:
-    """The overhead benchmark's method (scripts/bench/overhead, scaling). `conds`: condition name →
-    {"tool", "ports"}; "no_tracer" (the baseline) and "no_tracer_again" (A/A, from the baseline
-    windows) have no tool. One storm through the whole measurement, in windows of `seconds`: a no-tracer window, then a
-    traced one, in turn, `runs` cycles over the traced conditions (each cycle in another order). A
-    traced window's rate loss is taken against the mean of the no-tracer windows either side of it;
-    the A/A control takes each inner no-tracer window against the two no-tracer windows nearest to it
-    (as far away in time as a traced window's baselines, or further). A tracer is started before its
-    window (ready, then STEADY_S) and stopped after it, outside every window. The rate losses
-    (loss_pct) are taken from each window's rate divided by the host's speed in that window
-    (HostSpeed); beside them, from the raw rates: the window's fast rate (SUB_S, loss_fast_pct) and
-    its whole-window mean (loss_whole_window_pct). host_speed_change_pct checks that the probe does
-    not see the tracer. `idle`: that many idle established connections held in the storm's netns
-    through every window."""
+    """The rate a conn storm loses to each tracer (scripts/bench/overhead, scaling). `conds`:
+    condition name → {"tool", "ports"}; "no_tracer" (the baseline) and "no_tracer_again" (A/A, from
+    the baseline windows) have no tool. One storm through the whole measurement, in windows of
+    `seconds`: a no-tracer window, then a traced one, in turn, `runs` cycles over the traced
+    conditions (each cycle in another order). A traced window's rate loss is taken against the mean
+    of the no-tracer windows either side of it; the A/A control takes each inner no-tracer window
+    against the two no-tracer windows nearest to it (as far away in time as a traced window's
+    baselines, or further). A tracer is started before its window (ready, then STEADY_S) and stopped
+    after it, outside every window. loss_pct is taken from the windows' fast rates (SUB_S),
+    loss_whole_window_pct from their mean rates. `idle`: that many idle established connections held
+    in the storm's netns through every window."""
     traced = [c for c in conds if c not in ("no_tracer", "no_tracer_again")]
     sequence = []
     for i in range(runs):
@@ -641,60 +611,46 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
             sequence += ["no_tracer", name]
     sequence.append("no_tracer")
     # the storm's own time limit: past every window and every tracer's start and stop, however slow
-    # (it is killed when the measurement ends; a limit too short ended one storm mid-run)
+    # (it is killed when the measurement ends)
     budget = len(sequence) * seconds + (len(sequence) // 2) * 30 + 60
     if budget > MAX_STORM_S:
         raise SystemExit(f"{runs} runs of {seconds:g} s windows over {len(traced)} conditions could take "
                          f"{budget:.0f} s; the storm is bounded to {MAX_STORM_S} s: use fewer runs or shorter windows")
     windows: list[tuple[str, dict]] = []
-    speed = HostSpeed(budget)
-    try:
-        with Netns() as ns:
-            holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
-            storm = LongStorm(ns, exe, "conn", budget)
-            try:
-                time.sleep(WARMUP_S)
-                for name in sequence:
-                    spec = conds[name]
-                    if not spec.get("tool"):
-                        time.sleep(GAP_S)         # the last tracer's exit and detach are behind us
-                        windows.append((name, storm.window(seconds)))
-                        continue
-                    tracer = Tracer(spec["tool"], spec["ports"], OUT / f"run-{spec['tool']}.out")
-                    try:
-                        tracer.wait_ready()
-                        time.sleep(STEADY_S)
-                        windows.append((name, storm.window(seconds, tracer)))
-                    finally:
-                        tracer.stop()
-                    w = windows[-1][1]
-                    log(f"  {len(windows):3d} {name}: {w['fast_conns_per_s']:.0f}/s fast ({w['conns_per_s']:.0f}/s mean) "
-                        f"{w['cpu_us_per_conn']:.1f} µs, against {windows[-2][1]['fast_conns_per_s']:.0f}/s before")
-            finally:
-                storm.stop()
-                if holder:
-                    holder.close()
-    finally:
-        time.sleep(2 * SUB_S)            # the probe's last quarter-second is printed
-        speed.close()
-    for _, w in windows:
-        w["host_speed"] = speed.between(w["start"], w["end"])
-        if not w["host_speed"]:
-            raise RuntimeError("the host speed probe (hostspeed) reported nothing for a window")
-        w["conns_per_speed"] = w["conns_per_s"] / w["host_speed"]
+    with Netns() as ns:
+        holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
+        storm = LongStorm(ns, exe, budget)
+        try:
+            time.sleep(WARMUP_S)
+            for name in sequence:
+                spec = conds[name]
+                if not spec.get("tool"):
+                    time.sleep(GAP_S)         # the last tracer's exit and detach are behind us
+                    windows.append((name, storm.window(seconds)))
+                    continue
+                tracer = Tracer(spec["tool"], spec["ports"], OUT / f"run-{spec['tool']}.out")
+                try:
+                    tracer.wait_ready()
+                    time.sleep(STEADY_S)
+                    windows.append((name, storm.window(seconds, tracer)))
+                finally:
+                    tracer.stop()
+                w = windows[-1][1]
+                log(f"  {len(windows):3d} {name}: {w['fast_conns_per_s']:.0f}/s fast ({w['conns_per_s']:.0f}/s mean) "
+                    f"{w['cpu_us_per_conn']:.1f} µs, against {windows[-2][1]['fast_conns_per_s']:.0f}/s before")
+        finally:
+            storm.stop()
+            if holder:
+                holder.close()
 
     def loss(i: int, j: int, k: int, key: str) -> float:
         base = (windows[j][1][key] + windows[k][1][key]) / 2
         return 100 * (1 - windows[i][1][key] / base)
 
-    # rate loss from each window's rate per unit of host speed (the host's swing divided out), and
-    # from the raw rates: the fast rate (SUB_S: the host's dips left out) and the whole-window mean
-    losses: dict[str, list[float]] = {c: [] for c in ["no_tracer_again", *traced]}
-    fast: dict[str, list[float]] = {c: [] for c in losses}
-    whole: dict[str, list[float]] = {c: [] for c in losses}
-    probe: dict[str, list[float]] = {c: [] for c in losses}
-    extra_cost: dict[str, list[float]] = {c: [] for c in losses}
-    cpu: dict[str, list[float]] = {c: [] for c in losses}
+    fast: dict[str, list[float]] = {c: [] for c in ["no_tracer_again", *traced]}
+    whole: dict[str, list[float]] = {c: [] for c in fast}
+    extra_cost: dict[str, list[float]] = {c: [] for c in fast}
+    cpu: dict[str, list[float]] = {c: [] for c in fast}
     for i, (name, w) in enumerate(windows):
         if name == "no_tracer":
             if not 2 <= i <= len(windows) - 3:
@@ -703,28 +659,19 @@ def windowed_overhead(exe: str, conds: dict[str, dict], runs: int, seconds: floa
         else:
             before, after = i - 1, i + 1
             cpu[name].append(w["tracer_cpu_pct"])
-        losses[name].append(loss(i, before, after, "conns_per_speed"))
         fast[name].append(loss(i, before, after, "fast_conns_per_s"))
         whole[name].append(loss(i, before, after, "conns_per_s"))
-        probe[name].append(-loss(i, before, after, "host_speed"))
         extra_cost[name].append(-loss(i, before, after, "cpu_us_per_conn"))
-    floor = losses.get("empty_programs")
-    above = {c: [a - b for a, b in zip(losses[c], floor)] for c in traced if c.startswith("rsttrace") and floor}
     rates = {c: [w["conns_per_s"] for n, w in windows if n == c] for c in ["no_tracer", *traced]}
     cost = {c: [w["cpu_us_per_conn"] for n, w in windows if n == c] for c in ["no_tracer", *traced]}
     return {"method": "windows of one storm, each traced window against the no-tracer windows either side; "
-                      "rates: each window's connections/s divided by the host's speed in it (hostspeed.c)",
+                      "rate loss from each window's fast rate (90th percentile of its quarter-second rates)",
             "windows": [{"condition": n, **w} for n, w in windows],
             "conns_per_s": {c: summary(v) for c, v in rates.items()},
-            "loss_above_floor_pct": {c: summary(v) for c, v in above.items()},
             "cpu_us_per_conn": {c: summary(v) for c, v in cost.items()},
-            "loss_pct": {c: summary(v) for c, v in losses.items()},
-            "loss_mean_pct": {c: mean_ci(v) for c, v in losses.items()},
-            "loss_fast_pct": {c: summary(v) for c, v in fast.items()},
-            "loss_fast_mean_pct": {c: mean_ci(v) for c, v in fast.items()},
-            "host_speed_change_pct": {c: summary(v) for c, v in probe.items()},
+            "loss_pct": {c: summary(v) for c, v in fast.items()},
+            "loss_mean_pct": {c: mean_ci(v) for c, v in fast.items()},
             "loss_whole_window_pct": {c: summary(v) for c, v in whole.items()},
-            "loss_whole_window_mean_pct": {c: mean_ci(v) for c, v in whole.items()},
             "cpu_cost_pct": {c: summary(v) for c, v in extra_cost.items()},
             "tracer_cpu_pct": {c: summary(v) for c, v in cpu.items()}}
 
@@ -745,16 +692,24 @@ def enable_stats() -> int:
     return fd
 
 
-def program_times() -> dict[int, tuple[str, int, int]]:
-    """id → (name, run_time_ns, run_cnt) of the tracing programs attached now."""
+def prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs process `pid` holds (prog_id in /proc/PID/fdinfo of its program and
+    link descriptors): the tracer's own, whatever else is attached on a shared machine."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                ids.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+        except (OSError, ValueError):
+            continue
+    return ids
+
+
+def program_times(ids: set[int]) -> dict[int, tuple[str, int, int]]:
+    """id → (name, run_time_ns, run_cnt) of these programs."""
     progs = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout or "[]")
     return {p["id"]: (p.get("name", "?"), p.get("run_time_ns", 0), p.get("run_cnt", 0)) for p in progs
-            if p.get("type") in ("raw_tracepoint", "tracepoint", "tracing")}     # tracing: a BTF tracepoint
-
-
-def _idle_listener(port: int) -> str:
-    return ("import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-            f"s.bind(('127.0.0.1', {port})); s.listen(16); print('listening', flush=True); sys.stdin.read()")
+            if p["id"] in ids}
 
 
 HOOK_NAMES = ("inet_sock_set_state", "consume_skb", "netif_receive_skb", "kfree_skb", "sk_data_ready",
@@ -763,36 +718,31 @@ HOOK_NAMES = ("inet_sock_set_state", "consume_skb", "netif_receive_skb", "kfree_
 
 def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_on: int | None = None,
                  idle: int = 0) -> dict:
-    """Nanoseconds the tracing programs ran per connection of a conn storm on STORM_PORT (run_time_ns /
+    """Nanoseconds the tracer's programs ran per connection of a conn storm on STORM_PORT (run_time_ns /
     run_cnt over the storm), with `tool` attached for `ports`. `listen_on`: an idle listener on that
-    port, started before the tracer (it finds it as a listener that predates it). `idle`: that many
-    idle established connections held through the storm."""
+    port (the tests' burst.py server, never accepting), started before the tracer, which finds it as
+    a listener that predates it. `idle`: that many idle established connections held through the storm."""
     with Netns() as ns:
-        listener = None
+        listener = Background(ns, "server", "127.0.0.1", str(listen_on), "16", "600") if listen_on else None
         holder = IdleConnections(ns, exe, IDLE_PORT, idle) if idle else None
         try:
-            if listen_on is not None:
-                listener = subprocess.Popen(ns.argv("/usr/bin/python3", "-c", _idle_listener(listen_on)),
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                if _readline_within(listener.stdout, 30).strip() != "listening":
-                    raise RuntimeError("the idle listener did not start")
             tracer = Tracer(tool, ports, OUT / f"run-{tool}.out")
             try:
                 tracer.wait_ready()
                 time.sleep(STEADY_S)
+                ids = prog_ids(tracer.proc.pid)
                 fd = enable_stats()
                 try:
-                    before = program_times()
+                    before = program_times(ids)
                     storm = ns.storm(exe, "conn", STORM_PORT, seconds)
-                    after = program_times()
+                    after = program_times(ids)
                 finally:
                     os.close(fd)
             finally:
                 tracer.stop()
         finally:
             if listener:
-                listener.stdin.close()
-                listener.wait(timeout=10)
+                listener.stop()
             if holder:
                 holder.close()
     hooks = {}
@@ -803,32 +753,11 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
             # programs loaded without BTF (rsttrace's cached ones, its tp_btf one) have the kernel's
             # 15-character name: the hook it is the start of
             hook = next((h for h in HOOK_NAMES if h.startswith(hook)), hook)
+            if hook in hooks:
+                raise RuntimeError(f"{tool} has two programs on {hook}")
             hooks[hook] = {"runs_per_conn": (count - count0) / storm["ops"],
                            "ns_per_run": (ns_run - ns0) / (count - count0)}
     total = sum(h["runs_per_conn"] * h["ns_per_run"] for h in hooks.values())
     cpu_ns_per_conn = 1e9 * storm["cpu_s"] / storm["ops"]
     return {"ns_per_conn": total, "cpu_us_per_conn": cpu_ns_per_conn / 1e3, "share_pct": 100 * total / cpu_ns_per_conn,
             "hooks": hooks, "storm": storm}
-
-
-def dispatch_ns(pairs: int = 40) -> dict:
-    """The kernel's price of one raw-tracepoint program run on this machine (scripts/bench/dispatch.py:
-    prctl(PR_SET_NAME), timed by prctl_loop.c, with an empty program on task:task_rename attached and
-    detached in turn)."""
-    loop = _compile("prctl_loop")
-    out = subprocess.run(["/usr/bin/python3", str(BENCH / "dispatch.py"), loop, str(pairs)],
-                         capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        raise RuntimeError(f"dispatch.py failed: {out.stderr.strip().splitlines()[-1:]}")
-    d = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"ns_per_run": summary(d["prices_ns"]), "ns_per_run_mean": mean_ci(d["prices_ns"]),
-            "syscall_ns": summary(d["syscall_ns"])}
-
-
-def mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of its 95 % confidence interval (t distribution)."""
-    n = len(values)
-    if n < 2:
-        return {"mean": values[0] if values else None, "ci95": None, "n": n}
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.2)
-    return {"mean": statistics.mean(values), "ci95": t95 * statistics.stdev(values) / math.sqrt(n), "n": n}

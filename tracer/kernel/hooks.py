@@ -113,11 +113,6 @@ class HookPlan:
         """BTF tracepoint programs → the btf_trace_* typedef id each is loaded for."""
         return {"tp_btf__inet_sock_set_state": self.state_hook_type} if self.state_hook_type else {}
 
-    @property
-    def macros(self) -> list[str]:
-        """cflags(), for callers that still test macro strings."""
-        return self.cflags()
-
     def cflags(self) -> list[str]:
         """The macros bpf/*.c test, for these choices (the loader adds offsets and filters)."""
         out: list[str] = []
