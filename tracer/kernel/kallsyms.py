@@ -68,9 +68,9 @@ def function_ranges(names: tuple[str, ...], path: str = "/proc/kallsyms",
 class KernelSymbols:
     """Kernel text address → function name, for the callers a BPF program saw on the stack.
 
-    /proc/kallsyms lists the kernel's symbols by address (122k here, 5 MB). The kernel formats every
-    line it is asked for, so reading all of it costs ~50 ms of system time, and bcc's symbolizer
-    reads it 1 KB per syscall (~100 ms in all). This one reads large chunks, only as far as the
+    /proc/kallsyms lists the kernel's symbols by address (over a hundred thousand). The kernel
+    formats every line it is asked for, so reading all of it costs noticeable system time, and bcc's
+    symbolizer reads it 1 KB per syscall. This one reads large chunks, only as far as the
     highest address asked for (the stacks rsttrace sees are in the core kernel's TCP code), and
     parses only the chunks it looks into. If the listing is out of address order (modules between
     core symbols), it reads the rest and sorts everything."""

@@ -32,10 +32,9 @@ from .ringbuf import DIRECT_READ, CallbackRingReader, RingReader
 LEARN_CPU_OFFSET = progcache.ON_CPU_PREFIX + "learn_cpu_offset"     # bpf/netstat.bpf.c
 NETSTAT_FLUSH = progcache.ON_CPU_PREFIX + "netstat_flush"
 
-# 32 MiB (--ring-mb): ~155 000 records of 208 bytes (+8 header) waiting before anything is lost — what
-# the fastest reset storm this 2-core machine makes (~75 000 events/s, scripts/bench/capacity) gets
-# ahead of the reader in 2 s, with room to spare: a burst is absorbed, then written. Resident once
-# mapped (ringbuf.py).
+# 32 MiB (--ring-mb): about a hundred and fifty thousand records waiting before anything is lost,
+# more than the fastest reset storm of a 2-core machine (scripts/bench/capacity) gets ahead of the
+# reader in a couple of seconds: a burst is absorbed, then written. Resident once mapped (ringbuf.py).
 DEFAULT_RING_MB = 32
 
 

@@ -43,7 +43,7 @@ PREFIXES = {"raw_tracepoint__": bpfsys.PROG_TYPE_RAW_TRACEPOINT, "tracepoint__":
             ON_CPU_PREFIX: bpfsys.PROG_TYPE_RAW_TRACEPOINT}   # run on demand, never attached (loader.py)
 PERCPU_MAP_TYPES = {5, 6, 10}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 LD_IMM64, PSEUDO_MAP_FD = 0x18, 1
-# Entries kept (the newest used): a --pid filter is compiled in, so each pid traced makes one (~40 kB).
+# Entries kept (the newest used): a --pid filter is compiled in, so each pid traced makes one.
 MAX_ENTRIES = 16
 
 
