@@ -271,6 +271,28 @@ static __always_inline int storm_absorbs(struct rsttrace_event *e, struct rsttra
 	return 1;
 }
 
+/* The port a count is kept under (the metrics' `port` label). A listener event's is the listening
+ * port. An RST's is the traced port where --port names one of its two; else, for an RST answering a
+ * SYN, the port the SYN was for; else the lower of the two (ephemeral ports come from the top of
+ * the range). Never the connection's own ephemeral port where --port says which is the service's:
+ * that would make a key, and a metric series, per connection. */
+static __always_inline __u16 service_port(struct rsttrace_event *e)
+{
+	if (e->kind != RSTTRACE_RST_SENT && e->kind != RSTTRACE_RST_RECEIVED)
+		return e->lport;
+#ifdef FILTER_PORTS
+	__u32 l = e->lport, r = e->rport;
+	__u8 *at_l = port_filter.lookup(&l), *at_r = port_filter.lookup(&r);
+	if (at_l && *at_l)
+		return e->lport;
+	if (at_r && *at_r)
+		return e->rport;
+#endif
+	if ((e->tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) == TCPHDR_SYN)
+		return e->lport;
+	return e->rport < e->lport ? e->rport : e->lport;
+}
+
 /* Count the event exactly, then hand a copy to user space (or count it as lost, or as part of a
  * storm's aggregate). */
 static __always_inline void emit(void *ctx, struct rsttrace_event *e)
@@ -280,8 +302,7 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	struct rsttrace_count_key key = {};
 	key.kind = e->kind;
 	key.kernel_reason = e->kernel_reason;
-	key.service_port = (e->kind == RSTTRACE_RST_SENT || e->kind == RSTTRACE_RST_RECEIVED) && e->rport < e->lport
-			   ? e->rport : e->lport;
+	key.service_port = service_port(e);
 	key.netns = e->netns;
 	key.tcp_flags = e->tcp_flags;
 	key.flags = e->flags & (RSTTRACE_F_LINGER | RSTTRACE_F_INFERRED | RSTTRACE_F_ORPHAN | RSTTRACE_F_HAVE_SOCKET |

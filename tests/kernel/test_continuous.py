@@ -326,6 +326,32 @@ def test_prometheus_scrapes_exact_counts_and_queue_gauges(netns, tracer, prometh
     assert read_json_lines(out)[-1]["exact_counts"]["syn_dropped"]["accept_queue_full"] == overflows
 
 
+def test_resets_of_a_service_in_the_ephemeral_range_are_counted_under_its_port(netns, tracer):
+    # A service on 47811, inside the kernel's ephemeral range, whose clients' ports are lower: each
+    # reset it sends and each its clients receive counts under the traced port, not under the
+    # client's port (one series per connection, until the label cap).
+    service = 47811
+    netns.sysctl("net.ipv4.ip_local_port_range", "20000 20999")
+    port = free_port()
+    t = tracer("--json", "--port", str(service), "--metrics", f"127.0.0.1:{port}")
+    clients = {netns.scenario("unread_close", "127.0.0.1", service)["client_port"] for _ in range(3)}
+    assert len(clients) == 3 and all(p < service for p in clients)
+
+    def ours():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return [line for line in text.splitlines()
+                if line.startswith("rsttrace_events_total{") and f'netns="{netns.name}"' in line]
+    def six_counted():
+        rows = ours()
+        return rows if sum(float(row.split()[-1]) for row in rows) >= 6 else None
+    lines = wait_for(six_counted, 15, "the six resets in the metrics")
+    t.stop()
+    assert {re.search(r'port="(\d+)"', line).group(1) for line in lines} == {str(service)}, lines
+    by_reason = {re.search(r'reason="(\w+)"', line).group(1): float(line.split()[-1]) for line in lines}
+    assert by_reason == {"closed_with_unread_data": 3, "peer_reset": 3}, lines
+
+
 def test_metrics_port_in_use_is_a_one_line_error(root):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

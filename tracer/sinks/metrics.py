@@ -9,8 +9,8 @@ Label cardinality is bounded, and stays monotonic:
   - event (5 kinds) × reason (the catalog, ~20);
   - netns: the first MAX_NETNS namespaces seen get their own value (`ip netns` name or inode), any
     later one is "other";
-  - port: the *service* port (the listener's port; for RSTs the lower of the two ports, since
-    ephemeral ports come from the top of the range): the first MAX_PORTS (netns, port) pairs seen
+  - port: the *service* port (the listener's port; for RSTs the traced one of the two ports,
+    else the lower: bpf/maps.bpf.c service_port()): the first MAX_PORTS (netns, port) pairs seen
     get their own value, any later one is "other".
   A pair, once given a label, keeps it, so every series only ever grows.
 """
