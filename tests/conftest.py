@@ -73,6 +73,20 @@ class Netns:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
 
+def prog_ids_of(pid: int) -> set[int]:
+    """BPF programs held by process `pid` (its fds' fdinfo says prog_id)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
 @pytest.fixture
 def netns(root):
     ns = Netns(f"rsttrace-t-{uuid.uuid4().hex[:8]}")

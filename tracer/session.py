@@ -103,7 +103,7 @@ class Session:
         attributor = Attributor(context_known=bool(caps.softirq_ranges))
         self.pipeline = pipeline = Pipeline(o, self.sinks, Decoder(self.program.reason_names), attributor,
                                             ksym=self.program.ksym)
-        self.exact = ExactCounts(self.program.reason_names, self.program.ksym, attributor.netns.name)
+        self.exact = ExactCounts(self.program.reason_names, pipeline.stacks, attributor.netns.name)
         self.ring = self.program.open_ring()
         self.storms = Storms(self.program, self.program.ring_bytes, self.exact.reason_of, attributor.netns.name,
                              lambda: self.ring.pending() * record_stride(EVENT_SIZE))

@@ -29,7 +29,7 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parents[1].resolve() and VENV_PYTHO
     os.execv(VENV_PYTHON, [str(VENV_PYTHON), *sys.argv])
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from conftest import Background, Netns as TestNetns      # noqa: E402
+from conftest import Background, Netns as TestNetns, prog_ids_of      # noqa: E402
 from tracer.enrich import counters                        # noqa: E402
 
 BENCH = REPO / "scripts" / "bench"
@@ -692,19 +692,6 @@ def enable_stats() -> int:
     return fd
 
 
-def prog_ids(pid: int) -> set[int]:
-    """Ids of the BPF programs process `pid` holds (prog_id in /proc/PID/fdinfo of its program and
-    link descriptors): the tracer's own, whatever else is attached on a shared machine."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                ids.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
-        except (OSError, ValueError):
-            continue
-    return ids
-
-
 def program_times(ids: set[int]) -> dict[int, tuple[str, int, int]]:
     """id → (name, run_time_ns, run_cnt) of these programs."""
     progs = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout or "[]")
@@ -730,7 +717,7 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
             try:
                 tracer.wait_ready()
                 time.sleep(STEADY_S)
-                ids = prog_ids(tracer.proc.pid)
+                ids = prog_ids_of(tracer.proc.pid)
                 fd = enable_stats()
                 try:
                     before = program_times(ids)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, RSTTRACE, Tracer, events
+from conftest import REPO, RSTTRACE, Tracer, events, prog_ids_of
 
 PORT = random.randrange(20000, 30000)   # not a port other suites running beside this one use
 
@@ -19,20 +19,6 @@ PORT = random.randrange(20000, 30000)   # not a port other suites running beside
 def bpf_prog_ids() -> set[int]:
     out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True)
     return {p["id"] for p in json.loads(out.stdout or "[]")}
-
-
-def prog_ids_of(pid: int) -> set[int]:
-    """BPF programs held by process `pid` (its fds' fdinfo says prog_id)."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("prog_id:"):
-                        ids.add(int(line.split()[1]))
-        except OSError:
-            continue
-    return ids
 
 
 def run_rsttrace(*args, prefix=(), timeout=60):

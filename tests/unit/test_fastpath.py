@@ -8,13 +8,10 @@ import socket
 
 import pytest
 
-from tracer.enrich.attribution import Attributor
+from replay import replay_json
+from tracer.events.decode import RING_RECORD
 from tracer.kernel import layout
-from tracer.events.decode import RING_RECORD, Decoder
-from tracer.pipeline import Pipeline
 from tracer.session import Options
-from tracer.sinks.jsonl import JsonSink
-from tracer.sinks.output import LineOutput
 
 REASONS = {"rst_sent": {2: "NO_SOCKET", 7: "TCP_STATE", 11: "TCP_ABORT_ON_CLOSE"}}
 NETNS = os.stat("/proc/self/ns/net").st_ino
@@ -92,19 +89,9 @@ def chunks(raws: list[layout.RawEvent], per_chunk: int = 50) -> list[bytes]:
 
 
 def run(tmp_path, name: str, fast: bool, options: Options, data: list[bytes]):
-    path = tmp_path / f"{name}-{'fast' if fast else 'slow'}.jsonl"
-    out = LineOutput(str(path))
     options.fast_path = fast
-    decoder = Decoder(REASONS)
-    decoder.mono_to_wall = 1_764_000_000_000_000_000
-    decoder._synced_at = float("inf")
-    p = Pipeline(options, [JsonSink(out)], decoder, Attributor(context_known=True), ksym=FakeProgram().ksym)
-    assert (p.fast is not None) == fast
-    for chunk in data:
-        p.read(chunk)
-        p.flush()
-    out.close()
-    return path.read_bytes(), p
+    return replay_json(tmp_path / f"{name}-{'fast' if fast else 'slow'}.jsonl", data, options, REASONS,
+                       FakeProgram().ksym)
 
 
 @pytest.mark.parametrize("name,options,per_chunk", [

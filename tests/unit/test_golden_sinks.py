@@ -44,6 +44,7 @@ import pytest
 from rich.console import Console
 
 from golden import GOLDEN, UPDATE, assert_golden, stale
+from replay import replay
 from tracer.enrich.cgroups import container_of_paths, parse_proc_cgroup
 from tracer.enrich.counters import INTERESTING
 from tracer.enrich.listeners import NetnsState
@@ -67,24 +68,16 @@ def run(sinks: list, chunks: list[bytes], exact: list, fast: bool = False) -> "R
     and what the session makes of the kernel's exact counts `exact` ((CountKey, n) pairs) at exit."""
     from tracer.enrich.attribution import Attributor
     from tracer.enrich.exact import ExactCounts
-    from tracer.events.decode import Decoder
-    from tracer.pipeline import Pipeline
     from tracer.session import Options
     from tracer.sinks.summary import print_summary
 
-    decoder = Decoder(REASONS)
-    decoder.mono_to_wall = MONO_TO_WALL
-    decoder._synced_at = float("inf")
     attributor = Attributor(context_known=True)
     attributor.sockets, attributor.netns = HOST.sockets(), HOST.netns()
     attributor.listeners, attributor.cgroups = HOST.listeners(), HOST.cgroups()
     ksym = FakeProgram().ksym
-    p = Pipeline(Options(ports=[9, 443, 8080, 8100], fast_path=fast), sinks, decoder, attributor, ksym)
-    assert (p.fast is not None) == fast
-    for chunk in chunks:
-        p.read(chunk)
-        p.flush()
-    counts = ExactCounts(REASONS, ksym, attributor.netns.name)
+    p = replay(chunks, Options(ports=[9, 443, 8080, 8100], fast_path=fast), sinks, REASONS, ksym, attributor,
+               MONO_TO_WALL)
+    counts = ExactCounts(REASONS, p.stacks, attributor.netns.name)
     return Run(dict(p.counts), {inode: dict(c) for inode, c in p.netns_counts.items()}, counts.by_kind(exact),
                counts.rows(exact), print_summary)
 

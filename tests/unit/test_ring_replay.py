@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from replay import replay_json
 from tests_paths import DATA
-from tracer.enrich.attribution import Attributor
 from tracer.events.decode import Decoder
 from tracer.kernel.tracefs import parse_format
 from tracer.pipeline import Pipeline
 from tracer.session import Options
-from tracer.sinks.jsonl import JsonSink
-from tracer.sinks.output import LineOutput
 
 CAPTURE = DATA / "ring-6.18.bin"
 
@@ -39,19 +37,9 @@ def reason_names() -> dict[str, dict[int, str]]:
 
 
 def replay(tmp_path, fast: bool, chunks: list[bytes], **options) -> tuple[bytes, Pipeline]:
-    path = tmp_path / f"{'fast' if fast else 'normal'}.jsonl"
-    out = LineOutput(str(path))
-    decoder = Decoder(reason_names())
-    decoder.mono_to_wall = 1_764_000_000_000_000_000
-    decoder._synced_at = float("inf")
-    pipeline = Pipeline(Options(ports=[8100, 8101, 8102], fast_path=fast, **options), [JsonSink(out)], decoder,
-                        Attributor(context_known=True), ksym=lambda addr: f"fn_{addr:x}")
-    assert (pipeline.fast is not None) == fast
-    for chunk in chunks:
-        pipeline.read(chunk)
-        pipeline.flush()
-    out.close()
-    return path.read_bytes(), pipeline
+    return replay_json(tmp_path / f"{'fast' if fast else 'normal'}.jsonl", chunks,
+                       Options(ports=[8100, 8101, 8102], fast_path=fast, **options), reason_names(),
+                       lambda addr: f"fn_{addr:x}")
 
 
 def test_the_capture_holds_what_the_run_made():

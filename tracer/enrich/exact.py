@@ -19,10 +19,11 @@ def kind_name(kind: int) -> str:
 
 
 class ExactCounts:
-    def __init__(self, reason_names: dict[str, dict[int, str]], ksym: Callable[[int], str],
+    def __init__(self, reason_names: dict[str, dict[int, str]], stacks: Symbolizer,
                  netns_name: Callable[[int], str | None]):
+        """stacks: the event path's (Pipeline.stacks), so that a stack is looked up once for both."""
         self.reason_names = reason_names
-        self.stacks = Symbolizer(ksym)
+        self.stacks = stacks
         self.netns_name = netns_name
         self._reasons: dict[tuple, str] = {}
 

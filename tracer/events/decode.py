@@ -102,11 +102,16 @@ class Decoder:
 
     A storm repeats a few addresses and task names thousands of times: their text forms are cached."""
 
-    def __init__(self, reason_names: dict[str, dict[int, str]]):
+    def __init__(self, reason_names: dict[str, dict[int, str]], mono_to_wall: int | None = None):
+        """mono_to_wall: a fixed clock offset, never re-read (replays of recorded rings); else the
+        system's, followed."""
         self.reason_names = reason_names      # event kind -> kernel enum value -> kernel name
         self._addr: dict[bytes, str] = {}
         self._comm: dict[bytes, str] = {}
-        self._resync_clock()
+        if mono_to_wall is None:
+            self._resync_clock()
+        else:
+            self.mono_to_wall, self._synced_at = mono_to_wall, float("inf")
 
     def _resync_clock(self) -> None:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; wall = mono + offset (re-read to follow NTP steps).
