@@ -51,8 +51,12 @@ STATE_HOOK_PROBE(inet_sock_set_state)
 		return 0;
 	}
 #endif
-	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
+	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN) {
+#ifdef STORIES
+		story_state_change(ctx, sk, oldstate, newstate);   /* story.bpf.c: a connection's end */
+#endif
 		return 0;
+	}
 	/* Every connection to a listener passes here once (its child: LISTEN -> SYN_RECV): the port
 	 * first, the one read a connection to an untraced port pays. */
 	__u16 port = STATE_SK_LOAD(u16, sk, OFF_SOCK_NUM);

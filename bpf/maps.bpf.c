@@ -93,7 +93,8 @@ _Static_assert(HOOK_SLOTS == 7, "a new RSTTRACE_HOOK_* value needs its scratch s
 #define SLOT_ACK_AT_FREE	(HOOK_SLOTS + 0)      /* skb:kfree_skb */
 #define SLOT_RST_SENT_TP	(HOOK_SLOTS + 1)      /* tcp:tcp_send_reset */
 #define SLOT_RST_RECEIVED_TP	(HOOK_SLOTS + 2)      /* tcp:tcp_receive_reset */
-#define SCRATCH_SLOTS		(HOOK_SLOTS + 3)
+#define SLOT_STORY		(HOOK_SLOTS + 3)      /* sock:inet_sock_set_state, a connection's end (story.bpf.c) */
+#define SCRATCH_SLOTS		(HOOK_SLOTS + 4)
 struct scratch {
 	struct rsttrace_event event;     /* first: walk_stack finds its slot's frames from the event */
 	__u64 ip[STACK_DEPTH];
@@ -278,6 +279,8 @@ static __always_inline int storm_absorbs(struct rsttrace_event *e, struct rsttra
  * that would make a key, and a metric series, per connection. */
 static __always_inline __u16 service_port(struct rsttrace_event *e)
 {
+	if (e->kind == RSTTRACE_CONNECTION)     /* ended by the client's socket: the server is remote */
+		return ((struct rsttrace_story *)&e->linger_jiffies)->flags & RSTTRACE_STORY_F_BY_CLIENT ? e->rport : e->lport;
 	if (e->kind != RSTTRACE_RST_SENT && e->kind != RSTTRACE_RST_RECEIVED)
 		return e->lport;
 #ifdef FILTER_PORTS
@@ -293,12 +296,20 @@ static __always_inline __u16 service_port(struct rsttrace_event *e)
 	return e->rport < e->lport ? e->rport : e->lport;
 }
 
+#ifdef STORIES
+/* bpf/story.bpf.c: the listener's events start and feed connections' stories. */
+static __always_inline void story_note(struct rsttrace_event *e);
+#else
+static __always_inline void story_note(struct rsttrace_event *e) {}
+#endif
+
 /* Count the event exactly, then hand a copy to user space (or count it as lost, or as part of a
  * storm's aggregate). */
 static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 {
 	if (!netns_wanted(e->netns))
 		return;
+	story_note(e);
 	struct rsttrace_count_key key = {};
 	key.kind = e->kind;
 	key.kernel_reason = e->kernel_reason;

@@ -24,6 +24,7 @@ struct connector {
 	__u16 pad16;
 	__u32 tgid;
 	char comm[RSTTRACE_COMM_LEN];
+	__u64 connect_ns;       /* when connect() was called: where a connection's story starts (story.bpf.c) */
 };
 BPF_ARRAY(connectors, struct connector, CONNECTOR_SLOTS);
 
@@ -65,6 +66,9 @@ static __always_inline void remember_connector(struct bpf_raw_tracepoint_args *c
 	c->rport = dport;
 	c->tgid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(c->comm, sizeof(c->comm));
+#ifdef STORIES
+	c->connect_ns = bpf_ktime_get_ns();
+#endif
 	compiler_barrier();
 	c->sk = (__u64)skn;
 }
@@ -89,4 +93,18 @@ static __always_inline void connector_of(void *sk, struct rsttrace_event *e)
 	}
 	e->owner_tgid = tgid;
 }
+
+#ifdef STORIES
+/* When this socket's connect() was called, if its slot still holds it (0 if not known). */
+static __always_inline __u64 connect_time_of(void *sk, struct rsttrace_event *e)
+{
+	struct connector *c = connector_slot(sk);
+	if (!c || c->sk != (__u64)sk || c->rport != e->rport)
+		return 0;
+	compiler_barrier();
+	__u64 ns = c->connect_ns;
+	compiler_barrier();
+	return c->sk == (__u64)sk ? ns : 0;
+}
+#endif
 #endif

@@ -22,6 +22,16 @@ enum rsttrace_kind {
 	RSTTRACE_SYN_DROPPED = 3,   /* SYN dropped at tcp_conn_request: accept or SYN queue full */
 	RSTTRACE_ACK_DROPPED = 4,   /* 3rd ACK dropped: accept queue full when the child is created */
 	RSTTRACE_SYN_COOKIE = 5,    /* SYN queue full, answered with a SYN cookie */
+	RSTTRACE_CONNECTION = 6,    /* a connection's story ended (bpf/story.bpf.c): struct rsttrace_story */
+};
+
+/* How a connection's story ended (RSTTRACE_CONNECTION's `verdict`). */
+enum rsttrace_outcome {
+	RSTTRACE_OUTCOME_ESTABLISHED = 1,       /* established on both ends, after the drops */
+	RSTTRACE_OUTCOME_NEVER_ESTABLISHED = 2, /* SYN_SENT -> CLOSE: timed out, refused, or given up */
+	RSTTRACE_OUTCOME_CLIENT_ONLY = 3,       /* connect() succeeded, the server never had the connection */
+	RSTTRACE_OUTCOME_RESET = 4,             /* established on the client, then reset */
+	RSTTRACE_OUTCOME_OPEN = 5,              /* still open when rsttrace stopped, or idle too long */
 };
 
 /* A listener's decision on a SYN or a final ACK: what the kernel counted for it (bpf/netstat.bpf.c), or
@@ -47,6 +57,30 @@ enum rsttrace_hook {
 	RSTTRACE_HOOK_TCP_V4_SYN_RECV_SOCK = 5,
 	RSTTRACE_HOOK_TCP_V6_SYN_RECV_SOCK = 6,
 };
+
+/* A connection's story (bpf/story.bpf.c), carried by an RSTTRACE_CONNECTION record in the bytes of
+ * linger_jiffies and callers[], which such a record does not use (same size, checked there). The
+ * event's own fields are the socket that ended the story: its addresses, netns, state and task. */
+struct rsttrace_story {
+	__u64 start_ns;         /* connect() where it was seen (STORY_F_CONNECT_SEEN), else the first drop */
+	__u16 syn_drops;        /* SYNs the listener dropped */
+	__u16 syn_cookies;      /* SYNs answered with a cookie */
+	__u16 ack_drops;        /* final ACKs (or first data) dropped at a full accept queue */
+	__u16 syn_retrans;      /* the client's SYN retransmits */
+	__u16 synack_retrans;   /* the server's SYN-ACK retransmits */
+	__u16 data_retrans;     /* the client's retransmits once it thought itself connected */
+	__u16 rsts;             /* RSTs the listener answered final ACKs with (tcp_abort_on_overflow) */
+	__u8 old_state;         /* the state the ending socket left */
+	__u8 flags;             /* RSTTRACE_STORY_F_* */
+	__u32 server_netns;     /* netns inode of the listener, 0 where no listener event was seen */
+	__u32 server_tgid;      /* the listener's owner (its listen() caller), 0 if unknown */
+	__s32 err;              /* the ending socket's sk_err: the errno the application sees */
+	__u32 client_netns;     /* netns inode of the client socket, 0 where it is not on this host */
+};
+#define RSTTRACE_STORY_F_CONNECT_SEEN  0x01  /* start_ns is when connect() was called */
+#define RSTTRACE_STORY_F_SERVER_SEEN   0x02  /* the listener's side was seen (drops, resets) */
+#define RSTTRACE_STORY_F_CLIENT_UP     0x04  /* the client reached ESTABLISHED */
+#define RSTTRACE_STORY_F_BY_CLIENT     0x08  /* the client's socket ended the story (else the server's) */
 
 /* Bits of rsttrace_event.flags. */
 #define RSTTRACE_F_SOFTIRQ      0x01  /* ran in softirq: the task on the CPU is not the culprit */
@@ -127,7 +161,8 @@ enum rsttrace_stat {
 	RSTTRACE_STAT_UNCOUNTED = 2,  /* events that found the counts map full (exact counts incomplete) */
 	RSTTRACE_STAT_AGGREGATED = 3, /* events counted per shape during a storm instead of written */
 	RSTTRACE_STAT_STORM_FULL = 4, /* storm events that found the shapes map full (written one by one) */
-	RSTTRACE_STAT_MAX = 5,
+	RSTTRACE_STAT_STORIES_FULL = 5, /* connections not followed: the stories map was full */
+	RSTTRACE_STAT_MAX = 6,
 };
 
 #endif

@@ -136,12 +136,15 @@ class ContainerType(click.ParamType):
                                  "(1-1024): the burst it absorbs without loss (~4800 events per MiB); resident memory.")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe", "fentry"]), default="auto", show_default=True,
               help="Hook family: auto picks the best per event kind (see `rsttrace doctor`).")
+@click.option("--no-stories", is_flag=True,
+              help="Do not follow connections hurt by drops (their `connection` records) nor pair the RSTs "
+                   "received with the RSTs this host sent.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
 def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, fmt, output,
-         syslog_target, syslog_facility, metrics_address, max_rate, ring_mb, backend, duration, count):
+         syslog_target, syslog_facility, metrics_address, max_rate, ring_mb, backend, no_stories, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -184,6 +187,7 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         backend=backend,
         max_rate=max_rate,
         ring_mb=int(ring_mb),
+        stories=not no_stories,
     )
     run_trace(options, fmt=next(iter(chosen), None), output=output, syslog=syslog,
               syslog_facility=syslog_facility, metrics=metrics)

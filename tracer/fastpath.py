@@ -35,7 +35,7 @@ from typing import Protocol
 
 import orjson
 
-from .enrich import reasons
+from .enrich import reasons, stories
 from .kernel import layout
 from .enrich.attribution import Attributor
 from .events.decode import AF_INET, AF_INET6, CACHE_MAX, RING_RECORD, Decoder, Event
@@ -93,6 +93,7 @@ KNOWN_RECORD = _known_record()
 (_K_KTIME, _K_COOKIE, _K_INO, _K_SHAPE, _K_UNREAD, _K_LPORT, _K_RPORT, _K_LADDR, _K_RADDR) = range(1, 10)
 F_QUEUES, F_SOFTIRQ = layout.F_QUEUES, layout.F_SOFTIRQ
 _RST_KINDS = {value for value, name in layout.KIND_NAMES.items() if name in ("rst_sent", "rst_received")}
+_RST_SENT = {value for value, name in layout.KIND_NAMES.items() if name == "rst_sent"}
 
 # Markers for the per-event fields, in the record and in the explanation.
 _M = {name: f"@@rsttrace:{name}@@" for name in ("time", "ktime", "laddr", "lport", "raddr", "rport", "inode",
@@ -136,11 +137,14 @@ _PARTS = {_LOCAL: (b"%s:%d", b"[%s]:%d", ("laddr", "lport")), _REMOTE: (b"%s:%d"
 
 class Template:
     """One shape's JSON line as a bytes %-format, and the per-event values it takes, in order."""
-    __slots__ = ("emit", "kind", "reason", "count_key", "per_netns", "line", "values", "family", "addrs")
+    __slots__ = ("emit", "kind", "reason", "count_key", "per_netns", "line", "values", "family", "addrs", "sender")
 
-    def __init__(self, ev: Event, emit: bool, per_netns: Counter, addrs: dict[int, dict[bytes, bytes]]):
+    def __init__(self, ev: Event, emit: bool, per_netns: Counter, addrs: dict[int, dict[bytes, bytes]],
+                 pairs: bool = False):
         self.emit = emit                        # passes --reason and the process filters
         self.kind, self.reason = ev.kind, ev.reason
+        # An RST sent that an rst_received of this host may name (enrich/stories.py): what it will say
+        self.sender = stories.sender(ev) if pairs and ev.kind == "rst_sent" else None
         self.count_key = (ev.kind, ev.reason)
         self.per_netns = per_netns              # the pipeline's count of events seen in the netns
         self.family = AF_INET6 if ev.family == "ipv6" else AF_INET
@@ -215,6 +219,10 @@ class FastPath:
         self._stored = 0
         self._expires = time.monotonic() + TEMPLATE_TTL_S
         self.fast = self.slow = 0               # events each way (tests, benchmarks)
+        # RST pairs (enrich/stories.py): the RSTs sent that templates write are noted there; an RST
+        # received takes the normal path, which names its sender.
+        self.pairs = getattr(path, "stories", None)
+        self.kinds = _RST_KINDS if self.pairs is None else _RST_SENT
         self._addrs = {AF_INET: {}, AF_INET6: {}}
         self._second, self._second_text = -1, b""
 
@@ -222,7 +230,7 @@ class FastPath:
         """The shape of a record (t: its KEY_RECORD fields), or None if the shape does not decide
         its enrichment."""
         flags = t[_FLAGS]
-        if t[_KIND] not in _RST_KINDS or flags & F_QUEUES:
+        if t[_KIND] not in self.kinds or flags & F_QUEUES:
             return None
         decided_by = self.attributor.decided_by(bool(flags & F_SOFTIRQ), t[_OWNER], t[_INO])
         if decided_by == "port_listener":
@@ -236,7 +244,7 @@ class FastPath:
         return ports.get(key[1:]) if ports is not None else None
 
     def _store(self, key: bytes | tuple, ev: Event, passed: bool) -> None:
-        tmpl = Template(ev, passed, self.path.netns_counter(ev.netns), self._addrs)
+        tmpl = Template(ev, passed, self.path.netns_counter(ev.netns), self._addrs, self.pairs is not None)
         if type(key) is bytes:
             self.templates[key] = tmpl
         else:
@@ -271,6 +279,7 @@ class FastPath:
         limit, count = p.limit, p.count_limit
         checked = limit is not None or count is not None
         templates, by_port, remember = self.templates, self.by_port, self._remember
+        note_sent = self.pairs.note_sent if self.pairs is not None else None
         wall, size = self.decoder.mono_to_wall, layout.EVENT_SIZE
         second, second_text = self._second, self._second_text
         used: list[Template] = []
@@ -307,6 +316,8 @@ class FastPath:
                 if not what.emit:
                     continue
             addrs, la, ra = what.addrs, t[_K_LADDR], t[_K_RADDR]
+            if what.sender is not None:
+                note_sent(la, t[_K_LPORT], ra, t[_K_RPORT], t[_K_KTIME], what.sender)
             laddr = addrs.get(la) or remember(la, what.family)
             raddr = addrs.get(ra) or remember(ra, what.family)
             ktime, ino, cookie = t[_K_KTIME], t[_K_INO], t[_K_COOKIE]

@@ -20,6 +20,7 @@ from .enrich import reasons
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
 from .enrich.stacks import Symbolizer
+from .enrich.stories import Stories
 from .events.decode import Decoder, Event
 from .sinks import records
 from .sinks.ratelimit import RateLimit
@@ -27,9 +28,11 @@ from .sinks.ratelimit import RateLimit
 
 class Pipeline:
     def __init__(self, options, sinks: list, decoder: Decoder, attributor: Attributor,
-                 ksym: Callable[[int], str] | None = None):
+                 ksym: Callable[[int], str] | None = None, stories: Stories | None = None):
         """options: the session's Options (filters, --count, --max-rate, evidence, fast_path).
-        ksym: kernel address → symbol, for the events' stacks (None: stacks stay unnamed)."""
+        ksym: kernel address → symbol, for the events' stacks (None: stacks stay unnamed).
+        stories: connections' stories and RST pairs (enrich/stories.py), None with --no-stories."""
+        self.stories = stories
         self.options = options
         self.sinks = sinks
         self.decoder = decoder
@@ -67,6 +70,8 @@ class Pipeline:
     def handle(self, ev: Event) -> bool:
         """Enrich one event and emit its record; whether it passed the user-space filters (--reason,
         --pid/--comm/--cgroup/--container), --max-rate aside."""
+        if ev.kind == "connection":
+            return self.handle_connection(ev)
         if self.stacks is not None and (self.options.evidence or ev.kernel_reason is None):
             ev.caller_names = self.stacks.names(ev.hook, ev.callers)
         ev.reason = reasons.classify(ev)
@@ -78,13 +83,33 @@ class Pipeline:
             self.on_listener_event(ev)
         if not self.wanted(ev):
             return False
+        if self.stories is not None:
+            self.stories.note(ev)
         if self.limit is not None and not self.limit.allow(time.monotonic(), ev.kind, ev.reason):
             return True  # counted by the limiter (and exactly in the kernel); said in `suppressed` records
         ev.explanation = reasons.explain(ev)
+        if self.stories is not None and ev.kind == "rst_received":
+            ev.explanation = self.stories.explain_pair(ev, ev.explanation)
         self.counts[(ev.kind, ev.reason)] += 1
         self.emit(records.event_record(ev))
         self.count_written(1)
         return True
+
+    def handle_connection(self, ev: Event) -> bool:
+        """A connection's story ended in the kernel: its `connection` record."""
+        ev.reason = ev.verdict
+        self.netns_counter(ev.netns)[ev.kind] += 1
+        self.attributor.attribute(ev)
+        if not self.wanted(ev):
+            return False
+        self.emit_connection(self.stories.connection(ev))
+        return True
+
+    def emit_connection(self, story: dict) -> None:
+        """A connection's story (enrich/stories.py) as its record."""
+        self.counts[("connection", story["outcome"])] += 1
+        self.emit(records.connection_record(**story))
+        self.count_written(1)
 
     def netns_counter(self, netns: int) -> Counter[str]:
         per_netns = self.netns_counts.get(netns)

@@ -15,11 +15,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from .enrich import counters
+from .enrich import counters, stories
 from .enrich.attribution import Attributor
 from .enrich.exact import ExactCounts
 from .enrich.listeners import ListenerSampler, ListenerTracking, netns_alive
 from .enrich.reconcile import percpu_totals, reconcile
+from .enrich.stories import Stories
 from .errors import BPFRefusedError, NotRootError, UnsupportedKernelError
 from .events.decode import Decoder
 from .kernel.layout import EVENT_SIZE
@@ -57,6 +58,7 @@ class Options:
     max_rate: int | None = None                          # event records per second at most (--max-rate)
     ring_mb: int = DEFAULT_RING_MB                       # kernel → rsttrace ring buffer (--ring-mb)
     fast_path: bool = True                               # JSON lines from per-shape templates (fastpath.py)
+    stories: bool = True                                 # connections' stories and RST pairs (--no-stories)
 
 
 class Session:
@@ -91,7 +93,7 @@ class Session:
                                   "see `rsttrace doctor`")
         o = self.options
         self.caps = caps
-        self.plan = plan_hooks(caps, o.backend)
+        self.plan = plan_hooks(caps, o.backend, stories=o.stories)
         self.program = RstProgram(caps, Filters(ports=o.ports, pid=o.pid, family=o.family, netns=o.netns),
                                   self.plan, o.ring_mb)
         if self.plan.counted:
@@ -101,8 +103,10 @@ class Session:
                     f"the kernel's listen counters can be read on {found} of {online} CPUs (the way to a CPU's "
                     f"per-CPU offset failed its check on the others): SYN verdicts there are inferred")
         attributor = Attributor(context_known=bool(caps.softirq_ranges))
-        self.pipeline = pipeline = Pipeline(o, self.sinks, Decoder(self.program.reason_names), attributor,
-                                            ksym=self.program.ksym)
+        decoder = Decoder(self.program.reason_names)
+        told = Stories(attributor) if self.plan.stories else None
+        self.pipeline = pipeline = Pipeline(o, self.sinks, decoder, attributor, ksym=self.program.ksym,
+                                            stories=told)
         self.exact = ExactCounts(self.program.reason_names, pipeline.stacks, attributor.netns.name)
         self.ring = self.program.open_ring()
         self.storms = Storms(self.program, self.program.ring_bytes, self.exact.reason_of, attributor.netns.name,
@@ -163,6 +167,7 @@ class Session:
         next_listeners = time.monotonic() + LISTENERS_INTERVAL
         next_reconcile = time.monotonic() + RECONCILE_INTERVAL
         next_storm_tick = time.monotonic() + STORM_WINDOW_S
+        next_story_sweep = time.monotonic() + stories.SWEEP_EVERY_S
         while not (self._stop or p.done):
             if self._read_batch() < MAX_BATCH:       # the ring is empty (for now): wait a little
                 timeout = POLL_INTERVAL
@@ -186,17 +191,29 @@ class Session:
                 for rec in self.storms.tick(self.program.stats()):
                     p.emit(rec)
                 next_storm_tick = now + STORM_WINDOW_S
+            if now >= next_story_sweep:
+                self._end_stories(idle=True)
+                next_story_sweep = now + stories.SWEEP_EVERY_S
             if now >= next_lost_check:
                 self._report_losses()
                 self.listeners.tick(now)
                 next_lost_check = now + LOST_CHECK_INTERVAL
             if self.sampler is not None and now >= next_listeners:
-                p.emit(records.listeners_record(self.listeners.rows()))
+                p.emit(records.listeners_record(self._listener_rows()))
                 next_listeners = now + LISTENERS_INTERVAL
             if self.sampler is not None and now >= next_reconcile:
                 p.emit(self.reconciliation_record())
                 next_reconcile = now + RECONCILE_INTERVAL
             p.flush()
+
+    def _listener_rows(self) -> list[dict]:
+        """The listeners, each with the connections it hurt (enrich/stories.py) where stories are on."""
+        rows = self.listeners.rows()
+        told = self.pipeline.stories
+        if told is not None:
+            for row in rows:
+                row["connections"] = told.listener_outcomes(row["netns"]["inode"], row["local"]["port"])
+        return rows
 
     def reconciliation_record(self, exact=None, percpu=None) -> dict:
         """rsttrace's counts per netns beside the kernel's (enrich/reconcile.py). `exact` and `percpu`:
@@ -231,6 +248,16 @@ class Session:
             for sink in wanting:
                 sink.update_counts(rows, stats)
 
+    def _end_stories(self, idle: bool) -> None:
+        """Stories whose ends were silent (idle), or all still open (exit): `connection` records."""
+        p = self.pipeline
+        if p.stories is None:
+            return
+        taken = self.program.take_stories(int(stories.IDLE_S * 1e9) if idle else None)
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for key, val in taken:
+            p.emit_connection(p.stories.open_story(key, val, now, p.decoder.mono_to_wall, "idle" if idle else "exit"))
+
     def _report_losses(self) -> None:
         lost = self.program.stats()["lost"]
         if lost > self.lost_reported:
@@ -258,6 +285,7 @@ class Session:
             self._report_losses()
             if p.limit is not None:
                 self._report_suppressed(time.monotonic())
+            self._end_stories(idle=False)
             stats = self.program.stats()
             for rec in self.storms.finish(stats):
                 p.emit(rec)
@@ -275,7 +303,7 @@ class Session:
         if self.sampler is not None:
             self.sampler.stop()
             self.sampler.sample_once()
-            p.emit(records.listeners_record(self.listeners.rows()))  # the final drop counts, not ones up to 2 s old
+            p.emit(records.listeners_record(self._listener_rows()))  # the final drop counts, not ones up to 2 s old
             final = self.reconciliation_record(exact, percpu)
             p.emit(final)
             reconciliation = final["netns"]
@@ -287,6 +315,8 @@ class Session:
             self.exact.by_kind(exact), reconciliation,
             suppressed=p.limit.total_held_back if p.limit else 0, uncounted=stats["uncounted"],
             unwritten=unwritten, skipped_runs=skipped, aggregated=stats["aggregated"])
+        if p.stories is not None:
+            summary["connections"] = p.stories.summary(stats["stories_full"])
         p.emit(summary)
         return summary
 

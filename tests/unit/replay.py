@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from tracer.enrich.attribution import Attributor
+from tracer.enrich.stories import Stories
 from tracer.events.decode import Decoder
 from tracer.pipeline import Pipeline
 from tracer.sinks.jsonl import JsonSink
@@ -18,8 +19,10 @@ def replay(chunks: list[bytes], options, sinks: list, reason_names: dict[str, di
            ksym: Callable[[int], str], attributor: Attributor | None = None,
            mono_to_wall: int = MONO_TO_WALL) -> Pipeline:
     """Each chunk read and flushed as one poll of the ring; the pipeline, for its counts."""
-    pipeline = Pipeline(options, sinks, Decoder(reason_names, mono_to_wall=mono_to_wall),
-                        attributor or Attributor(context_known=True), ksym=ksym)
+    attributor = attributor or Attributor(context_known=True)
+    stories = Stories(attributor) if options.stories else None
+    pipeline = Pipeline(options, sinks, Decoder(reason_names, mono_to_wall=mono_to_wall), attributor, ksym=ksym,
+                        stories=stories)
     assert (pipeline.fast is not None) == options.fast_path
     for chunk in chunks:
         pipeline.read(chunk)

@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,6 +51,7 @@ from tracer.enrich.counters import INTERESTING
 from tracer.enrich.listeners import NetnsState
 from tracer.enrich.reasons import CATALOG
 from tracer.enrich.reconcile import PercpuTotals, reconcile
+from tracer.enrich.stories import STORY
 from tracer.kernel import layout
 from tracer.events.decode import RING_RECORD, TCP_STATES
 from tracer.sinks import records, ui
@@ -79,7 +81,7 @@ def run(sinks: list, chunks: list[bytes], exact: list, fast: bool = False) -> "R
                MONO_TO_WALL)
     counts = ExactCounts(REASONS, p.stacks, attributor.netns.name)
     return Run(dict(p.counts), {inode: dict(c) for inode, c in p.netns_counts.items()}, counts.by_kind(exact),
-               counts.rows(exact), print_summary)
+               counts.rows(exact), print_summary, p)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Run:
     kernel_counts: dict[str, dict[str, int]]    # the exact counts by kind and reason
     count_rows: list[dict]                      # the exact counts as the metrics sink takes them
     print_summary: Callable                     # the exit summary on stderr, beside plain lines
+    pipeline: object                            # for what the session asks of it at exit (stories)
 
 
 # -- the kernel as the records describe it --------------------------------------------------------
@@ -239,6 +242,9 @@ VERDICT = {name: value for value, name in layout.VERDICT_NAMES.items()}
 HOOK = {name: value for value, name in layout.HOOK_NAMES.items()}
 STATE = {name: value for value, name in TCP_STATES.items()}
 SYN, ACK, PSH = 0x02, 0x10, 0x08
+OUTCOME = {name: value for value, name in layout.OUTCOME_NAMES.items()}
+STORY_F = {name: layout.DEFINES[f"RSTTRACE_STORY_F_{name}"] for name in ("CONNECT_SEEN", "SERVER_SEEN", "BY_CLIENT")}
+STORIES_TO_FIX: list[tuple] = []
 
 
 def raw(kind: str, local: str, lport: int, remote: str, rport: int, *, netns: int = HOST_NS, state: str | None = None,
@@ -267,6 +273,37 @@ def raw(kind: str, local: str, lport: int, remote: str, rport: int, *, netns: in
     for name, value in fields.items():
         setattr(r, name, value)
     return r
+
+
+def story(client: str, cport: int, server: str, sport: int, outcome: str, *, by_client: bool, old: str, new: str,
+          start_ago_ns: int, err: int = 0, server_tgid: int = 0, connect_seen: bool = True, netns: int = HOST_NS,
+          flags: int = 0, pid: int = 0, comm: str = "swapper/3", owner: tuple[int, str] = (0, ""),
+          **counts: int) -> layout.RawEvent:
+    """A `connection` event as story.bpf.c ends it: the ending socket's side, its story in the bytes of
+    linger_jiffies and callers (start time relative to the event's, fixed once the ktimes are)."""
+    local, lport, remote, rport = (client, cport, server, sport) if by_client else (server, sport, client, cport)
+    r = raw("connection", local, lport, remote, rport, netns=netns, state=new, pid=pid, comm=comm, owner=owner,
+            flags=flags | layout.F_HAVE_SOCKET)
+    r.verdict = OUTCOME[outcome]
+    story_flags = ((STORY_F["CONNECT_SEEN"] if connect_seen and by_client else 0) | STORY_F["SERVER_SEEN"]
+                   | (STORY_F["BY_CLIENT"] if by_client else 0))
+    fields = dict(syn_drops=0, syn_cookies=0, ack_drops=0, syn_retrans=0, synack_retrans=0, data_retrans=0, rsts=0)
+    fields.update(counts)
+    server_netns, client_netns = (HOST_NS, netns) if by_client else (netns, 0)
+    STORIES_TO_FIX.append((r, start_ago_ns, fields, STATE[old], story_flags, server_netns, server_tgid, err,
+                           client_netns))
+    return r
+
+
+def fix_stories() -> None:
+    """The stories' bytes, once the events have their ktimes."""
+    for r, ago, fields, old, story_flags, server_netns, server_tgid, err, client_netns in STORIES_TO_FIX:
+        raw_story = STORY.pack(r.ktime_ns - ago, *fields.values(), old, story_flags, server_netns, server_tgid, err,
+                               client_netns)
+        words = struct.unpack("<5Q", raw_story)
+        r.linger_jiffies = words[0]
+        r.callers[:4] = list(words[1:])
+    STORIES_TO_FIX.clear()
 
 
 def queues(qlen: int, qmax: int, synq: int = 0, somaxconn: int = 4096, backlog: int = -1, max_syn: int = 2048,
@@ -403,6 +440,27 @@ def events() -> list[layout.RawEvent]:
         raw("ack_dropped", "127.0.0.1", 8080, "127.0.0.1", 58000, netns=ANON_NS, state="LISTEN", kernel_reason=77,
             flags=LISTENER, sock_ino=123456796, queues=queues(11, 10, somaxconn=10, abort=0)),
     ]
+    # -- connections' stories, ended in the kernel (bpf/story.bpf.c): one per outcome --
+    out += [
+        # the burst's client gave up (closed while connecting) after 2 dropped SYNs
+        story("127.0.0.1", 57000, "127.0.0.1", 8100, "never_established", by_client=True, old="SYN_SENT", new="CLOSE",
+              pid=7171, comm="curl", start_ago_ns=1_502_000_000, syn_drops=2, syn_retrans=1, server_tgid=6161),
+        # a client whose connect() timed out: ETIMEDOUT, in softirq
+        story("127.0.0.1", 57050, "127.0.0.1", 8100, "never_established", by_client=True, old="SYN_SENT", new="CLOSE",
+              flags=SOFT, owner=(7171, "curl"), start_ago_ns=127_000_000_000, syn_drops=7, syn_retrans=6, err=110,
+              server_tgid=6161),
+        # established 1 s late, ended by the server's child (a remote client: IPv6, no client netns)
+        story("2001:db8::a", 57100, "2001:db8::1", 8080, "established", by_client=False, old="SYN_RECV",
+              new="ESTABLISHED", netns=BLUE_NS, flags=SOFT, start_ago_ns=1_003_000_000, syn_drops=1,
+              server_tgid=8181, connect_seen=False),
+        # its final ACK dropped: the client closed a connection the server never had
+        story("127.0.0.1", 57700, "127.0.0.1", 8100, "client_only", by_client=True, old="ESTABLISHED",
+              new="FIN_WAIT1", pid=7171, comm="curl", start_ago_ns=3_200_000_000, ack_drops=3, synack_retrans=2,
+              data_retrans=2, server_tgid=6161),
+        # tcp_abort_on_overflow=1: reset by the listener
+        story("127.0.0.1", 55300, "127.0.0.1", 8100, "reset", by_client=True, old="ESTABLISHED", new="CLOSE",
+              flags=SOFT, owner=(7171, "curl"), start_ago_ns=40_000, ack_drops=1, rsts=1, err=104, server_tgid=6161),
+    ]
     # The same shapes again, other connections: the fast path fills the templates the first ones made.
     for lport, rport, unread in ((41200, 8080, 512), (41201, 8080, 1)):
         out.append(raw("rst_sent", "127.0.0.1", lport, "127.0.0.1", rport, state="CLOSE", kernel_reason=11,
@@ -416,6 +474,7 @@ def events() -> list[layout.RawEvent]:
                    callers=["tcp_reset"]))
     for i, r in enumerate(out):
         r.ktime_ns = T0 + i * 37_000_001       # crosses whole seconds: the time's cached second changes
+    fix_stories()
     return out
 
 
@@ -426,6 +485,8 @@ def count_key(r: layout.RawEvent) -> layout.CountKey:
         r.kind, r.kernel_reason, r.tcp_flags, r.verdict, r.state, r.hook, r.netns)
     listener = r.kind in (KIND["syn_dropped"], KIND["ack_dropped"], KIND["syn_cookie"])
     k.service_port = r.lport if listener else min(r.lport, r.rport)
+    if r.kind == KIND["connection"]:        # the server's port
+        k.service_port = r.rport if (r.callers[1] >> 56) & STORY_F["BY_CLIENT"] else r.lport   # story flags: byte 23
     k.flags = r.flags & (layout.F_LINGER | layout.F_INFERRED | layout.F_ORPHAN | layout.F_HAVE_SOCKET
                          | layout.F_UNREAD)
     k.linger_zero = int(bool(r.flags & layout.F_LINGER) and r.linger_jiffies == 0)
@@ -460,7 +521,7 @@ def chunks(raws: list[layout.RawEvent], per_chunk: int = 16) -> list[bytes]:
 # -- what a run writes around the events ------------------------------------------------------------
 
 STATS = {"submitted": len(events()), "lost": 12, "suppressed": 5, "aggregated": 340, "uncounted": 1,
-         "skipped_runs": {"raw_tracepoint:skb:kfree_skb": 2, "tracepoint:tcp:tcp_send_reset": 1}}
+         "stories_full": 2, "skipped_runs": {"raw_tracepoint:skb:kfree_skb": 2, "tracepoint:tcp:tcp_send_reset": 1}}
 KERNEL_COUNTERS = {"netns": "rsttrace's own", "delta": {"TcpOutRsts": 27, "TcpEstabResets": 4,
                                                         "TcpExtTCPAbortOnClose": 3, "TcpExtListenOverflows": 0}}
 
@@ -546,11 +607,25 @@ def at_exit(result: Run, exact: list) -> tuple[dict, dict]:
         by_kind, STATS["lost"], STATS["submitted"], 14.5, KERNEL_COUNTERS, result.kernel_counts,
         reconciliation["netns"], suppressed=STATS["suppressed"], uncounted=STATS["uncounted"], unwritten=3,
         skipped_runs=STATS["skipped_runs"], aggregated=STATS["aggregated"])
+    summary["connections"] = result.pipeline.stories.summary(STATS["stories_full"])
     return at(reconciliation, 10.0), at(summary, 14.5)
+
+
+def open_story(result: Run) -> dict:
+    """A story still in the kernel's map at exit (a remote client that never came back), as
+    Session._end_stories writes it: key (client, server addresses, ports, family) and value bytes."""
+    key = socket.inet_pton(socket.AF_INET, "10.0.0.9").ljust(16, b"\0") + \
+        socket.inet_pton(socket.AF_INET, "10.0.0.5").ljust(16, b"\0") + struct.pack("<HHHH", 58500, 443, 2, 0)
+    value = STORY.pack(T0 + 1_000_000_000, 3, 0, 0, 0, 0, 0, 0, STATE["LISTEN"], STORY_F["SERVER_SEEN"], HOST_NS,
+                       9191, 0, 0) + struct.pack("<Q", T0 + 5_000_000_000)
+    story = result.pipeline.stories.open_story(key, value, T0 + 190_000_000_000, MONO_TO_WALL, "exit")
+    result.pipeline.counts[("connection", "open")] += 1
+    return records.connection_record(**story)
 
 
 def after_events(result: Run, exact: list) -> list[dict]:
     """The records a run writes after these events, in order."""
+    opened = open_story(result)
     reconciliation, summary = at_exit(result, exact)
     return [
         at(records.lost_record(STATS["lost"], STATS["lost"]), 2.2),
@@ -564,6 +639,7 @@ def after_events(result: Run, exact: list) -> list[dict]:
                                     {"inode": ANON_NS, "name": None}, 9, None, 2, 1), 2.5),
         at(records.storm_record("end", {"submitted": 3, "aggregated": 340, "lost": 12}, 1.25, 8 << 20, 0), 3.0),
         listeners(),
+        opened,
         reconciliation,
         summary,
     ]
@@ -713,10 +789,12 @@ SINKS = GOLDEN / "sinks"
 def test_the_recorded_run_has_every_event_kind_and_reason(tmp_path):
     seen = [json.loads(line) for line in capture_json(tmp_path).splitlines()]
     events_ = [rec for rec in seen if rec["type"] == "event"]
-    assert {rec["event"] for rec in events_} == set(layout.KIND_NAMES.values())
-    assert {rec["reason"] for rec in events_} == set(CATALOG), "a reason the golden run lacks: add its event"
+    stories = [rec for rec in seen if rec["type"] == "connection"]
+    assert {rec["event"] for rec in events_} | {"connection"} == set(layout.KIND_NAMES.values())
+    assert ({rec["reason"] for rec in events_} | {rec["outcome"] for rec in stories} == set(CATALOG)), \
+        "a reason the golden run lacks: add its event"
     assert {rec["type"] for rec in seen} == {"coverage", "event", "lost", "suppressed", "storm", "aggregate",
-                                             "listeners", "reconciliation", "summary"}
+                                             "listeners", "reconciliation", "summary", "connection"}
 
 
 @pytest.mark.parametrize("name", list(CAPTURES))

@@ -45,6 +45,7 @@ def test_count_key_matches_the_c_header(tmp_path):
 
 
 def test_constants_come_from_the_header():
-    assert layout.KIND_NAMES == {1: "rst_sent", 2: "rst_received", 3: "syn_dropped", 4: "ack_dropped", 5: "syn_cookie"}
+    assert layout.KIND_NAMES == {1: "rst_sent", 2: "rst_received", 3: "syn_dropped", 4: "ack_dropped", 5: "syn_cookie",
+                                 6: "connection"}
     assert layout.F_SOFTIRQ == 1 and layout.NO_REASON == 0xFFFFFFFF
     assert layout.VERDICT_NAMES[1] == "accept_queue_full" and layout.VERDICT_NAMES[4] == "syn_cookie"

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Callable
 
 from ..events.decode import TCP_STATES
-from ..kernel.layout import F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, VERDICT_NAMES
+from ..kernel.layout import (F_HAVE_SOCKET, F_ORPHAN, F_UNREAD, HOOK_NAMES, KIND_NAMES, NO_REASON, OUTCOME_NAMES,
+                             VERDICT_NAMES)
 from . import reasons
 from .stacks import Symbolizer
 
@@ -41,7 +42,8 @@ class ExactCounts:
                        if kernel_reason is None else [])
             reason = reasons.classify_fields(
                 kind, kernel_reason=kernel_reason, tcp_flags=key.tcp_flags, linger_zero=bool(key.linger_zero),
-                verdict=VERDICT_NAMES.get(key.verdict, "none"), queue_full=bool(key.queue_full),
+                verdict=(OUTCOME_NAMES if kind == "connection" else VERDICT_NAMES).get(key.verdict, "none"),
+                queue_full=bool(key.queue_full),
                 orphan=bool(key.flags & F_ORPHAN), callers=callers, state=TCP_STATES.get(key.state),
                 unread=1 if key.flags & F_UNREAD else 0, has_socket=bool(key.flags & F_HAVE_SOCKET))
             self._reasons[memo] = reason

@@ -221,6 +221,45 @@ _add(Reason(
     causes="A SYN flood or a connection burst larger than the SYN queue.",
     fix="Raise the listen backlog / tcp_max_syn_backlog if the burst is legitimate.",
     kernel_names=(), counters=("SyncookiesSent",), severity="warning"))
+# How a connection's story ended (`connection` records, enrich/stories.py): the consequence of the
+# drops and resets above, as the application at the other end met it.
+_add(Reason(
+    name="never_established", events=("connection",), title="connection never established",
+    what="The client's connect() failed: its SYNs were dropped (or unanswered) until it timed out (ETIMEDOUT), was "
+    "refused (ECONNREFUSED), or the application gave up and closed the socket (its own timeout: no errno).",
+    causes="A full accept or SYN queue at the server (see the SYN drops the record names), a listener that does not "
+    "accept, a SYN flood, or a path that loses SYNs.",
+    fix="Fix what dropped the SYNs (the record's events say where and why); clients retry a dropped SYN after 1 s, "
+    "then 2, 4 ...: a timeout shorter than that never sees the retry.",
+    counters=("TcpExtTCPSynRetrans",), severity="error"))
+_add(Reason(
+    name="established", events=("connection",), title="connection established late",
+    what="The connection was established in the end, after dropped SYNs or final ACKs: each drop cost the client a "
+    "retransmission timeout (1 s, then 2, 4 ...).",
+    causes="A listener whose queues fill in bursts (accepts too slowly, too small a backlog).",
+    fix="Raise the listen() backlog (and somaxconn), accept faster; the record's delay is what the drops added.",
+    counters=("TcpExtTCPSynRetrans",), severity="warning"))
+_add(Reason(
+    name="client_only", events=("connection",), title="established on the client only",
+    what="The client's connect() succeeded, but its final ACK was dropped at the server's full accept queue: the "
+    "server never had the connection. The client's first request waits, is retransmitted, and meets the full queue again.",
+    causes="An accept queue full when the handshake completed (tcp_abort_on_overflow=0, the Linux default).",
+    fix="Raise the listen() backlog and somaxconn, accept faster; clients see hangs or timeouts on their first request.",
+    counters=("TcpExtListenOverflows",), severity="error"))
+_add(Reason(
+    name="reset", events=("connection",), title="connection reset",
+    what="The client reached ESTABLISHED, then was reset: its application sees ECONNRESET (\"Connection reset by "
+    "peer\") on its next read or write.",
+    causes="With tcp_abort_on_overflow=1, the server answers a final ACK that meets a full accept queue with RST; or "
+    "the server aborted the connection.",
+    fix="See the rst_sent the record names; for accept-queue resets raise the backlog and accept faster.",
+    counters=("TcpEstabResets",), severity="error"))
+_add(Reason(
+    name="open", events=("connection",), title="connection story without an end",
+    what="No end was seen: rsttrace stopped, or nothing happened to the connection for a long while (a client on "
+    "another host that gave up after its SYNs were dropped leaves nothing to see here).",
+    causes="A remote client that gave up, or one still retrying when rsttrace stopped.",
+    fix="Trace the client's host too, or look at the drops the record names.", severity="info"))
 _add(Reason(
     name="unknown", events=("rst_sent", "rst_received", "syn_dropped", "ack_dropped"), title="reason not known",
     what="The kernel did not say why and rsttrace could not tell from what it sees; the raw evidence is in the record.",
@@ -316,6 +355,8 @@ def classify_fields(kind: str, *, kernel_reason: str | None = None, tcp_flags: i
     """The same decision from the few fields the kernel's exact-count keys keep."""
     if kind == "rst_received":
         return "peer_reset"
+    if kind == "connection":         # a connection's story: its outcome (enum rsttrace_outcome)
+        return verdict
     if kind in ("syn_dropped", "syn_cookie"):
         return VERDICT_REASONS.get(verdict, "unknown")
     if kind == "ack_dropped":

@@ -92,9 +92,12 @@ CACHE_MAX = 65536      # distinct addresses / task names remembered (cleared whe
     "uid", "netns", "state", "unread_bytes", "owner_tgid", "family", "lport", "rport", "flags", "tcp_flags",
     "verdict", "hook", "laddr", "raddr", "comm", "owner_comm"))
 KIND_NAMES, VERDICT_NAMES, HOOK_NAMES, NO_REASON = layout.KIND_NAMES, layout.VERDICT_NAMES, layout.HOOK_NAMES, layout.NO_REASON
+OUTCOME_NAMES = layout.OUTCOME_NAMES
 F_SOFTIRQ, F_LINGER, F_FULLSOCK, F_QUEUES, F_INFERRED, F_ORPHAN = (
     layout.F_SOFTIRQ, layout.F_LINGER, layout.F_FULLSOCK, layout.F_QUEUES, layout.F_INFERRED, layout.F_ORPHAN)
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
+CONNECTION = next(value for value, name in KIND_NAMES.items() if name == "connection")
+STORY_BYTES = struct.Struct(f"<Q{layout.DEFINES['RSTTRACE_CALLERS']}Q")
 
 
 class Decoder:
@@ -171,7 +174,7 @@ class Decoder:
         state = t[_STATE]
         ktime = t[_KTIME]
         # Positional, in Event's field order: a keyword call costs more, for every event.
-        return Event(
+        ev = Event(
             kind, ktime, ktime + self.mono_to_wall, family,
             laddr, t[_LPORT], raddr, t[_RPORT],
             TCP_STATES.get(state) if state else None,
@@ -188,6 +191,14 @@ class Decoder:
             VERDICT_NAMES.get(t[_VERDICT], "none"),
             HOOK_NAMES.get(t[_HOOK]),
         )
+        if kind_value == CONNECTION:
+            # A story (bpf/story.bpf.c) rides where other events have linger_jiffies and callers:
+            # tracer/enrich/stories.py reads it, and the outcome from `verdict`.
+            ev.callers = []
+            ev.linger = False
+            ev.extra["story_raw"] = STORY_BYTES.pack(t[_LINGER_JIFFIES], *t[_CALLERS])
+            ev.verdict = OUTCOME_NAMES.get(t[_VERDICT], "unknown")
+        return ev
 
 
 def queues_of(t: tuple, F=_F) -> dict[str, Any]:

@@ -9,6 +9,8 @@
                   the queues before it (every packet of the host passes there)
     ack_dropped   skb:kfree_skb reason TCP_LISTEN_OVERFLOW (6.3+, the kernel's own word)  >  kprobe on
                   tcp_v4/v6_syn_recv_sock
+    connection    a connection's story (bpf/story.bpf.c): sock:inet_sock_set_state for its end,
+                  tcp:tcp_retransmit_skb / tcp_retransmit_synack for retransmits (off: --no-stories)
 
 Function hooks enter through fentry where the kernel allows BPF_PROG_TYPE_TRACING (cheaper than a
 kprobe's breakpoint), through kprobes otherwise. `--backend tracepoint|kprobe|fentry` forces one
@@ -93,6 +95,8 @@ class HookPlan:
     pokes_listeners: bool = False           # sock:sock_recv_length: the same, at once, from a recv() on its fd
     ipv6_reset: bool = False                # the function hooks take the IPv6 functions too
     synq_full_gt: bool = False              # Capabilities.synq_full_gt
+    # Connections' stories (bpf/story.bpf.c); their state hook is listen.bpf.c's where that runs
+    stories: bool = False
     # Hook files the loader pastes after the subject files (loader.SUBJECT_FILES), in this order
     files: list[str] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
@@ -107,6 +111,11 @@ class HookPlan:
     def function_hooks(self) -> bool:
         """bpf/kprobe.bpf.c runs."""
         return any(hook in FUNCTION_HOOKS for hook in (self.rst_sent, self.syn_verdicts, self.ack_dropped))
+
+    @property
+    def story_state_hook(self) -> bool:
+        """bpf/story.bpf.c attaches sock:inet_sock_set_state itself (listen.bpf.c does not run)."""
+        return self.stories and not self.listen_hooks
 
     @property
     def btf_types(self) -> dict[str, int]:
@@ -142,6 +151,12 @@ class HookPlan:
                      (self.learns_older_listeners, "-DHAVE_SK_DATA_READY"),
                      (self.pokes_listeners, "-DHAVE_SOCK_RECV_LENGTH"))
             out += [macro for chosen, macro in flags if chosen]
+        if self.stories:
+            out.append("-DSTORIES")
+            if self.story_state_hook:
+                out.append("-DSTORY_STATE_HOOK")
+                if self.state_hook_type:
+                    out.append("-DSTATE_HOOK_BTF")
         if self.ipv6_reset:
             out.append("-DHAVE_IPV6_RESET")
         if self.synq_full_gt:
@@ -153,7 +168,8 @@ def _fentry(hook: Hook, group: str) -> list[str]:
     return [f"-DFENTRY_{group}"] if hook is Hook.FENTRY else []
 
 
-def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
+def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True) -> HookPlan:
+    """stories: follow connections hurt by drops and resets (off: --no-stories)."""
     if backend == "kprobe" and not caps.kprobes:
         raise UnsupportedKernelError("--backend kprobe: this kernel has no kprobes",
                                      "use --backend auto (see `rsttrace doctor`)")
@@ -167,6 +183,8 @@ def plan_hooks(caps: Capabilities, backend: str = "auto") -> HookPlan:
     _plan_ack_dropped(plan, caps, backend)
     if plan.listen_hooks:
         _plan_listeners(plan, caps)
+    if stories:
+        _plan_stories(plan, caps)
     plan.ipv6_reset = plan.function_hooks and caps.has_function("tcp_v6_send_reset")
     plan.synq_full_gt = caps.synq_full_gt
     if not caps.softirq_ranges:
@@ -319,3 +337,25 @@ def _plan_listeners(plan: HookPlan, caps: Capabilities) -> None:
     if not plan.backlog_from_regs:
         plan.coverage.blind_spots.append("the backlog passed to listen() is unknown (no bpf_task_pt_regs(), "
                                          "Linux 5.15+); only min(backlog, somaxconn) is")
+
+
+def _plan_stories(plan: HookPlan, caps: Capabilities) -> None:
+    """Connections' stories: their ends at sock:inet_sock_set_state (listen.bpf.c's program where it
+    runs), their retransmits at tcp:tcp_retransmit_skb/synack (4.15+)."""
+    cov = plan.coverage
+    if caps.retransmit_skb is None or caps.retransmit_synack is None or caps.set_state is None:
+        cov.hooks["connection"] = None
+        cov.notes["connection"] = "needs tracepoints sock:inet_sock_set_state, tcp:tcp_retransmit_skb (with `state`) and tcp_retransmit_synack"
+        return
+    plan.stories = True
+    if not plan.listen_hooks:
+        state_type = caps.btf_tracepoints.get("inet_sock_set_state")
+        if state_type and os.environ.get(STATE_HOOK_ENV) != "raw":
+            plan.state_hook_type = state_type
+    kind = "tp_btf" if plan.state_hook_type else "raw_tracepoint"
+    cov.hooks["connection"] = f"{kind}:sock:inet_sock_set_state,tracepoint:tcp:tcp_retransmit_skb,tcp_retransmit_synack"
+    cov.notes["connection"] = ("each connection hurt by a drop (or a client's SYN retransmit) followed until it is "
+                               "established, fails or is reset; one `connection` record when it ends")
+    cov.blind_spots.append(
+        "connections are followed by addresses and ports, not by netns: across a NAT the two ends are two "
+        "stories, and a remote client that gives up silently is ended by rsttrace after a while (open)")

@@ -92,11 +92,13 @@ KIND_NAMES = {value: name[len("RSTTRACE_"):].lower() for name, value in ENUMS["r
 HOOK_NAMES = {value: name[len("RSTTRACE_HOOK_"):].lower() for name, value in ENUMS["rsttrace_hook"].items()
               if value}
 VERDICT_NAMES = {value: name[len("RSTTRACE_VERDICT_"):].lower() for name, value in ENUMS["rsttrace_verdict"].items()}
+OUTCOME_NAMES = {value: name[len("RSTTRACE_OUTCOME_"):].lower() for name, value in ENUMS["rsttrace_outcome"].items()}
 STAT_SUBMITTED = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_SUBMITTED"]
 STAT_LOST = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_LOST"]
 STAT_UNCOUNTED = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_UNCOUNTED"]
 STAT_AGGREGATED = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_AGGREGATED"]
 STAT_STORM_FULL = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_STORM_FULL"]
+STAT_STORIES_FULL = ENUMS["rsttrace_stat"]["RSTTRACE_STAT_STORIES_FULL"]
 NO_REASON = DEFINES["RSTTRACE_NO_REASON"]
 F_SOFTIRQ = DEFINES["RSTTRACE_F_SOFTIRQ"]
 F_HAVE_SOCKET = DEFINES["RSTTRACE_F_HAVE_SOCKET"]

@@ -117,13 +117,15 @@ def _quiet_stderr():
 
 # bpf/'s subject files, pasted before the hook files in this order: each uses only those before it.
 # maps.bpf.c comes first because `events` must be the first map declared (its EVENTS_MAP).
-SUBJECT_FILES = ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c")
-# The subject files each hook file uses (a hook file not named here gets them all).
+SUBJECT_FILES = ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c")
+# The subject files each hook file uses (a hook file not named here gets them all). Every event
+# passes emit(), which feeds connections' stories: story.bpf.c goes with every hook file (it
+# compiles to nothing without STORIES).
 HOOK_SUBJECTS = {
-    "rst.bpf.c": ("maps.bpf.c", "sock.bpf.c", "owners.bpf.c"),
-    "netstat.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c"),
+    "rst.bpf.c": ("maps.bpf.c", "sock.bpf.c", "owners.bpf.c", "story.bpf.c"),
+    "netstat.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c"),
     "listen.bpf.c": SUBJECT_FILES,
-    "kprobe.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c"),
+    "kprobe.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c"),
 }
 
 
@@ -357,12 +359,34 @@ class RstProgram:
             return False
         return True
 
+    def take_stories(self, idle_ns: int | None) -> list[tuple[bytes, bytes]]:
+        """Connections' stories out of the kernel's map (bpf/story.bpf.c): those nothing happened to
+        for `idle_ns`, or all (None). (key, value) bytes; a story the kernel ends meanwhile is its."""
+        if not self.plan.stories:
+            return []
+        table = self.bpf["stories"]
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        taken = []
+        for key, val in table.items():
+            if idle_ns is not None and now - val.last_ns < idle_ns:
+                continue
+            try:
+                del table[key]
+            except KeyError:
+                continue
+            taken.append((bytes(key), bytes(val)))
+        if taken:
+            counts = self.bpf["story_count"]
+            slot = ctypes.c_int(1)
+            counts[slot] = ctypes.c_int64(counts[slot].value + len(taken))
+        return taken
+
     def stats(self) -> dict[str, int]:
         table = self.bpf["stats"]
         out = {}
         for name, slot in (("submitted", layout.STAT_SUBMITTED), ("lost", layout.STAT_LOST),
                            ("uncounted", layout.STAT_UNCOUNTED), ("aggregated", layout.STAT_AGGREGATED),
-                           ("storm_full", layout.STAT_STORM_FULL)):
+                           ("storm_full", layout.STAT_STORM_FULL), ("stories_full", layout.STAT_STORIES_FULL)):
             out[name] = sum(table[ctypes.c_int(slot)])
         return out
 

@@ -102,6 +102,39 @@ def event_document(rec: dict, host: dict) -> dict[str, Any]:
     return doc
 
 
+# A connection's story (`connection` records): event.type and event.outcome per outcome.
+CONNECTION_TYPES = {"established": (["connection", "start"], "success"),
+                    "never_established": (["connection", "denied"], "failure"),
+                    "client_only": (["connection", "end"], "failure"),
+                    "reset": (["connection", "end"], "failure"),
+                    "open": (["connection", "info"], "unknown")}
+
+
+def connection_document(rec: dict, host: dict) -> dict[str, Any]:
+    """A `connection` record: the client as source, the server as destination, the client's process."""
+    types, outcome = CONNECTION_TYPES[rec["outcome"]]
+    client, server = _endpoint(rec["client"]), _endpoint(rec["server"])
+    doc: dict[str, Any] = {
+        "@timestamp": rec["time"],
+        "ecs": {"version": ECS_VERSION},
+        "message": rec["explanation"],
+        "event": {"kind": "event", "category": ["network"], "type": types, "outcome": outcome,
+                  "action": "connection", "reason": rec["outcome"], "severity": SYSLOG_SEVERITY[_severity(rec)],
+                  "module": "rsttrace", "dataset": "rsttrace.connection"},
+        "source": client,
+        "destination": server,
+        "network": {"transport": "tcp", "iana_number": "6", "type": rec["family"]},
+        "related": {"ip": sorted({client["ip"], server["ip"]})},
+        "host": host,
+        "rsttrace": {"schema": SCHEMA, "record": "connection",
+                     "connection": {k: v for k, v in rec.items() if k not in ("schema", "type", "time")}},
+    }
+    process = _process(rec["client"]["process"])
+    if process:
+        doc["process"] = process
+    return doc
+
+
 def record_document(rec: dict, host: dict) -> dict[str, Any]:
     """Any non-event record: its content under rsttrace.<type>, so types never clash in an index."""
     kind = rec["type"]
@@ -123,4 +156,8 @@ def _severity(rec: dict) -> str:
 
 
 def to_ecs(rec: dict, host: dict) -> dict[str, Any]:
-    return event_document(rec, host) if rec["type"] == "event" else record_document(rec, host)
+    if rec["type"] == "event":
+        return event_document(rec, host)
+    if rec["type"] == "connection":
+        return connection_document(rec, host)
+    return record_document(rec, host)

@@ -6,7 +6,7 @@ ring buffer overflowed or --max-rate held records back. Gauges come from the rec
 emits (listeners, coverage).
 
 Label cardinality is bounded, and stays monotonic:
-  - event (5 kinds) × reason (the catalog, ~20);
+  - event (6 kinds) × reason (the catalog, ~20; a connection's outcome);
   - netns: the first MAX_NETNS namespaces seen get their own value (`ip netns` name or inode), any
     later one is "other";
   - port: the *service* port (the listener's port; for RSTs the traced one of the two ports,
@@ -23,6 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .. import __version__
 
+# Buckets of the delay drops added to a connection that was established in the end: a SYN
+# retransmit waits 1 s, then 2, 4 ... (tcp_syn_retries), a SYN-ACK retransmit likewise.
+DELAY_BUCKETS = (0.01, 0.1, 0.5, 1.0, 1.5, 2.0, 3.5, 4.0, 7.5, 8.0, 15.5, 31.5, 63.5)
 MAX_NETNS = 64
 MAX_PORTS = 256
 MAX_LISTENERS = 256
@@ -61,6 +64,9 @@ class MetricsSink:
         self._coverage: dict[str, str | None] = {}
         self._kernel = ""
         self._listeners: list[dict] = []
+        self._connections: dict[tuple[str, str, str], int] = {}      # (outcome, netns, port) → count
+        self._delays: dict[tuple[str, str], list[int]] = {}          # (netns, port) → cumulative buckets, count
+        self._delay_sums: dict[tuple[str, str], float] = {}
         self._updated_at = 0.0
         sink = self
 
@@ -101,6 +107,24 @@ class MetricsSink:
                 self._kernel = record["kernel"]
             elif kind == "listeners":
                 self._listeners = record["listeners"]
+            elif kind == "connection":
+                self._count_connection(record)
+
+    def _count_connection(self, record: dict) -> None:
+        """A connection's story (enrich/stories.py): its outcome, and the delay added to one that made it,
+        under the server's netns and port."""
+        server = record["server"]
+        netns = server["netns"] or record["client"]["netns"] or {"inode": 0, "name": None}
+        labels = (self._netns_of(netns["inode"], netns["name"]), self._port_of(netns["inode"], server["port"]))
+        key = (record["outcome"], *labels)
+        self._connections[key] = self._connections.get(key, 0) + 1
+        if record["delay_s"] is not None:
+            counts = self._delays.setdefault(labels, [0] * (len(DELAY_BUCKETS) + 1))   # cumulative buckets, count
+            for i, bound in enumerate(DELAY_BUCKETS):
+                if record["delay_s"] <= bound:
+                    counts[i] += 1
+            counts[-1] += 1
+            self._delay_sums[labels] = self._delay_sums.get(labels, 0.0) + record["delay_s"]
 
     def wants_counts(self) -> bool:
         return self._wanted
@@ -171,6 +195,23 @@ class MetricsSink:
                                                                   "(missing from rsttrace_events_total)")):
             family(name, "counter", help_text)
             out.append(f"{name} {stats.get(key, 0)}")
+        family("rsttrace_connections_total", "counter",
+               "Connections hurt by a drop (or a SYN retransmit), by how their story ended, under the server's "
+               "network namespace and port (`connection` records)")
+        for (outcome, netns, port), n in sorted(self._connections.items()):
+            out.append(f"rsttrace_connections_total{_labels(outcome=outcome, netns=netns, port=port)} {n}")
+        family("rsttrace_connect_delay_seconds", "histogram",
+               "Delay drops added to connections that were established in the end, by server netns and port")
+        for (netns, port), counts in sorted(self._delays.items()):
+            for bound, n in zip(DELAY_BUCKETS, counts):
+                out.append(f"rsttrace_connect_delay_seconds_bucket{_labels(netns=netns, port=port, le=bound)} {n}")
+            out.append(f"rsttrace_connect_delay_seconds_bucket{_labels(netns=netns, port=port, le='+Inf')} {counts[-1]}")
+            out.append(f"rsttrace_connect_delay_seconds_sum{_labels(netns=netns, port=port)} "
+                       f"{self._delay_sums[(netns, port)]:.6f}")
+            out.append(f"rsttrace_connect_delay_seconds_count{_labels(netns=netns, port=port)} {counts[-1]}")
+        family("rsttrace_connections_not_followed_total", "counter",
+               "Connections hurt by a drop that rsttrace could not follow: the kernel's story map was full")
+        out.append(f"rsttrace_connections_not_followed_total {stats.get('stories_full', 0)}")
         family("rsttrace_bpf_runs_skipped_total", "counter",
                "Runs of rsttrace's BPF programs the kernel skipped because a BPF program was already running "
                "on that CPU (their events are missing from rsttrace_events_total), by attach point")

@@ -33,6 +33,16 @@ def format_event(rec: dict) -> str:
             f"{state} netns={netns}{who}{extra} | {rec['explanation']}")
 
 
+def format_connection(rec: dict) -> str:
+    """A connection's story, in one line: outcome, client → server, the server's netns."""
+    netns = rec["server"]["netns"] or rec["client"]["netns"]
+    where = f" netns={netns['name'] or netns['inode']}" if netns else ""
+    errno = f" [{rec['errno']}]" if rec["errno"] else ""
+    return (f"{rec['time'][11:26]} {'connection':<12} {rec['outcome']}{errno} "
+            f"{_endpoint(rec['client'], rec['family'])} > {_endpoint(rec['server'], rec['family'])}{where} "
+            f"| {rec['explanation']}")
+
+
 class PlainSink:
     def __init__(self, output: LineOutput):
         self.output = output
@@ -41,6 +51,8 @@ class PlainSink:
         kind = record["type"]
         if kind == "event":
             self.output.write_line(format_event(record))
+        elif kind == "connection":
+            self.output.write_line(format_connection(record))
         elif kind == "lost":
             # Losses go where the events go, so that nobody reads a stream with holes unawares.
             self.output.write_line(f"{record['time'][11:26]} LOST {record['lost']} events "

@@ -29,7 +29,7 @@ def base(record_type: str, ns: int | None = None) -> dict[str, Any]:
 
 
 def event_record(ev: Event) -> dict[str, Any]:
-    return {
+    rec = {
         "schema": SCHEMA,
         "type": "event",
         "time": rfc3339(ev.time_ns),
@@ -60,6 +60,18 @@ def event_record(ev: Event) -> dict[str, Any]:
             "task_on_cpu": {"pid": ev.task_pid, "comm": ev.task_comm},
         },
     }
+    if "reset_by" in ev.extra:
+        # An rst_received whose sender rsttrace looked for on this host (tracer/enrich/stories.py):
+        # that rst_sent, or null where none matched.
+        rec["reset_by"] = ev.extra["reset_by"]
+    return rec
+
+
+def connection_record(*, wall_ns: int, ktime_ns: int, **fields: Any) -> dict[str, Any]:
+    """A connection's story (tracer/enrich/stories.py): outcome, errno, both ends, what hurt it."""
+    rec = {"schema": SCHEMA, "type": "connection", "time": rfc3339(wall_ns), "ktime_ns": ktime_ns}
+    rec.update(fields)
+    return rec
 
 
 def coverage_record(coverage: dict, kernel: str, filters: dict, startup_ms: float) -> dict[str, Any]:
@@ -149,9 +161,9 @@ SYSLOG_SEVERITY = {"error": 3, "warning": 4, "notice": 5, "info": 6}
 def severity_of(rec: dict[str, Any]) -> str:
     """error / warning / notice / info: an event's from the reason catalog; losses are warnings."""
     kind = rec["type"]
-    if kind == "event":
+    if kind in ("event", "connection"):
         from ..enrich.reasons import CATALOG
-        reason = CATALOG.get(rec["reason"])
+        reason = CATALOG.get(rec["reason"] if kind == "event" else rec["outcome"])
         return reason.severity if reason and reason.severity in SYSLOG_SEVERITY else "warning"
     return {"lost": "warning", "suppressed": "notice", "storm": "warning", "aggregate": "notice"}.get(kind, "info")
 

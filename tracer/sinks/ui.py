@@ -43,7 +43,7 @@ SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 # A glyph as well as a colour, so severity still reads with NO_COLOR and in a text capture.
 SEVERITY_MARK = {"error": "✖", "warning": "▲", "info": "·"}
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
-ARROW = {"rst_sent": "→", "rst_received": "←"}     # direction of the RST; drops are "↔"
+ARROW = {"rst_sent": "→", "rst_received": "←", "connection": "→"}  # RST direction, client → server; drops "↔"
 
 
 def _reason(name: str):
@@ -103,6 +103,11 @@ class UiState:
                     self.endpoints[key] += 1
                 else:
                     self.endpoints["(other)"] += 1
+        elif kind == "connection":
+            # A connection's story, in the event log: client → server, how it ended, what hurt it.
+            self.counts[("connection", rec["outcome"])] += 1
+            self.total += 1
+            self.recent.append(connection_row(rec))
         elif kind == "coverage":
             self.coverage = rec
         elif kind == "suppressed":
@@ -327,6 +332,18 @@ def _limit(li: dict, short: bool = False) -> str:
     return "-" if qmax is None else str(qmax)
 
 
+def _hurt(c: dict | None) -> Text:
+    """A listener's connections hurt (enrich/stories.py): never established / established late (p50
+    delay) / reset or client only."""
+    if not c:
+        return Text("-", style="dim")
+    late = f"{c['established_late']}"
+    if c.get("added_delay_s"):
+        late += f" (+{c['added_delay_s']['p50']:.1f}s)"
+    bad = c["never_established"] + c["reset"] + c["client_only"]
+    return Text(f"{c['never_established']}/{late}/{c['reset'] + c['client_only']}", style="bold red" if bad else "")
+
+
 def listeners_panel(state: UiState, max_rows: int = 6) -> Panel:
     rec = state.listeners
     rows = list((rec or {}).get("listeners") or [])
@@ -340,9 +357,12 @@ def listeners_panel(state: UiState, max_rows: int = 6) -> Panel:
             dps = li.get("drops_per_s") or 0.0
             cells.append([_ep(li.get("local")), _netns(li.get("netns")), _proc(li.get("process")),
                           gauge(li.get("accept_qlen"), li.get("accept_qmax")), _limit(li, short=True), syn,
-                          str(li.get("drops", 0)), Text(f"{dps:.1f}", style="bold red" if dps else "")])
-        body = FitTable(["listener", "netns", "process", "accept queue", "limit", "SYN queue", "drops", "drops/s"],
-                        cells, drop=("netns", "drops", "SYN queue", "process"), squeeze={"limit": 12})
+                          str(li.get("drops", 0)), Text(f"{dps:.1f}", style="bold red" if dps else ""),
+                          _hurt(li.get("connections"))])
+        body = FitTable(["listener", "netns", "process", "accept queue", "limit", "SYN queue", "drops", "drops/s",
+                         "hurt: never/late/reset"],
+                        cells, drop=("netns", "drops", "SYN queue", "process", "hurt: never/late/reset"),
+                        squeeze={"limit": 12})
         if len(rows) > max_rows:
             body = Group(body, Text(f"… {len(rows) - max_rows} more", style="dim"))
     return Panel(body, title="listeners on traced ports", title_align="left", box=box.ROUNDED)
@@ -380,6 +400,18 @@ class EventsView:
                     box=box.ROUNDED, height=options.height)
 
 
+def connection_row(rec: dict) -> dict:
+    """A `connection` record as a row of the event log."""
+    drops, retrans = rec["drops"], rec["retransmits"]
+    detail = [f"{n} {what}" for n, what in ((drops["syn"], "SYN drops"), (drops["ack"], "ACK drops"),
+                                          (retrans["syn"], "SYN retx"), (rec["resets_sent"], "RSTs")) if n]
+    detail.append(rec["errno"] or ("gave up" if rec["abandoned"] else ""))
+    detail.append(f"{rec['duration_s']:.2f}s")
+    return {"time": rec["time"], "event": "connection", "reason": rec["outcome"], "local": rec["client"],
+            "remote": rec["server"], "state": None, "netns": rec["server"]["netns"] or rec["client"]["netns"],
+            "process": rec["client"]["process"], "detail": " ".join(d for d in detail if d)}
+
+
 def events_table(events: Iterable[dict]) -> Any:
     events = list(events)
     if not events:
@@ -397,6 +429,8 @@ def events_table(events: Iterable[dict]) -> Any:
                                style="bold red" if full else ""))
         if q.get("syn_qlen") is not None:
             detail.append(Text(f"syn q {q['syn_qlen']}/{q.get('syn_qmax', '?')}"))
+        if rec.get("detail"):
+            detail.append(Text(rec["detail"]))
         rows.append([rec.get("time", "")[11:23], rec.get("event", "?"), rec.get("reason", "?"),
                      _ep(rec.get("local")), ARROW.get(rec.get("event"), "↔"), _ep(rec.get("remote")),
                      rec.get("state") or "-", _netns(rec.get("netns")), _proc(rec.get("process")),
@@ -465,6 +499,16 @@ def final_summary(state: UiState, top: int = 5) -> Group:
             f", drops {p.get('drops', 0)}, limit {_limit(p)}"), 2))
     if not peaks:
         out.append(Text("  no listener data", style="dim"))
+    hurt = [c for c in (s.get("connections") or {}).get("per_listener") or []]
+    if hurt:
+        out.append(Text("Connections hurt", style="bold"))
+        for c in hurt[:top]:
+            delay = c.get("added_delay_s")
+            late = f" (added delay p50 {delay['p50']:.2f}s, p99 {delay['p99']:.2f}s)" if delay else ""
+            out.append(Padding.indent(Text(
+                f"port {c['port']} (netns {c['netns']}): {c['never_established']} never established, "
+                f"{c['established_late']} established late{late}, {c['reset']} reset, "
+                f"{c['client_only']} established on the client only, {c['open']} open"), 2))
     if state.endpoints:
         out.append(Padding.indent(Text("local endpoints that reset or dropped most: " + ", ".join(
             f"{k} ({n})" for k, n in state.endpoints.most_common(top))), 2))

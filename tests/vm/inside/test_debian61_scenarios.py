@@ -21,6 +21,7 @@ from conftest import (BURST, REPO, RSTTRACE, Background, Netns, Tracer, drop_fin
 
 PORT = 8100
 NGINX = str(REPO / "scripts" / "repro" / "nginx_incident.py")
+STORY = str(REPO / "scripts" / "repro" / "story.py")
 NOBODY = pwd.getpwnam("nobody").pw_uid
 
 
@@ -43,7 +44,7 @@ EXPECTED_ENTRY = {"auto": ("fentry", "fentry", "kprobe"), "kprobe": ("kprobe", "
 @pytest.fixture(scope="module", params=["auto", "kprobe"])
 def run(request, validator):
     backend = request.param
-    names = ["closed", "unread4", "unread6", "linger", "burst", "overflow", "cookies", "nocookies", "nginx"]
+    names = ["closed", "unread4", "unread6", "linger", "burst", "overflow", "cookies", "nocookies", "nginx", "story"]
     sc = {n: Scenario(Netns(f"vm-{n}")) for n in names}
     try:
         sc["overflow"].ns.sysctl("net.ipv4.tcp_abort_on_overflow", 1)
@@ -61,6 +62,9 @@ def run(request, validator):
         sc["linger"].facts = sc["linger"].ns.scenario("linger_zero", "127.0.0.1", PORT)
         sc["burst"].facts = json.loads(sc["burst"].ns.run(
             "/usr/bin/python3", BURST, "burst", "127.0.0.1", str(PORT), "5", "200", timeout=120).stdout)
+        # Each client's own record of its fate, for the connections' stories (bpf/story.bpf.c)
+        sc["story"].facts = json.loads(sc["story"].ns.run(
+            "/usr/bin/python3", STORY, "burst", "127.0.0.1", str(PORT), "5", "6", "30", "1.5", timeout=120).stdout)
         # The nginx incident: upstream on the traced port, proxy on the next one.
         out = sc["nginx"].ns.run("/usr/bin/python3", NGINX, "incident", "127.0.0.1", str(PORT + 2), str(PORT),
                                  "1", "2", timeout=300)
@@ -175,6 +179,38 @@ def test_final_ack_overflow_with_abort_on_overflow(run):
     resets = [r for r in rsts_match_kernel(records, s) if r["remote"]["port"] in (40000, 40001)]
     assert resets and all(r["reason"] == "accept_queue_full" for r in resets)
     assert s.facts["stuck"]["outcome"].get("ECONNRESET") == 2
+
+
+def test_clients_that_gave_up_each_have_their_story(run):
+    """Every burst client that gave up has a `never_established` record: its port, no errno, its SYN
+    drops and retransmits, and the end inside its close() on its own clock."""
+    sc, records, _ = run
+    s = sc["story"]
+    stories = {r["client"]["port"]: r for r in records if r["type"] == "connection"
+               and (r["server"]["netns"] or {}).get("inode") == s.ns.inode}
+    gave_up = [c for c in s.facts["clients"] if c["outcome"] == "gave_up"]
+    assert gave_up
+    for c in gave_up:
+        r = stories[c["local_port"]]
+        assert (r["outcome"], r["errno"], r["abandoned"]) == ("never_established", None, True)
+        assert r["drops"]["syn"] >= 1 and r["drops"]["syn"] == 1 + r["retransmits"]["syn"]
+        assert c["close_begin_ns"] <= r["ktime_ns"] <= c["close_end_ns"]
+        assert r["client"]["process"]["pid"] == s.facts["client_pid"]
+        assert r["server"]["process"]["pid"] == s.facts["server_pid"]
+    # every SYN dropped belongs to the story of its connection (all end by the time rsttrace exits)
+    assert sum(r["drops"]["syn"] for r in stories.values()) == len(ours(records, s, event="syn_dropped")) > 0
+
+
+def test_reset_clients_name_the_rst_that_reset_them(run):
+    sc, records, _ = run
+    s = sc["overflow"]
+    reset = [r for r in records if r["type"] == "connection" and r["outcome"] == "reset"
+             and r["client"]["port"] in (40000, 40001)]
+    assert len(reset) == s.facts["stuck"]["outcome"].get("ECONNRESET") == 2
+    assert all(r["errno"] == "ECONNRESET" and r["drops"]["ack"] >= 1 and r["resets_sent"] >= 1 for r in reset)
+    received = [r for r in ours(records, s, event="rst_received") if r["local"]["port"] in (40000, 40001)]
+    assert received and all(r["reset_by"] and r["reset_by"]["process"]["pid"] == s.facts["server_pid"]
+                            for r in received)
 
 
 def test_syn_flood_cookies_and_queue_full_match_counters(run):
