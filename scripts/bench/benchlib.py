@@ -304,6 +304,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     rsttrace = [str(RSTTRACE), "--json", "-o", output, "--port", port_arg]
     if tool == "rsttrace":
         return rsttrace, None
+    if tool == "rsttrace_nostories":    # connections' stories off (bpf/story.bpf.c, its hooks)
+        return rsttrace + ["--no-stories"], None
     if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
         return rsttrace, {**os.environ, "RSTTRACE_STORM_HIGH_BYTES": "0"}
     if tool == "rsttrace_compiled":     # a boot's first start: an empty program cache (tracer/kernel/progcache.py)
@@ -327,7 +329,7 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
 
 
 READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in",
-               "rsttrace_base": "attached in",
+               "rsttrace_base": "attached in", "rsttrace_nostories": "attached in",
                "bpftrace": "Attaching", "bcc": "Tracing TCP resets", "empty": "attached: empty programs"}
 
 
@@ -700,7 +702,26 @@ def program_times(ids: set[int]) -> dict[int, tuple[str, int, int]]:
 
 
 HOOK_NAMES = ("inet_sock_set_state", "consume_skb", "netif_receive_skb", "kfree_skb", "sk_data_ready",
-              "sock_recv_length", "tcp__tcp_send_reset", "tcp__tcp_receive_reset")
+              "sock_recv_length", "tcp__tcp_send_reset", "tcp__tcp_receive_reset", "tcp__tcp_retransmit_skb",
+              "tcp__tcp_retransmit_synack")
+
+
+def hook_of(name: str, prog_id: int, tracepoints: dict[int, str]) -> str:
+    """The hook a program runs on, from its name. Programs loaded without BTF (rsttrace's cached
+    ones, its tp_btf one) have the kernel's 15-character name: the hook it is the start of, or where
+    two hooks start alike (tcp__tcp_retran...) the one its perf event is attached to (`tracepoints`:
+    program id → tracepoint, from tracepoint_of())."""
+    hook = name.replace("raw_tracepoint__", "").replace("tracepoint__", "")
+    known = [h for h in HOOK_NAMES if h.startswith(hook)]
+    if len(known) > 1:
+        known = [h for h in known if h.endswith("_" + tracepoints.get(prog_id, "?"))]
+    return known[0] if len(known) == 1 else hook
+
+
+def tracepoint_of(pid: int) -> dict[int, str]:
+    """Program id → the tracepoint it is attached to through a perf event of process `pid`."""
+    out = subprocess.run(["bpftool", "perf", "show", "-j"], capture_output=True, text=True, timeout=30).stdout
+    return {p["prog_id"]: p.get("tracepoint", "") for p in json.loads(out or "[]") if p.get("pid") == pid}
 
 
 def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_on: int | None = None,
@@ -718,6 +739,7 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
                 tracer.wait_ready()
                 time.sleep(STEADY_S)
                 ids = prog_ids_of(tracer.proc.pid)
+                tracepoints = tracepoint_of(tracer.proc.pid)
                 fd = enable_stats()
                 try:
                     before = program_times(ids)
@@ -736,10 +758,7 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
     for pid, (name, ns_run, count) in after.items():
         ns0, count0 = before.get(pid, (name, 0, 0))[1:]
         if count > count0:
-            hook = name.replace("raw_tracepoint__", "").replace("tracepoint__", "")
-            # programs loaded without BTF (rsttrace's cached ones, its tp_btf one) have the kernel's
-            # 15-character name: the hook it is the start of
-            hook = next((h for h in HOOK_NAMES if h.startswith(hook)), hook)
+            hook = hook_of(name, pid, tracepoints)
             if hook in hooks:
                 raise RuntimeError(f"{tool} has two programs on {hook}")
             hooks[hook] = {"runs_per_conn": (count - count0) / storm["ops"],

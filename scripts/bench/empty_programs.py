@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """Empty BPF programs on the hooks rsttrace attaches on a kernel without kprobes: raw tracepoints
 sock:inet_sock_set_state, skb:consume_skb (net:netif_receive_skb where rsttrace would use it, or
-RSTTRACE_SYN_HOOK=netif_receive_skb says so) and skb:kfree_skb; tracepoints tcp:tcp_send_reset and
-tcp:tcp_receive_reset. Each returns at once: what they cost a connection is the kernel's own price of
-running a program on those hooks, the floor any tracer of listen-queue drops pays there, and
-rsttrace's cost above it is its own work (scripts/bench/overhead, by the kernel's accounting).
+RSTTRACE_SYN_HOOK=netif_receive_skb says so) and skb:kfree_skb; tracepoints tcp:tcp_send_reset,
+tcp:tcp_receive_reset, and connections' stories' tcp:tcp_retransmit_skb and tcp_retransmit_synack.
+Each returns at once: what they cost a connection is the kernel's own price of running a program on
+those hooks, the floor any tracer of listen-queue drops pays there, and rsttrace's cost above it is
+its own work (scripts/bench/overhead, by the kernel's accounting).
 
     /usr/bin/python3 scripts/bench/empty_programs.py
 
@@ -25,6 +26,8 @@ RAW_TRACEPOINT_PROBE(SYN_HOOK) { return 0; }
 RAW_TRACEPOINT_PROBE(kfree_skb) { return 0; }
 TRACEPOINT_PROBE(tcp, tcp_send_reset) { return 0; }
 TRACEPOINT_PROBE(tcp, tcp_receive_reset) { return 0; }
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) { return 0; }
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack) { return 0; }
 """
 
 

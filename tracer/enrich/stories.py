@@ -109,9 +109,25 @@ def sender(ev: Event) -> dict[str, Any]:
     return {"reason": ev.reason, "netns": ev.netns, "process": _brief(ev.process)}
 
 
-def ref(ev: Event) -> dict[str, Any]:
-    """How a connection record names one of its events (records carry ktime_ns: unique enough)."""
-    return {"event": ev.kind, "reason": ev.reason, "ktime_ns": ev.ktime_ns}
+def ref(ev: Event) -> tuple[str, str, int]:
+    """How a connection record names one of its events (records carry ktime_ns: unique enough);
+    kept as a tuple, made a dict only in the record (tens of thousands may wait in a flood)."""
+    return (ev.kind, ev.reason, ev.ktime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Why:
+    """What a story's explanation needs of the listener event that hurt it, and nothing more: a flood
+    keeps one per connection followed."""
+    reason: str
+    queues: tuple[int, int, int, int] | None        # accept_qlen, accept_qmax, syn_qlen, syn_qmax
+    process: dict | None                            # shared per process by the attributor
+
+    @classmethod
+    def of(cls, ev: Event) -> "Why":
+        q = ev.queues
+        return cls(ev.reason, (q["accept_qlen"], q["accept_qmax"], q["syn_qlen"], q["syn_qmax"]) if q else None,
+                   ev.process)
 
 
 class Stories:
@@ -121,8 +137,8 @@ class Stories:
         self.attributor = attributor
         # Story key (family, client addr, client port, server addr, server port) → its events, and the
         # last listener event (the drop that says why).
-        self.refs: OrderedDict[tuple, list[dict]] = OrderedDict()
-        self.why: dict[tuple, Event] = {}
+        self.refs: OrderedDict[tuple, list[tuple]] = OrderedDict()
+        self.why: dict[tuple, Why] = {}
         # RSTs sent, by (src addr, src port, dst addr, dst port) raw: (ktime, sender(), its event)
         self.sent: dict[tuple, tuple[int, dict | None, Event | None]] = {}
         self.per_listener: dict[tuple[int, int], ListenerOutcomes] = {}
@@ -191,7 +207,7 @@ class Stories:
         if len(refs) < MAX_REFS:
             refs.append(ref(ev))
         if why and ev.kind in LISTENER_KINDS:
-            self.why[key] = ev
+            self.why[key] = Why.of(ev)
 
     # -- a story's end ----------------------------------------------------------------------
     def connection(self, ev: Event) -> dict[str, Any]:
@@ -227,7 +243,7 @@ class Stories:
                 wall_ns: int, ended_by: str, client_process: dict | None, client_netns: int,
                 client_netns_name: str | None) -> dict[str, Any]:
         key = _key(family, client[0], client[1], server[0], server[1])
-        refs = self.refs.pop(key, [])
+        refs = [{"event": kind, "reason": reason, "ktime_ns": ktime} for kind, reason, ktime in self.refs.pop(key, [])]
         why = self.why.pop(key, None)
         # The listener's owner as the kernel recorded it at listen() (its drop event's process), else
         # as /proc knows it now (it may have exited: then its pid alone).
@@ -238,7 +254,6 @@ class Stories:
         err = errno_names.errorcode.get(story.err) if story.err else None
         duration_s = round((end_ns - story.start_ns) / 1e9, 6)
         delay_s = duration_s if outcome == "established" else None
-        reset_by = next((r for r in refs if r["event"] == "rst_received"), None)
         netns_names = self.attributor.netns
         rec = dict(
             wall_ns=wall_ns, ktime_ns=end_ns, outcome=outcome, errno=err,
@@ -302,7 +317,7 @@ def _took(seconds: float) -> str:
     return f"{seconds:.3g} s"
 
 
-def explain_connection(rec: dict[str, Any], why: Event | None) -> str:
+def explain_connection(rec: dict[str, Any], why: Why | None) -> str:
     """One line: the connection, what hurt it and where, how it ended."""
     c, s = rec["client"], rec["server"]
     client = endpoint(c["addr"], c["port"])
@@ -312,11 +327,11 @@ def explain_connection(rec: dict[str, Any], why: Event | None) -> str:
     drops, retrans = rec["drops"], rec["retransmits"]
     where = f"{server_name}'s"
     if why is not None and why.queues:
-        q = why.queues
+        accept_qlen, accept_qmax, syn_qlen, syn_qmax = why.queues
         if why.reason == "accept_queue_full":
-            where += f" full accept queue ({q['accept_qlen']}/{q['accept_qmax']})"
+            where += f" full accept queue ({accept_qlen}/{accept_qmax})"
         elif why.reason in ("syn_queue_full", "syn_backlog_reserve"):
-            where += f" full SYN queue ({q['syn_qlen']}/{q['syn_qmax']})"
+            where += f" full SYN queue ({syn_qlen}/{syn_qmax})"
         else:
             where += f" listener ({why.reason})"
     else:

@@ -210,7 +210,8 @@ class MetricsSink:
                        f"{self._delay_sums[(netns, port)]:.6f}")
             out.append(f"rsttrace_connect_delay_seconds_count{_labels(netns=netns, port=port)} {counts[-1]}")
         family("rsttrace_connections_not_followed_total", "counter",
-               "Connections hurt by a drop that rsttrace could not follow: the kernel's story map was full")
+               "Drops and SYN retransmits of connections rsttrace could not follow (the kernel's story map was "
+               "full): once per SYN lost, so more than the connections left out")
         out.append(f"rsttrace_connections_not_followed_total {stats.get('stories_full', 0)}")
         family("rsttrace_bpf_runs_skipped_total", "counter",
                "Runs of rsttrace's BPF programs the kernel skipped because a BPF program was already running "
