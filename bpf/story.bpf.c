@@ -55,6 +55,34 @@ BPF_F_TABLE("hash", struct story_key, struct story_val, stories, STORY_SLOTS, BP
 #define STORY_ENDED_NS (60ULL * 1000000000ULL)  /* a 4-tuple is not reused sooner (TIME_WAIT) */
 BPF_F_TABLE("lru_hash", struct story_key, __u64, stories_ended, STORY_ENDED_SLOTS, 0);
 
+#ifdef FILTER_PORTS
+/* Handshakes completed per listener (netns, port) of a traced port: the connections that got
+ * through, beside the stories of those that did not (bpf/rsttrace.h has no record for them). Only
+ * with --port: it costs a hash update per connection, which every connection of the host would pay. */
+struct handshake_key {
+	__u32 netns;
+	__u16 port;
+	__u16 pad;
+};
+BPF_HASH(handshakes, struct handshake_key, __u64, 4096);
+
+static __always_inline void count_handshake(void *sk, __u16 port)
+{
+	__u32 l = port;
+	__u8 *traced = port_filter.lookup(&l);
+	if (!traced || !*traced)
+		return;
+	struct handshake_key key = {};
+	key.netns = netns_of_sock(sk);
+	key.port = port;
+	__u64 one = 1, *n = handshakes.lookup(&key);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else if (handshakes.insert(&key, &one) != 0 && (n = handshakes.lookup(&key)))
+		__sync_fetch_and_add(n, 1);     /* another CPU made it meanwhile */
+}
+#endif
+
 /* How many entries `stories` holds: the hooks of every connection on the host return at once while
  * it is 0. Slot 0, kept here like listener_count: +1 only for an insert that made an entry, -1 for a
  * delete that removed one. Slot 1: the stories user space took out of the map (idle, or at exit),
@@ -182,12 +210,14 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 	STORY_KEY_FROM_ARGS(key, args, 1);
 	__u64 now = bpf_ktime_get_ns();
 	struct story_val *v = stories.lookup(&key);
+	if (!v && (!syn || !port_wanted(key.cport, key.sport)))
+		return 0;
+	/* A socket in a netns not watched is not this story's to tell (a client elsewhere, as a
+	 * server host sees it). */
+	__u32 netns = netns_of_sock((void *)args->skaddr);
+	if (!netns_wanted(netns))
+		return 0;
 	if (!v) {
-		if (!syn || !port_wanted(key.cport, key.sport))
-			return 0;
-		__u32 netns = netns_of_sock((void *)args->skaddr);
-		if (!netns_wanted(netns))
-			return 0;
 		v = story_start(&key, now);
 		if (!v)
 			return 0;
@@ -210,7 +240,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 	struct story_key key = {};
 	STORY_KEY_FROM_ARGS(key, args, 0);
 	struct story_val *v = stories.lookup(&key);
-	if (!v)
+	if (!v || !netns_wanted(netns_of_sock((void *)args->skaddr)))
 		return 0;
 	bump(&v->story.synack_retrans);
 	v->last_ns = bpf_ktime_get_ns();
@@ -288,12 +318,16 @@ static __always_inline void story_state_change(struct bpf_raw_tracepoint_args *c
 					       int newstate)
 {
 	int by_client;
-	if (oldstate == TCP_SYN_SENT || oldstate == TCP_ESTABLISHED)
+	if (oldstate == TCP_SYN_SENT || oldstate == TCP_ESTABLISHED) {
 		by_client = 1;
-	else if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)
+	} else if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		by_client = 0;      /* a server's child completes the handshake */
-	else
+#ifdef FILTER_PORTS
+		count_handshake(state_sk_number(ctx), STATE_SK_LOAD(u16, sk, OFF_SOCK_NUM));
+#endif
+	} else {
 		return;
+	}
 	if (!have_stories())
 		return;
 	void *skn = state_sk_number(ctx);

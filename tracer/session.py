@@ -211,6 +211,8 @@ class Session:
         rows = self.listeners.rows()
         told = self.pipeline.stories
         if told is not None:
+            if self.program.counts_handshakes and self.program.bpf is not None:
+                told.handshakes = self.program.handshakes()
             for row in rows:
                 row["connections"] = told.listener_outcomes(row["netns"]["inode"], row["local"]["port"])
         return rows
@@ -286,6 +288,8 @@ class Session:
             if p.limit is not None:
                 self._report_suppressed(time.monotonic())
             self._end_stories(idle=False)
+            if p.stories is not None and self.program.counts_handshakes:
+                p.stories.handshakes = self.program.handshakes()
             stats = self.program.stats()
             for rec in self.storms.finish(stats):
                 p.emit(rec)

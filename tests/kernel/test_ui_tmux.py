@@ -195,9 +195,14 @@ def test_accept_queue_burst_fills_the_listener_gauge_on_the_live_screen(netns, t
 
         gauge = re.compile(rf"127\.0\.0\.1:{PORT}\s+{netns.name}\s+python3/{server_pid}\s+█{{16}} 6/5 FULL\s+"
                            r"5 = backlog \(somaxconn 4096\)")
+        gave_up = clients["outcome"]["pending"]           # still connecting when the clients closed
         screen = tmux.wait_for(lambda s: gauge.search(s) is not None
-                               and reason_count(s, "accept_queue_full", "syn_dropped") == overflows,
-                               f"the full accept queue and {overflows} drops (TcpExtListenOverflows)")
+                               and reason_count(s, "accept_queue_full", "syn_dropped") == overflows
+                               and reason_count(s, "never_established", "connection") == gave_up > 0,
+                               f"the full accept queue, {overflows} drops (TcpExtListenOverflows) and "
+                               f"{gave_up} connections never established")
+        assert re.search(rf"connection\s+never_established\s+127\.0\.0\.1:\d+\s+→\s+127\.0\.0\.1:{PORT}\s+-\s+"
+                         rf"python3/\d+\s+\d SYN drops \d SYN retx gave up", screen), screen
         assert re.search(rf"syn_dropped\s+accept_queue_full\s+127\.0\.0\.1:{PORT}\s+↔\s+127\.0\.0\.1:\d+\s+"
                          rf"LISTEN\s+{netns.name}\s+python3/{server_pid}\s+accept q 6/5", screen), screen
         red = [ln for ln in tmux.screen(escapes=True).splitlines() if "6/5 FULL" in ln]
@@ -213,6 +218,8 @@ def test_accept_queue_burst_fills_the_listener_gauge_on_the_live_screen(netns, t
             "raise it in the server (somaxconn is 4096)") in flat
     # rsttrace saw every drop the kernel counted in that netns.
     assert f"netns {netns.name}: coverage listen_drops 100%" in flat
+    # and what the drops did to the clients: the stories of those that gave up, per listener
+    assert f"connections hurt: {gave_up} never established" in flat, flat
 
 
 def test_piped_output_is_plain_lines_without_escape_codes(netns, tracer):

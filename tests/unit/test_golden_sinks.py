@@ -607,6 +607,8 @@ def at_exit(result: Run, exact: list) -> tuple[dict, dict]:
         by_kind, STATS["lost"], STATS["submitted"], 14.5, KERNEL_COUNTERS, result.kernel_counts,
         reconciliation["netns"], suppressed=STATS["suppressed"], uncounted=STATS["uncounted"], unwritten=3,
         skipped_runs=STATS["skipped_runs"], aggregated=STATS["aggregated"])
+    # what the kernel counted per listener of a traced port (RstProgram.handshakes), read at exit
+    result.pipeline.stories.handshakes = {(HOST_NS, 8100): 6, (BLUE_NS, 8080): 1}
     summary["connections"] = result.pipeline.stories.summary(STATS["stories_full"])
     return at(reconciliation, 10.0), at(summary, 14.5)
 

@@ -142,6 +142,9 @@ class Stories:
         # RSTs sent, by (src addr, src port, dst addr, dst port) raw: (ktime, sender(), its event)
         self.sent: dict[tuple, tuple[int, dict | None, Event | None]] = {}
         self.per_listener: dict[tuple[int, int], ListenerOutcomes] = {}
+        # Handshakes completed per listener (netns, port) of a traced port, as the kernel counted them
+        # (the session refreshes it): the connections that got through, hurt or not. None: not counted.
+        self.handshakes: dict[tuple[int, int], int] | None = None
         self.written = 0
         self.unpaired = 0
         self.paired = 0
@@ -280,15 +283,19 @@ class Stories:
 
     def listener_outcomes(self, netns: int, port: int) -> dict[str, Any] | None:
         found = self.per_listener.get((netns, port))
-        return found.as_dict() if found is not None else None
+        done = self.handshakes.get((netns, port)) if self.handshakes is not None else None
+        if found is None and not done:
+            return None
+        return dict((found or ListenerOutcomes()).as_dict(), established=done if self.handshakes is not None else None)
 
     def summary(self, not_followed: int) -> dict[str, Any]:
         """The summary's `connections`: records written, stories the kernel could not follow (its map
         was full), RST pairs, and per listener the connections it hurt."""
         return {"written": self.written, "not_followed": not_followed,
                 "rst_pairs": {"paired": self.paired, "unpaired": self.unpaired},
-                "per_listener": [{"netns": netns, "port": port, **o.as_dict()}
-                                 for (netns, port), o in sorted(self.per_listener.items())]}
+                "per_listener": [{"netns": netns, "netns_name": self.attributor.netns.name(netns), "port": port,
+                                  **self.listener_outcomes(netns, port)}
+                                 for netns, port in sorted(set(self.per_listener) | set(self.handshakes or {}))]}
 
 
 def _key(family: str, caddr: str, cport: int, saddr: str, sport: int) -> tuple:

@@ -158,6 +158,7 @@ class RstProgram:
                                          "rsttrace needs a kernel with CONFIG_DEBUG_INFO_BTF=y")
         self.offsets = caps.offsets
         self.plan = plan
+        self.counts_handshakes = plan.stories and bool(filters.ports)    # bpf/story.bpf.c, FILTER_PORTS
         self.ring_bytes = ring_pages(ring_mb) * mmap.PAGESIZE
         self.cflags = build_cflags(caps, filters, self.offsets, plan, ring_mb)
         self.files = plan.files
@@ -380,6 +381,13 @@ class RstProgram:
             slot = ctypes.c_int(1)
             counts[slot] = ctypes.c_int64(counts[slot].value + len(taken))
         return taken
+
+    def handshakes(self) -> dict[tuple[int, int], int]:
+        """Handshakes completed per listener (netns inode, port) of a traced port (bpf/story.bpf.c);
+        empty without --port or stories."""
+        if not self.counts_handshakes:
+            return {}
+        return {(key.netns, key.port): val.value for key, val in self.bpf["handshakes"].items()}
 
     def stats(self) -> dict[str, int]:
         table = self.bpf["stats"]

@@ -50,6 +50,22 @@ def print_summary(summary: dict, out=stderr) -> None:
         out(f"  netns {name}{since}{gone}: RSTs sent {ours.get('rst_sent', 0)} seen / {_known(k.get('TcpOutRsts'))} "
             f"counted (TcpOutRsts); listen drops {listen} seen / {_known(k.get('TcpExtListenDrops'))} counted "
             f"(ListenDrops){other}")
+    told = summary.get("connections")
+    for c in (told or {}).get("per_listener") or []:
+        out("  " + listener_connections(c))
+    if told and told.get("not_followed"):
+        out(f"  {told['not_followed']} drops or SYN retransmits of connections rsttrace could not follow "
+            f"(its map of connections was full)")
+
+
+def listener_connections(c: dict) -> str:
+    """One listener's connections (enrich/stories.py), in a line."""
+    delay = c.get("added_delay_s")
+    late = f" (added delay p50 {delay['p50']:.2f} s, p99 {delay['p99']:.2f} s)" if delay else ""
+    done = f"{c['established']} handshakes completed; " if c.get("established") is not None else ""
+    return (f"port {c['port']} (netns {c.get('netns_name') or c['netns']}): {done}connections hurt: {c['never_established']} never "
+            f"established, {c['established_late']} established late{late}, {c['client_only']} established on "
+            f"the client only, {c['reset']} reset, {c['open']} without an end")
 
 
 def _known(value: int | None) -> str:

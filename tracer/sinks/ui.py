@@ -32,12 +32,14 @@ from .. import __version__
 from ..enrich.reasons import CATALOG
 from ..events.decode import endpoint
 from .records import one_line
+from .summary import listener_connections
 
 REFRESH_HZ = 4              # screen redraws per second, at most
 MAX_EVENTS = 200            # latest events kept for the screen (more than any terminal shows)
 MAX_ENDPOINTS = 1024        # distinct local endpoints counted for the summary; the rest go to "other"
 RATE_WINDOW_S = 10.0        # per-reason rates are averaged over this window
 MAX_NOTES = 20              # stderr lines kept while the screen owns the terminal
+CONNECTION_ROWS = 6         # connections' stories shown under the events
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 # A glyph as well as a colour, so severity still reads with NO_COLOR and in a text capture.
@@ -79,6 +81,7 @@ class UiState:
         self.counts: Counter[tuple[str, str]] = Counter()      # (event kind, reason) -> events
         self.total = 0
         self.recent: deque[dict] = deque(maxlen=max_events)
+        self.connections: deque[dict] = deque(maxlen=CONNECTION_ROWS)   # the latest connections' stories
         self.endpoints: Counter[str] = Counter()                # local endpoint -> events (capped)
         self.lost = 0
         self.listeners: dict | None = None                      # the latest "listeners" record
@@ -104,10 +107,10 @@ class UiState:
                 else:
                     self.endpoints["(other)"] += 1
         elif kind == "connection":
-            # A connection's story, in the event log: client → server, how it ended, what hurt it.
+            # A connection's story, in a panel of its own: client → server, how it ended, what hurt it.
+            # In the event log a burst's stories would push out the drops that explain them.
             self.counts[("connection", rec["outcome"])] += 1
-            self.total += 1
-            self.recent.append(connection_row(rec))
+            self.connections.append(connection_row(rec))
         elif kind == "coverage":
             self.coverage = rec
         elif kind == "suppressed":
@@ -361,7 +364,7 @@ def listeners_panel(state: UiState, max_rows: int = 6) -> Panel:
                           _hurt(li.get("connections"))])
         body = FitTable(["listener", "netns", "process", "accept queue", "limit", "SYN queue", "drops", "drops/s",
                          "hurt: never/late/reset"],
-                        cells, drop=("netns", "drops", "SYN queue", "process", "hurt: never/late/reset"),
+                        cells, drop=("hurt: never/late/reset", "netns", "drops", "SYN queue", "process"),
                         squeeze={"limit": 12})
         if len(rows) > max_rows:
             body = Group(body, Text(f"… {len(rows) - max_rows} more", style="dim"))
@@ -390,13 +393,14 @@ def reasons_panel(state: UiState, rates: dict, max_rows: int = 8) -> Panel:
 class EventsView:
     """The latest events, as many as the space rich gives this panel shows (newest at the bottom)."""
 
-    def __init__(self, events: list[dict]):
+    def __init__(self, events: list[dict], title: str = "latest events (UTC, newest last)"):
         self.events = events
+        self.title = title
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         height = options.height or console.height
         rows = max(height - 3, 1)          # panel border 2 + table header 1
-        yield Panel(events_table(self.events[-rows:]), title="latest events (UTC, newest last)", title_align="left",
+        yield Panel(events_table(self.events[-rows:]), title=self.title, title_align="left",
                     box=box.ROUNDED, height=options.height)
 
 
@@ -455,13 +459,17 @@ def screen(state: UiState, host: str, width: int) -> Layout:
     top.add_row(head, comp)
     n_listeners = len((state.listeners or {}).get("listeners") or [])
     n_reasons = len(state.counts)
-    layout = Layout()
-    layout.split_column(
+    rows = [
         Layout(top, size=top_h),
         Layout(listeners_panel(state), size=min(n_listeners, 6) + 3 + (n_listeners > 6) if n_listeners else 3),
         Layout(reasons_panel(state, rates), size=min(n_reasons, 8) + 3 + (n_reasons > 8) if n_reasons else 3),
         Layout(EventsView(list(state.recent)), ratio=1, minimum_size=4),
-    )
+    ]
+    if state.connections:
+        rows.append(Layout(EventsView(list(state.connections), "connections hurt: how they ended (UTC, newest last)"),
+                           size=len(state.connections) + 3))
+    layout = Layout()
+    layout.split_column(*rows)
     return layout
 
 
@@ -501,14 +509,9 @@ def final_summary(state: UiState, top: int = 5) -> Group:
         out.append(Text("  no listener data", style="dim"))
     hurt = [c for c in (s.get("connections") or {}).get("per_listener") or []]
     if hurt:
-        out.append(Text("Connections hurt", style="bold"))
+        out.append(Text("Connections", style="bold"))
         for c in hurt[:top]:
-            delay = c.get("added_delay_s")
-            late = f" (added delay p50 {delay['p50']:.2f}s, p99 {delay['p99']:.2f}s)" if delay else ""
-            out.append(Padding.indent(Text(
-                f"port {c['port']} (netns {c['netns']}): {c['never_established']} never established, "
-                f"{c['established_late']} established late{late}, {c['reset']} reset, "
-                f"{c['client_only']} established on the client only, {c['open']} open"), 2))
+            out.append(Padding.indent(Text(listener_connections(c)), 2))
     if state.endpoints:
         out.append(Padding.indent(Text("local endpoints that reset or dropped most: " + ", ".join(
             f"{k} ({n})" for k, n in state.endpoints.most_common(top))), 2))
