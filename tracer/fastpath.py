@@ -21,9 +21,11 @@ once, out of the CPU's caches.
 Taken only when every sink takes JSON lines as they are (--json) or ignores events (--metrics),
 and only for events the shape decides entirely: RSTs without listener queues whose process is the
 task on the CPU, the one the kernel saw calling connect(), or — for a reset with no socket — the
-listener of the local port (or nobody). The rest take the normal path. Templates are dropped every
-TEMPLATE_TTL_S, so that what changes slowly (process names, cgroups, netns names, listeners) is
-looked up again, as the normal path would.
+listener of the local port (or nobody). An RST received whose reverse 4-tuple this host sent an
+RST on a moment before is not one of those: its record names that rst_sent (enrich/stories.py), and
+the RSTs sent that templates write are noted for it. The rest take the normal path. Templates are
+dropped every TEMPLATE_TTL_S, so that what changes slowly (process names, cgroups, netns names,
+listeners) is looked up again, as the normal path would.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Protocol
 import orjson
 
 from .enrich import reasons, stories
+from .enrich.stories import PAIR_WINDOW_NS
 from .kernel import layout
 from .enrich.attribution import Attributor
 from .events.decode import AF_INET, AF_INET6, CACHE_MAX, RING_RECORD, Decoder, Event
@@ -68,10 +71,10 @@ SHAPE = slice(8 + layout.RawEvent.linger_jiffies.offset,
               8 + layout.RawEvent.owner_comm.offset + layout.RawEvent.owner_comm.size)
 _STRIDE = RING_RECORD.size
 # KEY_RECORD: what FastPath.key() needs, for a record no template took.
-_KEYED = ("sock_ino", "kind", "owner_tgid", "flags", "lport", "laddr")
+_KEYED = ("sock_ino", "kind", "owner_tgid", "flags", "lport", "laddr", "ktime_ns", "rport", "raddr")
 _format, _at = layout.struct_layout(layout.RawEvent, set(_KEYED))
 KEY_RECORD = struct.Struct("<I4x" + _format[1:] + "x" * (_STRIDE - 8 - layout.EVENT_SIZE))
-(_INO, _KIND, _OWNER, _FLAGS, _LPORT, _LADDR) = (_at[name] + 1 for name in _KEYED)
+(_INO, _KIND, _OWNER, _FLAGS, _LPORT, _LADDR, _KTIME, _RPORT, _RADDR) = (_at[name] + 1 for name in _KEYED)
 
 
 def _known_record() -> struct.Struct:
@@ -93,7 +96,7 @@ KNOWN_RECORD = _known_record()
 (_K_KTIME, _K_COOKIE, _K_INO, _K_SHAPE, _K_UNREAD, _K_LPORT, _K_RPORT, _K_LADDR, _K_RADDR) = range(1, 10)
 F_QUEUES, F_SOFTIRQ = layout.F_QUEUES, layout.F_SOFTIRQ
 _RST_KINDS = {value for value, name in layout.KIND_NAMES.items() if name in ("rst_sent", "rst_received")}
-_RST_SENT = {value for value, name in layout.KIND_NAMES.items() if name == "rst_sent"}
+_RST_RECEIVED = next(value for value, name in layout.KIND_NAMES.items() if name == "rst_received")
 
 # Markers for the per-event fields, in the record and in the explanation.
 _M = {name: f"@@rsttrace:{name}@@" for name in ("time", "ktime", "laddr", "lport", "raddr", "rport", "inode",
@@ -137,7 +140,8 @@ _PARTS = {_LOCAL: (b"%s:%d", b"[%s]:%d", ("laddr", "lport")), _REMOTE: (b"%s:%d"
 
 class Template:
     """One shape's JSON line as a bytes %-format, and the per-event values it takes, in order."""
-    __slots__ = ("emit", "kind", "reason", "count_key", "per_netns", "line", "values", "family", "addrs", "sender")
+    __slots__ = ("emit", "kind", "reason", "count_key", "per_netns", "line", "values", "family", "addrs", "sender",
+                 "received")
 
     def __init__(self, ev: Event, emit: bool, per_netns: Counter, addrs: dict[int, dict[bytes, bytes]],
                  pairs: bool = False):
@@ -145,6 +149,7 @@ class Template:
         self.kind, self.reason = ev.kind, ev.reason
         # An RST sent that an rst_received of this host may name (enrich/stories.py): what it will say
         self.sender = stories.sender(ev) if pairs and ev.kind == "rst_sent" else None
+        self.received = pairs and ev.kind == "rst_received"     # its sender looked for among those
         self.count_key = (ev.kind, ev.reason)
         self.per_netns = per_netns              # the pipeline's count of events seen in the netns
         self.family = AF_INET6 if ev.family == "ipv6" else AF_INET
@@ -220,9 +225,8 @@ class FastPath:
         self._expires = time.monotonic() + TEMPLATE_TTL_S
         self.fast = self.slow = 0               # events each way (tests, benchmarks)
         # RST pairs (enrich/stories.py): the RSTs sent that templates write are noted there; an RST
-        # received takes the normal path, which names its sender.
+        # received whose sender this host may have sent takes the normal path, which names it.
         self.pairs = getattr(path, "stories", None)
-        self.kinds = _RST_KINDS if self.pairs is None else _RST_SENT
         self._addrs = {AF_INET: {}, AF_INET6: {}}
         self._second, self._second_text = -1, b""
 
@@ -230,12 +234,28 @@ class FastPath:
         """The shape of a record (t: its KEY_RECORD fields), or None if the shape does not decide
         its enrichment."""
         flags = t[_FLAGS]
-        if t[_KIND] not in self.kinds or flags & F_QUEUES:
+        if t[_KIND] not in _RST_KINDS or flags & F_QUEUES:
             return None
+        if t[_KIND] == _RST_RECEIVED and self.pairs is not None and self._maybe_paired(
+                t[_RADDR], t[_RPORT], t[_LADDR], t[_LPORT], t[_KTIME]):
+            return None                         # its sender may be this host's: the normal path names it
         decided_by = self.attributor.decided_by(bool(flags & F_SOFTIRQ), t[_OWNER], t[_INO])
         if decided_by == "port_listener":
             return (shape, t[_LADDR], t[_LPORT])    # no socket: the local port's listener, or nobody
         return shape if decided_by is not None else None
+
+    def _note_pair(self, what: Template, t: tuple) -> None:
+        """What Stories.note does for a record a template writes: an RST sent noted for the RSTs
+        received it may cause, an RST received (whose sender this host did not send) counted unpaired."""
+        if what.sender is not None:
+            self.pairs.note_sent(t[_K_LADDR], t[_K_LPORT], t[_K_RADDR], t[_K_RPORT], t[_K_KTIME], what.sender)
+        elif what.received:
+            self.pairs.unpaired += 1
+
+    def _maybe_paired(self, raddr: bytes, rport: int, laddr: bytes, lport: int, ktime: int) -> bool:
+        """An RST received whose reverse 4-tuple this host sent an RST on a moment before."""
+        hit = self.pairs.sent.get((raddr, rport, laddr, lport))
+        return hit is not None and 0 < ktime - hit[0] < PAIR_WINDOW_NS
 
     def _template(self, key: bytes | tuple) -> Template | None:
         if type(key) is bytes:
@@ -279,7 +299,7 @@ class FastPath:
         limit, count = p.limit, p.count_limit
         checked = limit is not None or count is not None
         templates, by_port, remember = self.templates, self.by_port, self._remember
-        note_sent = self.pairs.note_sent if self.pairs is not None else None
+        pairs, maybe_paired = self.pairs, self._maybe_paired
         wall, size = self.decoder.mono_to_wall, layout.EVENT_SIZE
         second, second_text = self._second, self._second_text
         used: list[Template] = []
@@ -294,17 +314,22 @@ class FastPath:
             if what is None:                    # a reset with no socket: its local port's listener
                 ports = by_port.get(t[_K_SHAPE])
                 what = ports.get((t[_K_LADDR], t[_K_LPORT])) if ports is not None and not t[_K_INO] else None
-                if what is None:
-                    at = stop - (operator.length_hint(ring) + 1) * _STRIDE
-                    if missed is None:
-                        done = at
-                        break
-                    missed.append(at)
-                    line_at[at] = len(lines)
-                    continue
+            if what is not None and what.received and maybe_paired(t[_K_RADDR], t[_K_RPORT], t[_K_LADDR],
+                                                                    t[_K_LPORT], t[_K_KTIME]):
+                what = None                     # this host may have sent it: the normal path names it
+            if what is None:
+                at = stop - (operator.length_hint(ring) + 1) * _STRIDE
+                if missed is None:
+                    done = at
+                    break
+                missed.append(at)
+                line_at[at] = len(lines)
+                continue
             if checked:
                 if count is not None and p.emitted >= count:
                     break
+                if what.emit and pairs is not None:     # as Stories.note, before --max-rate
+                    self._note_pair(what, t)
                 what.per_netns[what.kind] += 1
                 self.fast += 1
                 if not what.emit or limit is not None and not limit.allow(time.monotonic(), what.kind, what.reason):
@@ -315,9 +340,9 @@ class FastPath:
                 used.append(what)               # counted per template below
                 if not what.emit:
                     continue
+                if pairs is not None:
+                    self._note_pair(what, t)
             addrs, la, ra = what.addrs, t[_K_LADDR], t[_K_RADDR]
-            if what.sender is not None:
-                note_sent(la, t[_K_LPORT], ra, t[_K_RPORT], t[_K_KTIME], what.sender)
             laddr = addrs.get(la) or remember(la, what.family)
             raddr = addrs.get(ra) or remember(ra, what.family)
             ktime, ino, cookie = t[_K_KTIME], t[_K_INO], t[_K_COOKIE]
@@ -396,7 +421,8 @@ class FastPath:
                 break
             self.slow += 1
             passed = p.handle(ev)
-            if key is not None and self._template(key) is None:
+            # An RST received that named its sender (enrich/stories.py) is that connection's alone
+            if key is not None and self._template(key) is None and ev.extra.get("reset_by") is None:
                 self._store(key, ev, passed)
         if written < len(lines):
             self._write(lines[written:])

@@ -161,7 +161,8 @@ def remote_never_established(server_ns, client_ns, tracer, tmp_path):
         assert rec["start"] == "first_drop" and rec["start_ktime_ns"] == min(d["ktime_ns"] for d in mine), why
         assert client["start_ns"] <= rec["start_ktime_ns"] <= client["close_begin_ns"], why
         assert client["close_end_ns"] <= rec["ktime_ns"], why
-        assert rec["drops"]["syn"] >= 1 and rec["drops"]["syn"] == len(mine), why
+        # the drops before its end: a retransmit sent just before close() can meet the queue after it
+        assert rec["drops"]["syn"] == sum(d["ktime_ns"] <= rec["ktime_ns"] for d in mine) >= 1, why
         assert all(d["event"] == "syn_dropped" and d["reason"] == "accept_queue_full" for d in mine), why
         assert (rec["drops"]["ack"], rec["drops"]["syn_cookies"], rec["resets_sent"]) == (0, 0, 0), why
         check_refs(rec, records)
@@ -279,11 +280,12 @@ def test_syn_queue_flood_without_cookies_clients_stories(netns, tracer, tmp_path
         mine = drops.get(client["local_port"], [])
         why = f"client {json.dumps(client)}\nrecord {brief(rec)}"
         check_against_client(client, rec, mine)       # never_established, abandoned, ended in its close()
-        assert rec["drops"]["syn"] >= 1 and rec["drops"]["syn"] == len(mine), why
+        # the drops before its end: a retransmit sent just before close() can meet the queue after it
+        assert rec["drops"]["syn"] == sum(d["ktime_ns"] <= rec["ktime_ns"] for d in mine) >= 1, why
         assert all(d["event"] == "syn_dropped" and d["reason"] == "syn_queue_full" for d in mine), why
         assert all(ref["event"] == "syn_dropped" and ref["reason"] == "syn_queue_full" for ref in rec["events"]), why
-        # Each SYN it sent met the full SYN queue: the first and each retransmit.
-        assert rec["drops"]["syn"] == 1 + rec["retransmits"]["syn"], why
+        # Each SYN it sent met the full SYN queue, the first and each retransmit: its events.
+        assert len(mine) == 1 + rec["retransmits"]["syn"], why
         assert rec["start"] == "connect" and rec["client"]["local"] and rec["client"]["netns"]["inode"] == netns.inode, why
         assert rec["client"]["process"] == {"pid": facts["client_pid"], "comm": "python3"}, why
         assert rec["server"]["process"] == {"pid": server["server_pid"], "comm": "python3"}, why

@@ -190,15 +190,20 @@ def test_clients_that_gave_up_each_have_their_story(run):
                and (r["server"]["netns"] or {}).get("inode") == s.ns.inode}
     gave_up = [c for c in s.facts["clients"] if c["outcome"] == "gave_up"]
     assert gave_up
+    drops = ours(records, s, event="syn_dropped")
     for c in gave_up:
         r = stories[c["local_port"]]
         assert (r["outcome"], r["errno"], r["abandoned"]) == ("never_established", None, True)
-        assert r["drops"]["syn"] >= 1 and r["drops"]["syn"] == 1 + r["retransmits"]["syn"]
+        # Every SYN it sent was dropped, and reported; the story counts the drops before its end
+        # (under emulation a retransmit sent just before close() can meet the queue after it).
+        mine = [d for d in drops if d["remote"]["port"] == c["local_port"]]
+        assert len(mine) == 1 + r["retransmits"]["syn"]
+        assert r["drops"]["syn"] == sum(d["ktime_ns"] <= r["ktime_ns"] for d in mine) >= 1
         assert c["close_begin_ns"] <= r["ktime_ns"] <= c["close_end_ns"]
         assert r["client"]["process"]["pid"] == s.facts["client_pid"]
         assert r["server"]["process"]["pid"] == s.facts["server_pid"]
-    # every SYN dropped belongs to the story of its connection (all end by the time rsttrace exits)
-    assert sum(r["drops"]["syn"] for r in stories.values()) == len(ours(records, s, event="syn_dropped")) > 0
+    # every SYN dropped is a client's: the 30 that gave up, or one a burst race let through
+    assert {d["remote"]["port"] for d in drops} <= {c["local_port"] for c in s.facts["clients"]}
 
 
 def test_reset_clients_name_the_rst_that_reset_them(run):
