@@ -3,8 +3,8 @@
  * (struct rsttrace_story) when it ends. Uses maps.bpf.c, sock.bpf.c and owners.bpf.c; emit()
  * (maps.bpf.c) starts and feeds stories from the listener events it counts (story_note).
  *
- * A story starts at a SYN or final ACK the listener dropped, or at a client's SYN retransmit on a
- * traced port, and ends at the first of:
+ * A story starts at a SYN or final ACK the listener dropped (or answered with RST:
+ * tcp_abort_on_overflow), or at a client's SYN retransmit on a traced port, and ends at the first of:
  *   the client's SYN_SENT -> CLOSE      never established: timed out, refused, or given up (sk_err 0)
  *   the server child's SYN_RECV -> ESTABLISHED, or the client's SYN_SENT -> ESTABLISHED where the
  *                                       server is not on this host: established, late
@@ -22,8 +22,12 @@
  * netns of this host, joined by veth without NAT, share one story. Two netns that both hold the same
  * 4-tuple at once share one too. Behind NAT the two ends are two stories.
  *
+ * With --port it also counts the handshakes each traced listener completes (the connections that
+ * got through, beside the stories of those that did not).
+ *
  *   STORIES               compiled in (the plan's `stories`; off with --no-stories).
  *   STORY_STATE_HOOK      this file attaches sock:inet_sock_set_state itself.
+ *   FILTER_PORTS          (maps.bpf.c) the handshakes are counted.
  */
 #ifdef STORIES
 
