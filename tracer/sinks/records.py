@@ -175,7 +175,7 @@ def _total(counts: dict[str, dict[str, int]]) -> int:
 def one_line(rec: dict[str, Any]) -> str:
     """A human sentence for any record (the message of a syslog line or an ECS document)."""
     kind = rec["type"]
-    if kind == "event":
+    if kind in ("event", "connection"):
         return rec["explanation"]
     if kind == "lost":
         return (f"{rec['lost']} events lost (total {rec['total_lost']}): the ring buffer was full; "

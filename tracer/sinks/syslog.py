@@ -20,7 +20,7 @@ from .records import SYSLOG_SEVERITY, one_line, severity_of
 SD_ID = "rsttrace@32473"
 FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,
               **{f"local{i}": 16 + i for i in range(8)}}
-SENT_TYPES = ("event", "lost", "suppressed", "coverage", "summary", "storm", "aggregate")
+SENT_TYPES = ("event", "lost", "suppressed", "coverage", "summary", "storm", "aggregate", "connection")
 SEND_TIMEOUT_S = 1.0        # a stalled syslog daemon costs at most this per message, then it is dropped
 RECONNECT_EVERY_S = 1.0
 
@@ -67,6 +67,18 @@ def structured_data(rec: dict) -> str:
             "unread_bytes": (rec.get("socket") or {}).get("unread_bytes"),
             "accept_qlen": queues.get("accept_qlen"), "accept_qmax": queues.get("accept_qmax"),
             "inferred": str(rec["inferred"]).lower(),
+        }
+    elif kind == "connection":
+        client, server = rec["client"], rec["server"]
+        netns = server["netns"] or client["netns"] or {}
+        params = {
+            "outcome": rec["outcome"], "errno": rec["errno"], "family": rec["family"],
+            "caddr": client["addr"], "cport": client["port"], "saddr": server["addr"], "sport": server["port"],
+            "netns": netns.get("inode"), "netns_name": netns.get("name"),
+            "pid": (client["process"] or {}).get("pid"), "comm": (client["process"] or {}).get("comm"),
+            "server_pid": (server["process"] or {}).get("pid"),
+            "syn_drops": rec["drops"]["syn"], "ack_drops": rec["drops"]["ack"],
+            "syn_retransmits": rec["retransmits"]["syn"], "duration_s": rec["duration_s"],
         }
     elif kind == "lost":
         params = {"lost": rec["lost"], "total_lost": rec["total_lost"]}
