@@ -77,6 +77,16 @@ struct rsttrace_story {
 	__s32 err;              /* the ending socket's sk_err: the errno the application sees */
 	__u32 client_netns;     /* netns inode of the client socket, 0 where it is not on this host */
 };
+/* Key of a story in bpf/story.bpf.c's map `stories`, which user space reads too (idle, exit):
+ * the connection's addresses and ports, client first. */
+struct rsttrace_story_key {
+	__u8 caddr[16];         /* the client's address (IPv4 in the first 4 bytes) */
+	__u8 saddr[16];         /* the server's */
+	__u16 cport;            /* host byte order */
+	__u16 sport;
+	__u16 family;
+	__u16 pad;
+};
 #define RSTTRACE_STORY_F_CONNECT_SEEN  0x01  /* start_ns is when connect() was called */
 #define RSTTRACE_STORY_F_SERVER_SEEN   0x02  /* the listener's side was seen (drops, resets) */
 #define RSTTRACE_STORY_F_CLIENT_UP     0x04  /* the client reached ESTABLISHED */

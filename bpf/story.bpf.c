@@ -38,26 +38,18 @@
 /* Half-open connections under a flood can outnumber this: a story that finds the map full is not
  * followed, and counted (RSTTRACE_STAT_STORIES_FULL). Allocated as stories start, not up front. */
 #define STORY_SLOTS 65536
-struct story_key {
-	__u8 caddr[16];         /* the client's address (IPv4 in the first 4 bytes) */
-	__u8 saddr[16];         /* the server's */
-	__u16 cport;            /* host byte order */
-	__u16 sport;
-	__u16 family;
-	__u16 pad;
-};
 struct story_val {
 	struct rsttrace_story story;
 	__u64 last_ns;          /* the last thing that happened to it: user space ends idle stories */
 };
-BPF_F_TABLE("hash", struct story_key, struct story_val, stories, STORY_SLOTS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct rsttrace_story_key, struct story_val, stories, STORY_SLOTS, BPF_F_NO_PREALLOC);
 /* Stories that ended lately, and when: a segment of such a connection that still meets the full
  * queue afterwards (the closed client's FIN or retransmitted data) belongs to the story already told,
  * and starts none. Least recently used first out: forgetting one only lets such a segment start an
  * `open` story again. */
 #define STORY_ENDED_SLOTS 8192
 #define STORY_ENDED_NS (60ULL * 1000000000ULL)  /* a 4-tuple is not reused sooner (TIME_WAIT) */
-BPF_F_TABLE("lru_hash", struct story_key, __u64, stories_ended, STORY_ENDED_SLOTS, 0);
+BPF_F_TABLE("lru_hash", struct rsttrace_story_key, __u64, stories_ended, STORY_ENDED_SLOTS, 0);
 
 #ifdef FILTER_PORTS
 /* Handshakes completed per listener (netns, port) of a traced port: the connections that got
@@ -72,9 +64,7 @@ BPF_HASH(handshakes, struct handshake_key, __u64, 4096);
 
 static __always_inline void count_handshake(void *sk, __u16 port)
 {
-	__u32 l = port;
-	__u8 *traced = port_filter.lookup(&l);
-	if (!traced || !*traced)
+	if (!port_wanted(port, 0))
 		return;
 	struct handshake_key key = {};
 	key.netns = netns_of_sock(sk);
@@ -118,7 +108,7 @@ static __always_inline void bump(__u16 *counter)
 }
 
 /* A new story for `key`, or NULL where the map is full (counted). */
-static __always_inline struct story_val *story_start(struct story_key *key, __u64 now)
+static __always_inline struct story_val *story_start(struct rsttrace_story_key *key, __u64 now)
 {
 	struct story_val fresh = {};
 	fresh.story.start_ns = now;
@@ -150,7 +140,7 @@ static __always_inline void story_note(struct rsttrace_event *e)
 		if (!have_stories())
 			return;
 	}
-	struct story_key key = {};
+	struct rsttrace_story_key key = {};
 	__builtin_memcpy(key.caddr, e->raddr, 16);
 	__builtin_memcpy(key.saddr, e->laddr, 16);
 	key.cport = e->rport;
@@ -210,7 +200,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 		return 0;
 	if (!family_wanted(args->family))
 		return 0;
-	struct story_key key = {};
+	struct rsttrace_story_key key = {};
 	STORY_KEY_FROM_ARGS(key, args, 1);
 	__u64 now = bpf_ktime_get_ns();
 	struct story_val *v = stories.lookup(&key);
@@ -241,7 +231,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
 	if (!have_stories())
 		return 0;
-	struct story_key key = {};
+	struct rsttrace_story_key key = {};
 	STORY_KEY_FROM_ARGS(key, args, 0);
 	struct story_val *v = stories.lookup(&key);
 	if (!v || !netns_wanted(netns_of_sock((void *)args->skaddr)))
@@ -252,7 +242,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 }
 
 /* The story's end, as seen by socket `sk` (local side `by_client` or not), into an event. */
-static __always_inline void story_end(struct bpf_raw_tracepoint_args *ctx, void *sk, struct story_key *key,
+static __always_inline void story_end(struct bpf_raw_tracepoint_args *ctx, void *sk, struct rsttrace_story_key *key,
 				      struct story_val *v, int oldstate, int newstate, int by_client, __u32 netns)
 {
 	struct rsttrace_story story = v->story;
@@ -335,7 +325,7 @@ static __always_inline void story_state_change(struct bpf_raw_tracepoint_args *c
 	if (!have_stories())
 		return;
 	void *skn = state_sk_number(ctx);
-	struct story_key key = {};
+	struct rsttrace_story_key key = {};
 	key.family = STATE_SK_LOAD(u16, sk, OFF_SOCK_FAMILY);
 	/* inet_sport, not skc_num: a socket going to CLOSE has given its port back (inet_put_port())
 	 * before the tracepoint fires. Past struct sock, so a probe read even for a BTF tracepoint. */

@@ -39,6 +39,18 @@ def story(ns, *args: str, timeout: float = 50) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def traced_story(ns, tracer, *args: str) -> tuple[dict, dict, dict, list[dict]]:
+    """story.py `args` in `ns` under rsttrace: its facts, the netns counters before and after, and
+    rsttrace's records (none lost)."""
+    t = start_tracer(tracer)
+    before = ns.counters()
+    facts = story(ns, *args)
+    after = ns.counters()
+    records = t.stop()
+    assert records[-1]["lost"] == 0, records[-1]["lost"]
+    return facts, before, after, records
+
+
 class StoryStuck:
     """story.py stuck: clients whose handshake the listener has not completed, driven over stdin."""
 
@@ -232,13 +244,9 @@ def server_named(rec: dict, pid: int) -> None:
 def test_burst_clients_that_never_connected_each_have_their_story(netns, tracer):
     # The issue's case: a server that never accepts, its queue full (6 of 5), then 200 connects at
     # once. Each gives up after 1.5 s: its SYN (t=0) and the SYN's retransmit (t=1 s) both dropped.
-    t = start_tracer(tracer)
-    before = netns.counters()
-    facts = story(netns, "burst", "127.0.0.1", str(PORT), "5", "6", "200", "1.5")
-    after = netns.counters()
-    records = t.stop()
+    facts, before, after, records = traced_story(netns, tracer, "burst", "127.0.0.1", str(PORT), "5", "6", "200",
+                                                 "1.5")
     summary = records[-1]
-    assert summary["lost"] == 0, summary["lost"]
 
     clients = facts["clients"]
     fill = [c for c in clients if c["group"] == "fill"]
@@ -421,12 +429,8 @@ def test_without_abort_on_overflow_stuck_clients_end_client_only(netns, tracer):
 def test_slow_acceptor_clients_connect_late_with_the_delay_they_saw(netns, tracer):
     # 40 connects at a server with listen(5) that accepts one connection every 50 ms: those whose
     # SYN met the full queue connect when a retransmit finds room (1 s, 3 s, ...), or give up at 5 s.
-    t = start_tracer(tracer)
-    before = netns.counters()
-    facts = story(netns, "slow", "127.0.0.1", str(PORT), "5", "40", "0.05", "5")
-    after = netns.counters()
-    records = t.stop()
-    assert records[-1]["lost"] == 0, records[-1]["lost"]
+    facts, before, after, records = traced_story(netns, tracer, "slow", "127.0.0.1", str(PORT), "5", "40", "0.05",
+                                                 "5")
     clients = facts["clients"]
     conns = connections(records, netns)
     ours = check_clients(clients, conns, records, netns)

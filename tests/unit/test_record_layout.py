@@ -44,6 +44,11 @@ def test_count_key_matches_the_c_header(tmp_path):
     check("rsttrace_count_key", layout.CountKey, tmp_path)
 
 
+def test_story_and_its_key_match_the_c_header(tmp_path):
+    check("rsttrace_story", layout.RawStory, tmp_path)
+    check("rsttrace_story_key", layout.RawStoryKey, tmp_path)
+
+
 def test_constants_come_from_the_header():
     assert layout.KIND_NAMES == {1: "rst_sent", 2: "rst_received", 3: "syn_dropped", 4: "ack_dropped", 5: "syn_cookie",
                                  6: "connection"}

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events.decode import TCP_STATES, Event, endpoint
+from ..events.decode import Event, endpoint
 from ..kernel import layout
 from . import reasons
 
@@ -40,11 +40,8 @@ MAX_TRACKED = 65536             # 4-tuples whose events are kept for their story
 MAX_REFS = 16                   # events named per story
 DELAYS_KEPT = 4096              # added delays kept per listener for p50/p99 (the most recent)
 
-STORY = struct.Struct("<Q7HBBIIiI")     # struct rsttrace_story
-assert STORY.size == 40
+STORY = struct.Struct(layout.struct_layout(layout.RawStory)[0])     # struct rsttrace_story
 F_CONNECT_SEEN = layout.DEFINES["RSTTRACE_STORY_F_CONNECT_SEEN"]
-F_SERVER_SEEN = layout.DEFINES["RSTTRACE_STORY_F_SERVER_SEEN"]
-F_CLIENT_UP = layout.DEFINES["RSTTRACE_STORY_F_CLIENT_UP"]
 F_BY_CLIENT = layout.DEFINES["RSTTRACE_STORY_F_BY_CLIENT"]
 LISTENER_KINDS = ("syn_dropped", "ack_dropped", "syn_cookie")
 
@@ -232,12 +229,11 @@ class Stories:
 
     def open_story(self, key_raw: bytes, val_raw: bytes, now_mono_ns: int, mono_to_wall: int, why: str) -> dict:
         """A story still open in the kernel's map (idle, or at exit): its `open` record's fields."""
-        family_value, = struct.unpack_from("<H", key_raw, 36)
-        fam = socket.AF_INET6 if family_value == socket.AF_INET6 else socket.AF_INET
+        key = layout.RawStoryKey.from_buffer_copy(key_raw)
+        fam = socket.AF_INET6 if key.family == socket.AF_INET6 else socket.AF_INET
         width = 16 if fam == socket.AF_INET6 else 4
-        cport, sport = struct.unpack_from("<HH", key_raw, 32)
-        client = (socket.inet_ntop(fam, key_raw[:width]), cport)
-        server = (socket.inet_ntop(fam, key_raw[16:16 + width]), sport)
+        client = (socket.inet_ntop(fam, bytes(key.caddr)[:width]), key.cport)
+        server = (socket.inet_ntop(fam, bytes(key.saddr)[:width]), key.sport)
         story = Story.from_bytes(val_raw)
         return self._record("ipv6" if fam == socket.AF_INET6 else "ipv4", client, server, story, "open",
                             now_mono_ns, now_mono_ns + mono_to_wall, why, None, story.client_netns, None)
@@ -286,7 +282,7 @@ class Stories:
         done = self.handshakes.get((netns, port)) if self.handshakes is not None else None
         if found is None and not done:
             return None
-        return dict((found or ListenerOutcomes()).as_dict(), established=done if self.handshakes is not None else None)
+        return dict((found or ListenerOutcomes()).as_dict(), established=done)
 
     def summary(self, not_followed: int) -> dict[str, Any]:
         """The summary's `connections`: records written, stories the kernel could not follow (its map

@@ -326,11 +326,16 @@ def _plan_ack_dropped(plan: HookPlan, caps: Capabilities, backend: str) -> None:
         cov.notes["ack_dropped"] = "no TCP_LISTEN_OVERFLOW drop reason in skb:kfree_skb (6.3+), no kprobes or fentry"
 
 
+def _state_hook_type(caps: Capabilities) -> int | None:
+    """sock:inet_sock_set_state as a BTF tracepoint (its btf_trace_* typedef id) where the kernel
+    allows one and STATE_HOOK_ENV does not ask for the raw one; None: a raw tracepoint."""
+    state_type = caps.btf_tracepoints.get("inet_sock_set_state")
+    return state_type if state_type and os.environ.get(STATE_HOOK_ENV) != "raw" else None
+
+
 def _plan_listeners(plan: HookPlan, caps: Capabilities) -> None:
     """The listener table the SYN and ACK raw tracepoints look listeners up in (bpf/listen.bpf.c)."""
-    state_type = caps.btf_tracepoints.get("inet_sock_set_state")
-    if state_type and os.environ.get(STATE_HOOK_ENV) != "raw":
-        plan.state_hook_type = state_type
+    plan.state_hook_type = _state_hook_type(caps)
     plan.backlog_from_regs = "OFF_PT_REGS_ARG2" in (caps.offsets or {})
     plan.learns_older_listeners = caps.data_ready is not None
     plan.pokes_listeners = caps.recv_length is not None
@@ -349,9 +354,7 @@ def _plan_stories(plan: HookPlan, caps: Capabilities) -> None:
         return
     plan.stories = True
     if not plan.listen_hooks:
-        state_type = caps.btf_tracepoints.get("inet_sock_set_state")
-        if state_type and os.environ.get(STATE_HOOK_ENV) != "raw":
-            plan.state_hook_type = state_type
+        plan.state_hook_type = _state_hook_type(caps)
     kind = "tp_btf" if plan.state_hook_type else "raw_tracepoint"
     cov.hooks["connection"] = f"{kind}:sock:inet_sock_set_state,tracepoint:tcp:tcp_retransmit_skb,tcp_retransmit_synack"
     cov.notes["connection"] = ("each connection hurt by a drop (or a client's SYN retransmit) followed until it is "

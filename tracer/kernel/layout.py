@@ -84,6 +84,16 @@ class CountKey(ctypes.Structure):
     _fields_ = STRUCTS["rsttrace_count_key"]
 
 
+class RawStory(ctypes.Structure):
+    """struct rsttrace_story: a connection's story (bpf/story.bpf.c)"""
+    _fields_ = STRUCTS["rsttrace_story"]
+
+
+class RawStoryKey(ctypes.Structure):
+    """struct rsttrace_story_key: a story's key in the kernel's map"""
+    _fields_ = STRUCTS["rsttrace_story_key"]
+
+
 # The same record for struct.iter_unpack (the ring reader decodes whole batches at once).
 EVENT_FORMAT, EVENT_FIELDS = struct_layout(RawEvent)
 EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
