@@ -182,6 +182,9 @@ static __always_inline int conn_request(void *ctx, void *sk, void *skb)
 	parse_segment(skb, 1, &seg);
 	if (!seg.ok || !family_wanted(seg.family) || !port_wanted(seg.dport, seg.sport))
 		return 0;
+#ifdef APP_ERRORS
+	app_note_syn(netns_of_sock(sk), seg.dport);
+#endif
 	report_syn_verdict(ctx, sk, 0, &seg, RSTTRACE_HOOK_TCP_CONN_REQUEST, SYN_STACK_SKIP);
 	return 0;
 }

@@ -171,6 +171,7 @@ RAW_TRACEPOINT_PROBE(netif_receive_skb)
 	struct listener_val *listener = listener_at(net, seg.dport);
 	if (!listener)
 		return 0;
+	app_note_syn(listener->netns, seg.dport);
 	report_syn_verdict(ctx, (void *)listener->sk, net, &seg, RSTTRACE_HOOK_NONE, RAW_TP_STACK_SKIP);
 	return 0;
 }
@@ -225,6 +226,8 @@ RAW_TRACEPOINT_PROBE(consume_skb)
 	}
 	void *net = net_of_skb(skb);        /* skb->dev is cleared by now: the route's device */
 	struct listener_val *listener = listener_at(net, seg.dport);
+	if (listener)
+		app_note_syn(listener->netns, seg.dport);
 #ifdef NETSTAT_PERCPU
 	__u64 moved[NS_COUNTERS] = {};
 	struct netstat_cpu *counted = netstat_moves(net, moved);

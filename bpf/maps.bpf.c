@@ -303,6 +303,13 @@ static __always_inline void story_note(struct rsttrace_event *e);
 static __always_inline void story_note(struct rsttrace_event *e) {}
 #endif
 
+#ifdef APP_ERRORS
+/* bpf/app.bpf.c: how many failed syscalls the RST's process had just before it. */
+static __always_inline void app_errors_of(struct rsttrace_event *e);
+#else
+static __always_inline void app_errors_of(struct rsttrace_event *e) {}
+#endif
+
 /* Count the event exactly, then hand a copy to user space (or count it as lost, or as part of a
  * storm's aggregate). */
 static __always_inline void emit(void *ctx, struct rsttrace_event *e)
@@ -310,6 +317,7 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	if (!netns_wanted(e->netns))
 		return;
 	story_note(e);
+	app_errors_of(e);
 	struct rsttrace_count_key key = {};
 	key.kind = e->kind;
 	key.kernel_reason = e->kernel_reason;

@@ -5,7 +5,7 @@
  * and checks every field's offset and size against the Python side. Change both or neither.
  *
  * Fields are grouped (this connection / the event's shape / this connection), each group ordered so
- * that the struct has no hidden padding (only 4 bytes at the end, to its 8-byte alignment).
+ * that the struct has no hidden padding, not even at its end.
  */
 #ifndef RSTTRACE_H
 #define RSTTRACE_H
@@ -120,6 +120,8 @@ struct rsttrace_event {
 	__s32 state;            /* TCP state of the socket, 0 if none */
 	__u32 owner_tgid;       /* listener events: the process that called listen(); RSTs on a client
 	                         * socket: the process that called connect() (0: not seen) */
+	__u32 app_errors;       /* RSTs: failed syscalls of the process in the window before it (bpf/app.bpf.c),
+	                         * which user space reads from the kernel's map; 0: none, or not kept */
 	__u16 family;           /* AF_INET / AF_INET6 */
 	__u8 flags;             /* RSTTRACE_F_* */
 	__u8 tcp_flags;         /* flags of the segment a reply RST answered / a drop concerned (0: none) */
@@ -172,7 +174,8 @@ enum rsttrace_stat {
 	RSTTRACE_STAT_AGGREGATED = 3, /* events counted per shape during a storm instead of written */
 	RSTTRACE_STAT_STORM_FULL = 4, /* storm events that found the shapes map full (written one by one) */
 	RSTTRACE_STAT_STORIES_FULL = 5, /* connections not followed: the stories map was full */
-	RSTTRACE_STAT_MAX = 6,
+	RSTTRACE_STAT_APP_PATHS_UNREAD = 6, /* failed syscalls whose path could not be read (bpf/app.bpf.c) */
+	RSTTRACE_STAT_MAX = 7,
 };
 
 #endif

@@ -21,6 +21,8 @@ Examples:
   sudo rsttrace -p 80 -p 443 --reason closed_with_unread_data
   sudo rsttrace -6 --pid 4242 --count 10     # the first 10 resets caused by process 4242, IPv6 only
   sudo rsttrace --comm nginx --port 8080      # what nginx resets towards its upstream on 8080
+  sudo rsttrace --port 8080 --app-errors      # ... and which syscalls failed just before each abort,
+                                             # and why a full accept queue is not drained
   sudo rsttrace --netns blue --container 3f2a # one `ip netns` namespace, one container (id prefix)
   sudo rsttrace --port 8080 --duration 60 --json | jq .explanation
   sudo rsttrace --format ecs -o /var/log/rsttrace/rsttrace.json --max-rate 200   # for a SIEM's log shipper
@@ -139,12 +141,20 @@ class ContainerType(click.ParamType):
 @click.option("--no-stories", is_flag=True,
               help="Do not follow connections hurt by drops (their `connection` records) nor pair the RSTs "
                    "received with the RSTs this host sent.")
+@click.option("--app-errors/--no-app-errors", default=False, show_default=True,
+              help="Also hook the syscalls whose failures explain an abort (open, write, connect, accept, ...): "
+                   "`app_errors` on RSTs, the listener's accept() behaviour on full accept queues. Off by default: "
+                   "every syscall of every process then takes the kernel's slower tracing entry.")
+@click.option("--app-errors-window", type=click.FloatRange(min=0, min_open=True, max=3600), default=5.0,
+              show_default=True, metavar="SECONDS",
+              help="How long before an RST a failed syscall of its process is still attached to it.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
 def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, fmt, output,
-         syslog_target, syslog_facility, metrics_address, max_rate, ring_mb, backend, no_stories, duration, count):
+         syslog_target, syslog_facility, metrics_address, max_rate, ring_mb, backend, no_stories, app_errors,
+         app_errors_window, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -188,6 +198,8 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         max_rate=max_rate,
         ring_mb=int(ring_mb),
         stories=not no_stories,
+        app_errors=app_errors,
+        app_window_s=app_errors_window,
     )
     run_trace(options, fmt=next(iter(chosen), None), output=output, syslog=syslog,
               syslog_facility=syslog_facility, metrics=metrics)

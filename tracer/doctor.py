@@ -10,7 +10,10 @@ from .kernel.hooks import plan_hooks
 
 def run_doctor(as_json: bool) -> int:
     caps = probe()
-    coverage = plan_hooks(caps).coverage
+    # What --app-errors (off by default) would use here, said as such.
+    coverage = plan_hooks(caps, app_errors=True).coverage
+    if coverage.hooks.get("app_errors"):
+        coverage.notes["app_errors"] = f"with --app-errors (off by default): {coverage.notes['app_errors']}"
     fatal = None
     if not caps.can_bpf:
         fatal = (EXIT_NOT_ROOT, "rsttrace cannot load BPF programs here — run it as root (sudo)")

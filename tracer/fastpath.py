@@ -21,7 +21,8 @@ once, out of the CPU's caches.
 Taken only when every sink takes JSON lines as they are (--json) or ignores events (--metrics),
 and only for events the shape decides entirely: RSTs without listener queues whose process is the
 task on the CPU, the one the kernel saw calling connect(), or — for a reset with no socket — the
-listener of the local port (or nobody). An RST received whose reverse 4-tuple this host sent an
+listener of the local port (or nobody), and whose process had no failed syscall just before
+(app_errors: the kernel marks those, and they are read for each event). An RST received whose reverse 4-tuple this host sent an
 RST on a moment before is not one of those: its record names that rst_sent (enrich/stories.py), and
 the RSTs sent that templates write are noted for it. The rest take the normal path. Templates are
 dropped every TEMPLATE_TTL_S, so that what changes slowly (process names, cgroups, netns names,
@@ -71,10 +72,10 @@ SHAPE = slice(8 + layout.RawEvent.linger_jiffies.offset,
               8 + layout.RawEvent.owner_comm.offset + layout.RawEvent.owner_comm.size)
 _STRIDE = RING_RECORD.size
 # KEY_RECORD: what FastPath.key() needs, for a record no template took.
-_KEYED = ("sock_ino", "kind", "owner_tgid", "flags", "lport", "laddr", "ktime_ns", "rport", "raddr")
+_KEYED = ("sock_ino", "kind", "owner_tgid", "flags", "lport", "laddr", "ktime_ns", "rport", "raddr", "app_errors")
 _format, _at = layout.struct_layout(layout.RawEvent, set(_KEYED))
 KEY_RECORD = struct.Struct("<I4x" + _format[1:] + "x" * (_STRIDE - 8 - layout.EVENT_SIZE))
-(_INO, _KIND, _OWNER, _FLAGS, _LPORT, _LADDR, _KTIME, _RPORT, _RADDR) = (_at[name] + 1 for name in _KEYED)
+(_INO, _KIND, _OWNER, _FLAGS, _LPORT, _LADDR, _KTIME, _RPORT, _RADDR, _APP) = (_at[name] + 1 for name in _KEYED)
 
 
 def _known_record() -> struct.Struct:
@@ -234,8 +235,8 @@ class FastPath:
         """The shape of a record (t: its KEY_RECORD fields), or None if the shape does not decide
         its enrichment."""
         flags = t[_FLAGS]
-        if t[_KIND] not in _RST_KINDS or flags & F_QUEUES:
-            return None
+        if t[_KIND] not in _RST_KINDS or flags & F_QUEUES or t[_APP]:
+            return None                         # app_errors: read from the kernel's map (enrich/app.py)
         if t[_KIND] == _RST_RECEIVED and self.pairs is not None and self._maybe_paired(
                 t[_RADDR], t[_RPORT], t[_LADDR], t[_LPORT], t[_KTIME]):
             return None                         # its sender may be this host's: the normal path names it

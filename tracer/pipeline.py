@@ -17,6 +17,7 @@ from typing import Callable
 
 from . import fastpath
 from .enrich import reasons
+from .enrich.app import AppErrors
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
 from .enrich.stacks import Symbolizer
@@ -28,11 +29,13 @@ from .sinks.ratelimit import RateLimit
 
 class Pipeline:
     def __init__(self, options, sinks: list, decoder: Decoder, attributor: Attributor,
-                 ksym: Callable[[int], str] | None = None, stories: Stories | None = None):
+                 ksym: Callable[[int], str] | None = None, stories: Stories | None = None, app: AppErrors | None = None):
         """options: the session's Options (filters, --count, --max-rate, evidence, fast_path).
         ksym: kernel address → symbol, for the events' stacks (None: stacks stay unnamed).
-        stories: connections' stories and RST pairs (enrich/stories.py), None with --no-stories."""
+        stories: connections' stories and RST pairs (enrich/stories.py), None with --no-stories.
+        app: the application's failed syscalls and accept() calls (enrich/app.py), None with --no-app-errors."""
         self.stories = stories
+        self.app = app
         self.options = options
         self.sinks = sinks
         self.decoder = decoder
@@ -87,9 +90,13 @@ class Pipeline:
             self.stories.note(ev)
         if self.limit is not None and not self.limit.allow(time.monotonic(), ev.kind, ev.reason):
             return True  # counted by the limiter (and exactly in the kernel); said in `suppressed` records
+        if self.app is not None:
+            self.app.note_accept(ev)
         ev.explanation = reasons.explain(ev)
         if self.stories is not None and ev.kind == "rst_received":
             ev.explanation = self.stories.explain_pair(ev, ev.explanation)
+        if self.app is not None:
+            self.app.note_failures(ev)
         self.counts[(ev.kind, ev.reason)] += 1
         self.emit(records.event_record(ev))
         self.count_written(1)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from .enrich import counters, stories
+from .enrich.app import AppErrors
 from .enrich.attribution import Attributor
 from .enrich.exact import ExactCounts
 from .enrich.listeners import ListenerSampler, ListenerTracking, netns_alive
@@ -27,7 +28,7 @@ from .kernel.layout import EVENT_SIZE
 from .kernel import bpfsys
 from .kernel.capabilities import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, Capabilities, effective_caps, probe
 from .kernel.hooks import plan_hooks
-from .kernel.loader import DEFAULT_RING_MB, Filters, RstProgram
+from .kernel.loader import DEFAULT_APP_WINDOW_S, DEFAULT_RING_MB, Filters, RstProgram
 from .kernel.ringbuf import record_stride
 from .pipeline import Pipeline
 from .sinks import records
@@ -59,6 +60,8 @@ class Options:
     ring_mb: int = DEFAULT_RING_MB                       # kernel → rsttrace ring buffer (--ring-mb)
     fast_path: bool = True                               # JSON lines from per-shape templates (fastpath.py)
     stories: bool = True                                 # connections' stories and RST pairs (--no-stories)
+    app_errors: bool = False                             # failed syscalls, accept() calls (--app-errors)
+    app_window_s: float = DEFAULT_APP_WINDOW_S           # how long before an RST a failure explains it
 
 
 class Session:
@@ -93,9 +96,10 @@ class Session:
                                   "see `rsttrace doctor`")
         o = self.options
         self.caps = caps
-        self.plan = plan_hooks(caps, o.backend, stories=o.stories)
-        self.program = RstProgram(caps, Filters(ports=o.ports, pid=o.pid, family=o.family, netns=o.netns),
-                                  self.plan, o.ring_mb)
+        self.plan = plan_hooks(caps, o.backend, stories=o.stories, app_errors=o.app_errors)
+        self.program = RstProgram(caps, Filters(ports=o.ports, pid=o.pid, family=o.family, netns=o.netns,
+                                                comms=o.comms),
+                                  self.plan, o.ring_mb, o.app_window_s)
         if self.plan.counted:
             found, online = self.program.learn_cpu_offsets()
             if found < online:
@@ -105,8 +109,9 @@ class Session:
         attributor = Attributor(context_known=bool(caps.softirq_ranges))
         decoder = Decoder(self.program.reason_names)
         told = Stories(attributor) if self.plan.stories else None
+        app = AppErrors(self.program, o.app_window_s) if self.plan.app_errors else None
         self.pipeline = pipeline = Pipeline(o, self.sinks, decoder, attributor, ksym=self.program.ksym,
-                                            stories=told)
+                                            stories=told, app=app)
         self.exact = ExactCounts(self.program.reason_names, pipeline.stacks, attributor.netns.name)
         self.ring = self.program.open_ring()
         self.storms = Storms(self.program, self.program.ring_bytes, self.exact.reason_of, attributor.netns.name,
@@ -215,6 +220,10 @@ class Session:
                 told.handshakes = self.program.handshakes()
             for row in rows:
                 row["connections"] = told.listener_outcomes(row["netns"]["inode"], row["local"]["port"])
+        app = self.pipeline.app
+        if app is not None and self.program.bpf is not None:
+            for row in rows:
+                row["accept"] = app.accept_block(row["netns"]["inode"], row["local"]["port"])
         return rows
 
     def reconciliation_record(self, exact=None, percpu=None) -> dict:
@@ -321,6 +330,9 @@ class Session:
             unwritten=unwritten, skipped_runs=skipped, aggregated=stats["aggregated"])
         if p.stories is not None:
             summary["connections"] = p.stories.summary(stats["stories_full"])
+        if p.app is not None:
+            # Failed path calls whose path the kernel could not read from the process's memory.
+            summary["app_errors"] = {"paths_unread": stats["app_paths_unread"]}
         p.emit(summary)
         return summary
 

@@ -10,8 +10,11 @@ not the master — with its uid, the unread bytes, and the upstream's side of th
 from __future__ import annotations
 
 import json
+import os
 import pwd
 import random
+import re
+import subprocess
 
 from conftest import REPO, events
 
@@ -32,7 +35,7 @@ def during(rec: dict, downloads: list[dict]) -> bool:
 
 
 def test_nginx_without_a_writable_proxy_temp_dir_resets_its_upstream(netns, tracer):
-    t = tracer("--json", "--port", str(UPSTREAM_PORT))
+    t = tracer("--json", "--port", str(UPSTREAM_PORT), "--app-errors")
     before = netns.counters()
     facts = run_incident(netns)
     after = netns.counters()
@@ -70,6 +73,21 @@ def test_nginx_without_a_writable_proxy_temp_dir_resets_its_upstream(netns, trac
         assert f"{rst['socket']['unread_bytes']} unread bytes" in rst["explanation"]
         assert during(rst, big)
 
+    # What nginx's error log says, without the log: each reset carries the worker's failed open() of
+    # its temp file — the path and errno of the log line — and the explanation leads with it.
+    logged = sorted(re.search(r'open\(\) "([^"]+)" failed \(13: Permission denied\)', line).group(1) for line in denied)
+    told = []
+    for rst in sent:
+        failures = [f for f in rst["app_errors"] if f["errno"] == "EACCES"]
+        assert failures and all(f["tid"] == worker and f["syscall"] in ("open", "openat") for f in failures), rst
+        assert all(0 <= f["before_ms"] <= 5000 for f in rst["app_errors"])
+        told.append(failures[-1]["path"])
+        assert rst["explanation"].startswith(
+            f'{failures[-1]["syscall"]}("{failures[-1]["path"]}") failed with EACCES (Permission denied) '
+            f'in nginx (pid {worker})'), rst
+        assert f"its user (uid {NOBODY}, nobody) may not use that path; nginx (pid {worker}) closed" in rst["explanation"]
+    assert sorted(told) == logged
+
     # The upstream's side of each reset, named after the upstream server whoever was on the CPU.
     received = events(records, event="rst_received", netns__inode=netns.inode)
     assert sorted(r["remote"]["port"] for r in received) == sorted(r["local"]["port"] for r in sent)
@@ -81,15 +99,44 @@ def test_nginx_without_a_writable_proxy_temp_dir_resets_its_upstream(netns, trac
     assert not [r for r in events(records, netns__inode=netns.inode) if during(r, small)]
 
 
+def map_ids_of(pid: int) -> set[int]:
+    """The BPF maps process `pid` holds (map_id in its fds' fdinfo)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                ids |= {int(line.split()[1]) for line in f if line.startswith("map_id:")}
+        except OSError:
+            continue
+    return ids
+
+
+def failures_kept_by(tracer_pid: int) -> set[int]:
+    """The processes whose failed syscalls the kernel keeps for this rsttrace (its app_failures map)."""
+    maps = json.loads(subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
+                                     check=True).stdout)
+    [ours] = [m["id"] for m in maps if m.get("name") == "app_failures" and m["id"] in map_ids_of(tracer_pid)]
+    dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(ours)], capture_output=True,
+                                     text=True, check=True).stdout)
+    return {int.from_bytes(bytes(int(b, 16) for b in entry["key"]), "little") for entry in dump}
+
+
 def test_comm_filter_separates_the_proxy_from_its_upstream(netns, tracer):
     # --netns keeps other namespaces' traffic out of the kernel's exact counts compared below.
-    only_nginx = tracer("--json", "--port", str(UPSTREAM_PORT), "--netns", netns.name, "--comm", "nginx")
-    only_upstream = tracer("--json", "--port", str(UPSTREAM_PORT), "--netns", netns.name, "--comm", "upstream")
+    only_nginx = tracer("--json", "--port", str(UPSTREAM_PORT), "--netns", netns.name, "--comm", "nginx",
+                        "--app-errors")
+    only_upstream = tracer("--json", "--port", str(UPSTREAM_PORT), "--netns", netns.name, "--comm", "upstream",
+                           "--app-errors")
     facts = run_incident(netns, n_small=0, n_big=1)
+    # The failed syscalls are kept in the kernel only for the processes the filters let through.
+    [worker] = facts["worker_pids"]
+    assert worker in failures_kept_by(only_nginx.proc.pid)
+    assert worker not in failures_kept_by(only_upstream.proc.pid)
     nginx_records, upstream_records = only_nginx.stop(), only_upstream.stop()
 
     [rst] = events(nginx_records)
-    assert rst["event"] == "rst_sent" and rst["process"]["pid"] == facts["worker_pids"][0]
+    assert rst["event"] == "rst_sent" and rst["process"]["pid"] == worker
+    assert any(f["errno"] == "EACCES" for f in rst["app_errors"])
     [received] = events(upstream_records)
     assert received["event"] == "rst_received" and received["process"]["pid"] == facts["upstream_pid"]
     # Both saw both in the kernel: the comm filter runs after attribution, in user space.

@@ -18,7 +18,7 @@ from tests_paths import DATA
 from tracer.errors import UnsupportedKernelError
 from tracer.kernel import bpfsys, loader
 from tracer.kernel.capabilities import Capabilities
-from tracer.kernel.hooks import BACKENDS, STATE_HOOK_ENV, SYN_HOOK_ENV, SYN_VERDICTS_ENV, plan_hooks
+from tracer.kernel.hooks import APP_SYSCALLS, BACKENDS, STATE_HOOK_ENV, SYN_HOOK_ENV, SYN_VERDICTS_ENV, plan_hooks
 from tracer.kernel.tracefs import TracepointFormat, parse_format
 
 GOLDEN = DATA / "golden" / "cflags"
@@ -48,6 +48,14 @@ NETSTAT = {
     "MIB_TCPREQQFULLDOCOOKIES": 78, "MIB_TCPREQQFULLDROP": 79, "PERCPU_RUNQUEUES": 195456,
     "PERCPU_THIS_CPU_OFF": 86056, "PERCPU_CPU_NUMBER": 86068,
 }
+# bpf/app.bpf.c's offsets as this machine's 6.18 has them, and the syscalls with a sys_exit tracepoint
+APP = {
+    "OFF_PT_REGS_ARG0": 112, "OFF_PT_REGS_ARG1": 104, "OFF_TASK_FILES": 1824, "OFF_FILES_FDT": 32,
+    "OFF_FDTABLE_MAX_FDS": 0, "OFF_FDTABLE_FD": 8, "OFF_FDTABLE_OPEN_FDS": 24, "OFF_FILE_PRIVATE_DATA": 24, "OFF_SOCKET_FILE": 16,
+    "OFF_SOCKET_SK": 24, "OFF_TASK_SIGNAL": 1848, "OFF_SIGNAL_RLIM": 688, "OFF_TASK_NSPROXY": 1840,
+    "OFF_NSPROXY_NET_NS": 40,
+}
+SYSCALL_EXITS = {name for name, _ in APP_SYSCALLS} | {"read", "close", "getppid"}
 
 
 def tracepoint(category: str, name: str, *fields: str) -> TracepointFormat:
@@ -76,7 +84,7 @@ def kernel_6_18() -> Capabilities:
         kprobe_pmu=False, ringbuf=True, offsets=dict(OFFSETS), netstat=dict(NETSTAT), test_run_on_cpu=True,
         softirq_ranges={"handle_softirqs": (0xffffffff810b1840, 0xffffffff810b1ad0)}, lockdown="integrity",
         bcc_version="0.26.0", kernel_version=(6, 18, 44), functions=set(FUNCTIONS), fentry_functions=set(),
-        btf_tracepoints={"inet_sock_set_state": 38149})
+        btf_tracepoints={"inet_sock_set_state": 38149}, app_offsets=dict(APP), syscall_exits=set(SYSCALL_EXITS))
 
 
 def kernel_6_1(sublevel: int = 192) -> Capabilities:
@@ -101,7 +109,7 @@ def kernel_6_1(sublevel: int = 192) -> Capabilities:
         softirq_ranges={"__do_softirq": (0xffffffff82000000, 0xffffffff820002e5)}, lockdown="none",
         bcc_version="0.26.0", kernel_version=(6, 1, sublevel), functions=set(FUNCTIONS),
         fentry_functions=FUNCTIONS - {"tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock"},
-        btf_tracepoints={"inet_sock_set_state": 41211})
+        btf_tracepoints={"inet_sock_set_state": 41211}, app_offsets=dict(APP), syscall_exits=set(SYSCALL_EXITS))
 
 
 def uncounted_6_18() -> Capabilities:
@@ -113,7 +121,8 @@ def sparse_6_18() -> Capabilities:
     """6.18 with kernel symbols hidden, no syscall registers in BTF, no sock:sock_recv_length, only IPv4's
     cookie check and no tp_btf."""
     caps = replace(kernel_6_18(), softirq_ranges={}, recv_length=None, btf_tracepoints={},
-                   offsets={k: v for k, v in OFFSETS.items() if k != "OFF_PT_REGS_ARG2"})
+                   offsets={k: v for k, v in OFFSETS.items() if k != "OFF_PT_REGS_ARG2"}, app_offsets={},
+                   app_missing="kernel BTF lacks what it needs: pt_regs has no member di")
     caps.text_ranges = {k: v for k, v in caps.text_ranges.items() if k != "cookie_v6_check"}
     return caps
 
@@ -138,7 +147,8 @@ def tracepoints_only_5_4() -> Capabilities:
     """An old kernel without BTF tracepoints, kprobes, or the listen hooks' raw tracepoints."""
     return replace(kernel_6_1(), kernel="5.4.0", kernel_version=(5, 4, 100), kprobe_pmu=False, set_state=None,
                    netif_receive_skb=False, text_ranges={}, btf_tracepoints={}, fentry_functions=set(),
-                   prog_load={"tracepoint": 0, "raw_tracepoint": 0, "kprobe": 1, "tc": 0, "fentry": 1})
+                   prog_load={"tracepoint": 0, "raw_tracepoint": 0, "kprobe": 1, "tc": 0, "fentry": 1},
+                   app_offsets={}, app_missing="no bpf_task_pt_regs() (Linux 5.15+)")
 
 
 KERNELS = {"6.18": kernel_6_18, "6.1": kernel_6_1, "6.1.100": lambda: kernel_6_1(100),
@@ -147,6 +157,9 @@ KERNELS = {"6.18": kernel_6_18, "6.1": kernel_6_1, "6.1.100": lambda: kernel_6_1
            "5.4-tracepoints-only": tracepoints_only_5_4}
 VARIANTS = {"syn-verdicts-inferred": {SYN_VERDICTS_ENV: "inferred"}, "syn-hook-netif": {SYN_HOOK_ENV: "netif_receive_skb"},
             "state-hook-raw": {STATE_HOOK_ENV: "raw"}}
+
+
+APP_ERRORS = "app-errors"
 
 
 def cases() -> dict[str, tuple[str, str, dict[str, str]]]:
@@ -169,6 +182,10 @@ def cases() -> dict[str, tuple[str, str, dict[str, str]]]:
     for backend in BACKENDS:
         out[f"6.1-kprobes-only-{backend}"] = ("6.1-kprobes-only", backend, {})
     out["5.4-tracepoints-only-auto"] = ("5.4-tracepoints-only", "auto", {})
+    # --app-errors (off by default): where the kernel has what it needs, and where it does not
+    for kernel, backend in (("6.18", "auto"), ("6.1", "auto"), ("6.1", "kprobe"), ("6.18-sparse", "auto"),
+                            ("5.4-tracepoints-only", "auto")):
+        out[f"{kernel}-{backend}-{APP_ERRORS}"] = (kernel, backend, {})
     return out
 
 
@@ -187,7 +204,7 @@ def render(name: str, monkeypatch) -> dict:
     caps = KERNELS[kernel]()
     out: dict = {"kernel": kernel, "backend": backend, "env": env}
     try:
-        plan = plan_hooks(caps, backend)
+        plan = plan_hooks(caps, backend, app_errors=name.endswith(APP_ERRORS))
     except UnsupportedKernelError as err:
         return {**out, "error": err.one_line()}
     cflags = loader.build_cflags(caps, FILTERS, caps.offsets, plan)

@@ -459,7 +459,10 @@ def explain_queue(ev: Event) -> str:
         seen = f"{q['accept_qlen']}/{q['accept_qmax']}"
         if q["accept_qlen"] <= q["accept_qmax"]:
             seen += " when read, after an accept()"     # the cookie path's queues are read a moment later
-        return f"{what} on {ev.local} from {ev.remote}: accept queue of {owner} full ({seen}); {limit}{tail}"
+        # Why it is full, from the owner's accept() calls (enrich/app.py), before what limits it.
+        cause = ev.extra.get("accept_cause")
+        why = f": {cause}; " if cause else "; "
+        return f"{what} on {ev.local} from {ev.remote}: accept queue of {owner} full ({seen}){why}{limit}{tail}"
     if ev.reason == "syn_cookie":
         return (f"{what} on {ev.local} from {ev.remote}: SYN queue full ({q['syn_qlen']}/{q['syn_qmax']}) — a SYN "
                 f"flood or a burst above the backlog {q['accept_qmax']}; raise the listen() backlog if legitimate")

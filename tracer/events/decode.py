@@ -87,10 +87,10 @@ CACHE_MAX = 65536      # distinct addresses / task names remembered (cleared whe
 # Positions of the fields the decoder reads, as module constants (cheaper than a lookup per field).
 (_KTIME, _SKADDR, _SOCK_COOKIE, _SOCK_INO, _LINGER_JIFFIES, _CALLERS, _KIND, _KERNEL_REASON, _TGID, _UID, _NETNS,
  _STATE, _UNREAD, _OWNER_TGID, _FAMILY, _LPORT, _RPORT, _FLAGS, _TCP_FLAGS, _VERDICT, _HOOK, _LADDR, _RADDR, _COMM,
- _OWNER_COMM) = (_F[name] for name in (
+ _OWNER_COMM, _APP_ERRORS) = (_F[name] for name in (
     "ktime_ns", "skaddr", "sock_cookie", "sock_ino", "linger_jiffies", "callers", "kind", "kernel_reason", "tgid",
     "uid", "netns", "state", "unread_bytes", "owner_tgid", "family", "lport", "rport", "flags", "tcp_flags",
-    "verdict", "hook", "laddr", "raddr", "comm", "owner_comm"))
+    "verdict", "hook", "laddr", "raddr", "comm", "owner_comm", "app_errors"))
 KIND_NAMES, VERDICT_NAMES, HOOK_NAMES, NO_REASON = layout.KIND_NAMES, layout.VERDICT_NAMES, layout.HOOK_NAMES, layout.NO_REASON
 OUTCOME_NAMES = layout.OUTCOME_NAMES
 F_SOFTIRQ, F_LINGER, F_FULLSOCK, F_QUEUES, F_INFERRED, F_ORPHAN = (
@@ -191,6 +191,8 @@ class Decoder:
             VERDICT_NAMES.get(t[_VERDICT], "none"),
             HOOK_NAMES.get(t[_HOOK]),
         )
+        if t[_APP_ERRORS]:
+            ev.extra["app_errors_kept"] = t[_APP_ERRORS]    # failed syscalls before it (enrich/app.py)
         if kind_value == CONNECTION:
             # A story (bpf/story.bpf.c) rides where other events have linger_jiffies and callers:
             # tracer/enrich/stories.py reads it, and the outcome from `verdict`.

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import bpfsys, offsets, progcache
 from .bootcache import BootCache
 from .btf import VMLINUX_BTF, BTFError, KernelBTF
-from .offsets import netstat_offsets, resolve_offsets
+from .offsets import app_offsets, netstat_offsets, resolve_offsets
 from .kallsyms import LOCATED_FUNCTIONS, SOFTIRQ_ENTRY_FUNCTIONS, SYN_CONSUMER, function_ranges
 from .tracefs import TracefsError, TracepointFormat, read_format, tracefs_root
 
@@ -83,6 +83,10 @@ class Capabilities:
     # What bpf/netstat.bpf.c needs to read the kernel's listen counters per CPU (offsets.py), or why not
     netstat: dict[str, int] = field(default_factory=dict)
     netstat_missing: str = ""
+    # What bpf/app.bpf.c needs (offsets.py), or why not; the syscalls:sys_exit_* tracepoints there are
+    app_offsets: dict[str, int] = field(default_factory=dict)
+    app_missing: str = ""
+    syscall_exits: set[str] = field(default_factory=set)
     # Whether a program can be run on a chosen CPU (BPF_PROG_TEST_RUN on a raw tracepoint program, 5.10+)
     test_run_on_cpu: bool = False
     softirq_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -242,6 +246,15 @@ def _text_ranges(cache: BootCache, section: str, names: tuple[str, ...], every: 
     return {name: tuple(span) for name, span in ranges.items()}
 
 
+def _syscall_exits(tracefs: str) -> set[str]:
+    """The syscalls with a syscalls:sys_exit_* tracepoint (CONFIG_FTRACE_SYSCALLS)."""
+    try:
+        names = os.listdir(os.path.join(tracefs, "events", "syscalls"))
+    except OSError:
+        return set()
+    return {name[len("sys_exit_"):] for name in names if name.startswith("sys_exit_")}
+
+
 def probe(mount_tracefs: bool = True) -> Capabilities:
     caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=effective_caps())
     # Where the program cache is off, this process compiles: loading bcc maps LLVM (mostly in
@@ -275,7 +288,8 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
             with KernelBTF() as btf:
                 btf_facts = {"functions": {f: btf.find_function(f) for f in (*KPROBE_FUNCTIONS, "tcp_conn_request")},
                              "tracepoint_types": {t: btf.tracepoint_type(t) for t in BTF_TRACEPOINTS},
-                             "offsets": resolve_offsets(btf), "netstat": netstat_offsets(btf)}
+                             "offsets": resolve_offsets(btf), "netstat": netstat_offsets(btf),
+                             "app": app_offsets(btf)}
             if btf_key:
                 cache.put("btf", btf_facts, btf_key)
         except BTFError as err:
@@ -291,6 +305,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.functions = {f for f, fid in function_ids.items() if fid}
         caps.offsets = btf_facts["offsets"]
         caps.netstat, caps.netstat_missing = btf_facts["netstat"]
+        caps.app_offsets, caps.app_missing = btf_facts["app"]
 
     try:
         caps.tracefs = tracefs_root(mount=mount_tracefs and caps.euid == 0)
@@ -305,6 +320,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.kfree_skb = read_format(caps.tracefs, "skb", "kfree_skb")
         caps.netif_receive_skb = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "netif_receive_skb"))
         caps.consume_skb = read_format(caps.tracefs, "skb", "consume_skb")
+        caps.syscall_exits = _syscall_exits(caps.tracefs)
         caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \
             os.path.exists(os.path.join(caps.tracefs, "kprobe_events"))
     except TracefsError as err:

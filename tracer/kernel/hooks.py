@@ -11,6 +11,8 @@
                   tcp_v4/v6_syn_recv_sock
     connection    a connection's story (bpf/story.bpf.c): sock:inet_sock_set_state for its end,
                   tcp:tcp_retransmit_skb / tcp_retransmit_synack for retransmits (off: --no-stories)
+    app_errors    the application's failed syscalls and its listeners' accept() calls (bpf/app.bpf.c):
+                  syscalls:sys_exit_* of APP_SYSCALLS (on: --app-errors)
 
 Function hooks enter through fentry where the kernel allows BPF_PROG_TYPE_TRACING (cheaper than a
 kprobe's breakpoint), through kprobes otherwise. `--backend tracepoint|kprobe|fentry` forces one
@@ -57,6 +59,24 @@ SYN_FUNCTIONS = ("tcp_conn_request",)
 ACK_FUNCTIONS = ("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
 
 
+# The syscalls whose failures bpf/app.bpf.c keeps, and which argument tells about each: a path
+# (the 1st, or the 2nd after a directory fd) or a file descriptor. A syscall's id is its place here,
+# from 1 (APP_SYS_<name>=<id>): what the kernel's records carry.
+PATH0, PATH1, FD0, NO_ARG = "path0", "path1", "fd0", "none"
+APP_SYSCALLS = (
+    ("open", PATH0), ("openat", PATH1), ("openat2", PATH1), ("creat", PATH0), ("mkdir", PATH0),
+    ("mkdirat", PATH1), ("rename", PATH0), ("renameat", PATH1), ("renameat2", PATH1), ("unlink", PATH0),
+    ("unlinkat", PATH1), ("write", FD0), ("pwrite64", FD0), ("writev", FD0), ("fsync", FD0),
+    ("connect", FD0), ("accept", FD0), ("accept4", FD0), ("socket", NO_ARG), ("sendfile64", FD0),
+    ("splice", FD0), ("listen", FD0),   # listen(): also where a listener's accept() history starts
+)
+APP_SYSCALL_IDS = {name: i for i, (name, _) in enumerate(APP_SYSCALLS, start=1)}
+APP_ERRORS_OFF = ("off: --app-errors hooks the syscalls whose failures explain an abort, and the accept() calls "
+                  "that tell why an accept queue is full (every syscall of the host then takes the slower tracing entry)")
+IO_URING_BLIND_SPOT = ("io_uring's accept and openat never pass through the syscalls: a server that accepts "
+                       "through io_uring shows no accept() calls, and its failed opens no app_errors")
+
+
 class Hook(Enum):
     """What catches a kind of event."""
     TRACEPOINT = "tracepoint"               # the event's own tracepoint (tcp:tcp_send_reset, tcp_receive_reset)
@@ -97,6 +117,10 @@ class HookPlan:
     synq_full_gt: bool = False              # Capabilities.synq_full_gt
     # Connections' stories (bpf/story.bpf.c); their state hook is listen.bpf.c's where that runs
     stories: bool = False
+    # The application's failed syscalls and listeners' accept() calls (bpf/app.bpf.c): the
+    # syscalls:sys_exit_* tracepoints used (name → APP_SYSCALL_IDS id), and the offsets they read
+    app_syscalls: dict[str, int] = field(default_factory=dict)
+    app_offsets: dict[str, int] = field(default_factory=dict)
     # Hook files the loader pastes after the subject files (loader.SUBJECT_FILES), in this order
     files: list[str] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
@@ -116,6 +140,10 @@ class HookPlan:
     def story_state_hook(self) -> bool:
         """bpf/story.bpf.c attaches sock:inet_sock_set_state itself (listen.bpf.c does not run)."""
         return self.stories and not self.listen_hooks
+
+    @property
+    def app_errors(self) -> bool:
+        return bool(self.app_syscalls)
 
     @property
     def btf_types(self) -> dict[str, int]:
@@ -157,6 +185,10 @@ class HookPlan:
                 out.append("-DSTORY_STATE_HOOK")
                 if self.state_hook_type:
                     out.append("-DSTATE_HOOK_BTF")
+        if self.app_errors:
+            out.append("-DAPP_ERRORS")
+            out += [f"-DAPP_SYS_{name}={i}" for name, i in self.app_syscalls.items()]
+            out += [f"-D{name}={value}" for name, value in sorted(self.app_offsets.items())]
         if self.ipv6_reset:
             out.append("-DHAVE_IPV6_RESET")
         if self.synq_full_gt:
@@ -168,8 +200,10 @@ def _fentry(hook: Hook, group: str) -> list[str]:
     return [f"-DFENTRY_{group}"] if hook is Hook.FENTRY else []
 
 
-def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True) -> HookPlan:
-    """stories: follow connections hurt by drops and resets (off: --no-stories)."""
+def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True, app_errors: bool = False) -> HookPlan:
+    """stories: follow connections hurt by drops and resets (off: --no-stories). app_errors: keep the
+    application's failed syscalls and its accept() calls (--app-errors; off by default, for what it
+    costs every syscall of the host: scripts/bench/README.md)."""
     if backend == "kprobe" and not caps.kprobes:
         raise UnsupportedKernelError("--backend kprobe: this kernel has no kprobes",
                                      "use --backend auto (see `rsttrace doctor`)")
@@ -185,6 +219,11 @@ def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True) 
         _plan_listeners(plan, caps)
     if stories:
         _plan_stories(plan, caps)
+    if app_errors:
+        _plan_app(plan, caps)
+    else:
+        plan.coverage.hooks["app_errors"] = None
+        plan.coverage.notes["app_errors"] = APP_ERRORS_OFF
     plan.ipv6_reset = plan.function_hooks and caps.has_function("tcp_v6_send_reset")
     plan.synq_full_gt = caps.synq_full_gt
     if not caps.softirq_ranges:
@@ -362,3 +401,23 @@ def _plan_stories(plan: HookPlan, caps: Capabilities) -> None:
     cov.blind_spots.append(
         "connections are followed by addresses and ports, not by netns: across a NAT the two ends are two "
         "stories, and a remote client that gives up silently is ended by rsttrace after a while (open)")
+
+
+def _plan_app(plan: HookPlan, caps: Capabilities) -> None:
+    """The application's side: syscalls:sys_exit_* of APP_SYSCALLS, their arguments from the saved
+    user registers (bpf_task_pt_regs(), 5.15+)."""
+    cov = plan.coverage
+    present = [name for name, _ in APP_SYSCALLS if name in caps.syscall_exits]
+    if not caps.app_offsets or not present:
+        cov.hooks["app_errors"] = None
+        cov.notes["app_errors"] = caps.app_missing or "no syscalls:sys_exit_* tracepoints (CONFIG_FTRACE_SYSCALLS)"
+        return
+    plan.app_syscalls = {name: APP_SYSCALL_IDS[name] for name in present}
+    plan.app_offsets = dict(caps.app_offsets)
+    cov.hooks["app_errors"] = f"tracepoint:syscalls:sys_exit_{{{','.join(present)}}}"
+    cov.notes["app_errors"] = ("failed syscalls kept per process (the last few, path or fd), attached to the RSTs it "
+                               "sends or gets in the window after; each traced listener's accept() calls and SYNs")
+    cov.blind_spots.append(IO_URING_BLIND_SPOT)
+    missing = [name for name, _ in APP_SYSCALLS if name not in caps.syscall_exits]
+    if missing:
+        cov.blind_spots.append(f"no sys_exit tracepoint on this kernel for {', '.join(missing)}: their failures are not seen")

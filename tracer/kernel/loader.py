@@ -48,11 +48,20 @@ class Filters:
     pid: int | None = None
     family: int | None = None          # socket.AF_INET / AF_INET6
     netns: list[int] = field(default_factory=list)   # network namespace inodes
+    comms: list[str] = field(default_factory=list)   # process names: the failed syscalls kept (app.bpf.c)
+
+
+# How long before an RST a failed syscall of its process still explains it (--app-errors-window).
+DEFAULT_APP_WINDOW_S = 5.0
 
 
 def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], plan: HookPlan,
-                 ring_mb: int = DEFAULT_RING_MB) -> list[str]:
+                 ring_mb: int = DEFAULT_RING_MB, app_window_s: float = DEFAULT_APP_WINDOW_S) -> list[str]:
     flags = [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(ring_mb)}", *plan.cflags()]
+    if plan.app_errors:
+        flags.append(f"-DAPP_WINDOW_NS={int(app_window_s * 1e9)}ULL")
+        if filters.comms:
+            flags.append("-DFILTER_COMM")
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
     # Fields the per-packet hooks read together, in one read where they sit close
     # (bpf/sock.bpf.c: read_skb_offsets) ...
@@ -117,15 +126,16 @@ def _quiet_stderr():
 
 # bpf/'s subject files, pasted before the hook files in this order: each uses only those before it.
 # maps.bpf.c comes first because `events` must be the first map declared (its EVENTS_MAP).
-SUBJECT_FILES = ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c")
+SUBJECT_FILES = ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c", "app.bpf.c")
 # The subject files each hook file uses (a hook file not named here gets them all). Every event
-# passes emit(), which feeds connections' stories: story.bpf.c goes with every hook file (it
-# compiles to nothing without STORIES).
+# passes emit(), which feeds connections' stories and asks for the application's failed syscalls:
+# story.bpf.c and app.bpf.c go with every hook file (they compile to nothing without STORIES,
+# APP_ERRORS).
 HOOK_SUBJECTS = {
-    "rst.bpf.c": ("maps.bpf.c", "sock.bpf.c", "owners.bpf.c", "story.bpf.c"),
-    "netstat.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c"),
+    "rst.bpf.c": ("maps.bpf.c", "sock.bpf.c", "owners.bpf.c", "story.bpf.c", "app.bpf.c"),
+    "netstat.bpf.c": SUBJECT_FILES,
     "listen.bpf.c": SUBJECT_FILES,
-    "kprobe.bpf.c": ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c"),
+    "kprobe.bpf.c": SUBJECT_FILES,
 }
 
 
@@ -149,7 +159,8 @@ class RstProgram:
     """The loaded and attached BPF programs: the plan's hook files and the subject files they use."""
 
 
-    def __init__(self, caps: Capabilities, filters: Filters, plan: HookPlan, ring_mb: int = DEFAULT_RING_MB):
+    def __init__(self, caps: Capabilities, filters: Filters, plan: HookPlan, ring_mb: int = DEFAULT_RING_MB,
+                 app_window_s: float = DEFAULT_APP_WINDOW_S):
         if caps.send_reset is None or caps.receive_reset is None:
             raise UnsupportedKernelError("tracepoints tcp:tcp_send_reset/tcp_receive_reset are missing",
                                          "rsttrace needs Linux 4.16+ with CONFIG_TRACEPOINTS")
@@ -160,7 +171,7 @@ class RstProgram:
         self.plan = plan
         self.counts_handshakes = plan.stories and bool(filters.ports)    # bpf/story.bpf.c, FILTER_PORTS
         self.ring_bytes = ring_pages(ring_mb) * mmap.PAGESIZE
-        self.cflags = build_cflags(caps, filters, self.offsets, plan, ring_mb)
+        self.cflags = build_cflags(caps, filters, self.offsets, plan, ring_mb, app_window_s)
         self.files = plan.files
         os.environ["BCC_KERNEL_SOURCE"] = str(KERNEL_HEADERS_DIR)
         self._ksyms: dict[int, str] = {}
@@ -191,6 +202,12 @@ class RstProgram:
             table = self.bpf["netns_filter"]
             for inode in filters.netns:
                 table[ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
+        if filters.comms and plan.app_errors:
+            table = self.bpf["comm_filter"]
+            for comm in filters.comms:
+                key = table.Key()
+                key.comm = comm.encode()[:15]
+                table[key] = ctypes.c_uint8(1)
 
     def _compile_apart(self, source: str, cache: str) -> bool:
         """A boot's first start compiles in a child process, which keeps the programs in the cache
@@ -382,6 +399,29 @@ class RstProgram:
             counts[slot] = ctypes.c_int64(counts[slot].value + len(taken))
         return taken
 
+    def app_failures(self, tgid: int):
+        """The failed syscalls bpf/app.bpf.c keeps for process `tgid` (its struct app_failures), or None."""
+        if not self.plan.app_errors:
+            return None
+        table = self.bpf["app_failures"]
+        try:
+            return table[ctypes.c_uint32(tgid)]
+        except KeyError:
+            return None
+
+    def listen_activity_of(self, netns: int, port: int) -> list | None:
+        """A traced listener's accept() calls and SYNs (bpf/app.bpf.c: struct listen_activity), one per
+        CPU, or None."""
+        if not self.plan.app_errors or self.bpf is None:
+            return None
+        table = self.bpf["listen_activity"]
+        key = table.Key()
+        key.netns, key.port = netns, port
+        try:
+            return table[key]
+        except KeyError:
+            return None
+
     def handshakes(self) -> dict[tuple[int, int], int]:
         """Handshakes completed per listener (netns inode, port) of a traced port (bpf/story.bpf.c);
         empty without --port or stories."""
@@ -394,7 +434,8 @@ class RstProgram:
         out = {}
         for name, slot in (("submitted", layout.STAT_SUBMITTED), ("lost", layout.STAT_LOST),
                            ("uncounted", layout.STAT_UNCOUNTED), ("aggregated", layout.STAT_AGGREGATED),
-                           ("storm_full", layout.STAT_STORM_FULL), ("stories_full", layout.STAT_STORIES_FULL)):
+                           ("storm_full", layout.STAT_STORM_FULL), ("stories_full", layout.STAT_STORIES_FULL),
+                           ("app_paths_unread", layout.STAT_APP_PATHS_UNREAD)):
             out[name] = sum(table[ctypes.c_int(slot)])
         return out
 

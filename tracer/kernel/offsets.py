@@ -88,6 +88,45 @@ def syscall_register_offsets(btf: KernelBTF) -> dict[str, int]:
         return {}
 
 
+# What bpf/app.bpf.c reads, at a syscall's exit: its 1st and 2nd argument in the saved user
+# registers, the fd table down to a listening socket, RLIMIT_NOFILE, and the task's netns.
+APP_REGISTERS = {"x86_64": ("di", "si")}
+APP_OFFSETS = (
+    ("OFF_TASK_FILES", "task_struct", "files"),
+    ("OFF_FILES_FDT", "files_struct", "fdt"),
+    ("OFF_FDTABLE_MAX_FDS", "fdtable", "max_fds"),
+    ("OFF_FDTABLE_FD", "fdtable", "fd"),
+    ("OFF_FDTABLE_OPEN_FDS", "fdtable", "open_fds"),
+    ("OFF_FILE_PRIVATE_DATA", "file", "private_data"),
+    ("OFF_SOCKET_FILE", "socket", "file"),
+    ("OFF_SOCKET_SK", "socket", "sk"),
+    ("OFF_TASK_SIGNAL", "task_struct", "signal"),
+    ("OFF_SIGNAL_RLIM", "signal_struct", "rlim"),
+    ("OFF_TASK_NSPROXY", "task_struct", "nsproxy"),
+    ("OFF_NSPROXY_NET_NS", "nsproxy", "net_ns"),
+)
+
+
+def app_offsets(btf: KernelBTF) -> tuple[dict[str, int], str]:
+    """bpf/app.bpf.c's offsets, and ""; or {} and what is missing."""
+    machine = platform.machine()
+    if machine not in APP_REGISTERS:
+        return {}, f"syscall arguments are read on x86-64 only (this is {machine})"
+    try:
+        if "BPF_FUNC_task_pt_regs" not in btf.enum("bpf_func_id"):
+            return {}, "no bpf_task_pt_regs() (Linux 5.15+)"
+        arg0, arg1 = APP_REGISTERS[machine]
+        macros = {"OFF_PT_REGS_ARG0": btf.member("pt_regs", arg0).offset,
+                  "OFF_PT_REGS_ARG1": btf.member("pt_regs", arg1).offset}
+        for macro, struct, path in APP_OFFSETS:
+            macros[macro] = btf.member(struct, path).offset
+        if btf.member("fdtable", "max_fds").size != 4:
+            return {}, "fdtable.max_fds is not 4 bytes on this kernel"
+    except BTFError as err:
+        return {}, f"kernel BTF lacks what it needs: {err}"
+    return macros, ""
+
+
 # The kernel's listen-queue counters, read per CPU by bpf/netstat.bpf.c: (macro, LINUX_MIB_* name).
 NETSTAT_COUNTERS = (
     ("MIB_SYNCOOKIESSENT", "LINUX_MIB_SYNCOOKIESSENT"),

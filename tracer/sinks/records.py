@@ -60,6 +60,13 @@ def event_record(ev: Event) -> dict[str, Any]:
             "task_on_cpu": {"pid": ev.task_pid, "comm": ev.task_comm},
         },
     }
+    extra = ev.extra
+    if "app_errors" in extra:
+        # The process's failed syscalls in the window before this RST (tracer/enrich/app.py).
+        rec["app_errors"] = extra["app_errors"]
+    if "accept" in extra:
+        # The listener's accept() calls and SYNs, and why its accept queue is full.
+        rec["accept"] = extra["accept"]
     if "reset_by" in ev.extra:
         # An rst_received whose sender rsttrace looked for on this host (tracer/enrich/stories.py):
         # that rst_sent, or null where none matched.

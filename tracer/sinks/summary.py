@@ -56,6 +56,21 @@ def print_summary(summary: dict, out=stderr) -> None:
     if told and told.get("not_followed"):
         out(f"  {told['not_followed']} drops or SYN retransmits of connections rsttrace could not follow "
             f"(its map of connections was full)")
+    app = summary.get("app_errors")
+    if app and app.get("paths_unread"):
+        out(f"  {app['paths_unread']} failed path calls whose path could not be read from the process's memory")
+    if app is None and _app_side_would_tell(summary["exact_counts"]):
+        out("  hint: --app-errors names the failed syscalls behind an application's aborts, and why a full "
+            "accept queue is not drained (not accepting, accept() failing, accepting too slowly)")
+
+
+# The reasons whose cause is in the application: what --app-errors explains further.
+APP_SIDE_REASONS = {"rst_sent": {"closed_with_unread_data", "linger_zero", "aborted"},
+                    "syn_dropped": {"accept_queue_full"}, "ack_dropped": {"accept_queue_full"}}
+
+
+def _app_side_would_tell(counts: dict) -> bool:
+    return any(counts.get(kind, {}).get(reason) for kind, reasons in APP_SIDE_REASONS.items() for reason in reasons)
 
 
 def listener_connections(c: dict) -> str:

@@ -1,0 +1,478 @@
+/* app.bpf.c — the application's side: the system calls that failed in a process shortly before it
+ * reset a connection (an nginx worker whose open() of its proxy temp file failed with EACCES, then
+ * closed its upstream with the response unread), and how each traced listener's owner accepts (when
+ * it last called accept(), how many it accepted, how its accept() calls failed) beside how fast
+ * connections arrive. Uses maps.bpf.c and sock.bpf.c; emit() (maps.bpf.c) asks app_errors_of() how
+ * many failures an RST's process had lately, so user space reads them (tracer/enrich/app.py).
+ *
+ *   syscalls:sys_exit_NAME   (CONFIG_FTRACE_SYSCALLS) one program per chosen syscall (APP_SYS_NAME);
+ *                            there is no sys_enter program: the arguments are read at exit from the
+ *                            task's saved user registers (bpf_task_pt_regs(), Linux 5.15+), which a
+ *                            syscall leaves as they were (x86-64: the return value goes to ax).
+ * Attaching any syscall tracepoint sends every syscall of every task through the kernel's slower
+ * tracing entry: the price of this file is paid by the whole host (scripts/bench/syscalls). io_uring's
+ * accept and openat never pass through these syscalls: a blind spot.
+ *
+ * Paths stay in the kernel map, for the tasks the filters let through (FILTER_PID, FILTER_COMM,
+ * FILTER_NETNS), until an event of that task takes them; nothing but the path string is read from
+ * user memory.
+ *
+ *   APP_ERRORS               compiled in (off with --no-app-errors).
+ *   APP_WINDOW_NS            how long before an event a failure still explains it (--app-errors-window).
+ *   APP_SYS_<name>=<id>      that syscall's tracepoint exists; <id> is its place in the user-space table
+ *                            (tracer/kernel/hooks.py APP_SYSCALLS).
+ *   OFF_PT_REGS_ARG0/ARG1    where the saved user registers keep the 1st and 2nd argument.
+ *   FILTER_COMM              only tasks whose comm is in map `comm_filter`.
+ */
+#ifdef APP_ERRORS
+
+#define EINTR 4
+#define EAGAIN 11
+#define EMFILE 24
+#define EINPROGRESS 115
+#define ERESTARTSYS 512          /* ..516 (ERESTART_RESTARTBLOCK): seen at sys_exit, before signal */
+#define ERESTART_LAST 516        /* handling turns them into EINTR or a restart */
+#define RLIMIT_NOFILE 7
+
+/* How a syscall's failure is told: which argument is kept. */
+#define APP_ARG_NONE 0
+#define APP_ARG_PATH0 1          /* the 1st argument is a path (open, creat, mkdir, rename, unlink) */
+#define APP_ARG_PATH1 2          /* the 2nd (the *at variants: a directory fd first) */
+#define APP_ARG_FD0 3            /* the 1st argument is a file descriptor */
+
+/* The last failures per process (thread group), newest at next-1. A process that fails often keeps
+ * only its last APP_SLOTS: older ones are overwritten, which is what a window of seconds wants. */
+#define APP_SLOTS 8              /* a power of 2 */
+#define APP_PATH_LEN 128
+#define APP_F_PATH_UNREAD 0x1    /* the path could not be read from user memory */
+struct app_failure {
+	__u64 ns;               /* bpf_ktime_get_ns() at the syscall's exit; 0 while being written */
+	__u32 tid;
+	__s32 fd;               /* the fd argument (APP_ARG_FD0), else -1 */
+	__u16 call;             /* APP_SYS_* id: tracer/kernel/hooks.py APP_SYSCALLS */
+	__u16 err;              /* errno */
+	__u16 path_len;         /* bytes of path read, with its NUL (0: none) */
+	__u16 flags;            /* APP_F_* */
+	char path[APP_PATH_LEN];
+};
+struct app_failures {
+	__u32 next;             /* slots written, ever: the newest is at (next - 1) % APP_SLOTS */
+	__u32 pad;
+	struct app_failure f[APP_SLOTS];
+};
+/* Least recently used first out: a host with more failing processes than this keeps the latest. */
+#define APP_TASKS 2048
+BPF_F_TABLE("lru_hash", __u32, struct app_failures, app_failures, APP_TASKS, 0);
+/* A zeroed value to insert from: it does not fit the 512-byte stack. Never written. */
+BPF_PERCPU_ARRAY(app_zero, struct app_failures, 1);
+
+#ifdef FILTER_COMM
+struct comm_key {
+	char comm[RSTTRACE_COMM_LEN];
+};
+BPF_HASH(comm_filter, struct comm_key, __u8, 64);
+#endif
+
+/* Per traced listener (netns, port): its owner's accept() calls and the SYNs that reached it. Per
+ * listening port, not per process: the workers that share a listener, and a SO_REUSEPORT group's
+ * sockets, are one listener to the clients. Per CPU: the SYNs (softirq) and the accepts (workers) of
+ * a busy listener come on every CPU at once, and one shared entry would bounce between their caches;
+ * user space adds the CPUs' counts and takes the latest of their times (tracer/enrich/app.py). */
+struct listen_key {
+	__u32 netns;
+	__u16 port;
+	__u16 pad;
+};
+struct listen_activity {
+	__u64 last_call_ns;     /* the last accept()/accept4() on it, whatever it returned */
+	__u64 calls;
+	__u64 accepted;
+	__u64 first_accept_ns;
+	__u64 last_accept_ns;
+	__u64 syns;             /* SYNs that reached it (retransmits too) */
+	__u64 first_syn_ns;
+	__u64 last_syn_ns;
+	__u64 failed;           /* accept() failures but EAGAIN, EINTR and restarts */
+	__u64 last_fail_ns;
+	__u64 emfile;           /* of those: EMFILE (the process's fd limit) */
+	__u64 nofile;           /* RLIMIT_NOFILE of the process at its last EMFILE */
+	__u64 open_fds;         /* fds it had open then (0: more than OPEN_FDS_WORDS * 64 fds to count) */
+	__s32 last_err;         /* errno of the last failure */
+	__u32 tgid;             /* the last caller */
+	char comm[RSTTRACE_COMM_LEN];
+};
+#define LISTEN_ACTIVITY_SLOTS 4096
+BPF_PERCPU_HASH(listen_activity, struct listen_key, struct listen_activity, LISTEN_ACTIVITY_SLOTS);
+
+/* The entry of a listener in a netns the filters let through, made if new; NULL otherwise. */
+static __always_inline struct listen_activity *activity_of(__u32 netns, __u16 port)
+{
+	if (!netns_wanted(netns))
+		return 0;
+	struct listen_key key = {};
+	key.netns = netns;
+	key.port = port;
+	struct listen_activity *a = listen_activity.lookup(&key);
+	if (a)
+		return a;
+	struct listen_activity fresh = {};
+	listen_activity.insert(&key, &fresh);       /* fails only if another CPU made it, or the map is full */
+	return listen_activity.lookup(&key);
+}
+
+/* A SYN reached a traced listener (listen.bpf.c's SYN hooks, kprobe.bpf.c's tcp_conn_request). */
+static __always_inline void app_note_syn(__u32 netns, __u16 port)
+{
+	struct listen_activity *a = activity_of(netns, port);
+	if (!a)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	a->syns += 1;
+	if (!a->first_syn_ns)
+		a->first_syn_ns = now;
+	a->last_syn_ns = now;
+}
+
+static __always_inline int benign_errno(long err)
+{
+	/* Normal operation, not failures: an event loop's accept() with nothing queued, every
+	 * nonblocking connect(), a signal, and the restarts the signal code rewrites. */
+	return err == EAGAIN || err == EINPROGRESS || err == EINTR || (err >= ERESTARTSYS && err <= ERESTART_LAST);
+}
+
+static __always_inline void *current_regs(void)
+{
+	return (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
+static __always_inline __u64 syscall_arg(void *regs, int off)
+{
+	__u64 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), regs + off);
+	return v;
+}
+
+/* Whether the filters let this task's failures be kept. */
+static __always_inline int task_wanted(__u32 tgid)
+{
+#ifdef FILTER_PID
+	if (tgid != FILTER_PID)
+		return 0;
+#endif
+#ifdef FILTER_COMM
+	struct comm_key comm = {};
+	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
+	if (!comm_filter.lookup(&comm))
+		return 0;
+#endif
+#ifdef FILTER_NETNS
+	void *task = (void *)bpf_get_current_task();
+	void *nsproxy = 0, *net = 0;
+	bpf_probe_read_kernel(&nsproxy, sizeof(nsproxy), task + OFF_TASK_NSPROXY);
+	if (nsproxy)
+		bpf_probe_read_kernel(&net, sizeof(net), nsproxy + OFF_NSPROXY_NET_NS);
+	if (!netns_wanted(netns_of_net(net)))
+		return 0;
+#endif
+	return 1;
+}
+
+/* The task's fd table (current->files->fdt), and how many slots it has; NULL if it has none. */
+static __always_inline void *fdtable_of(void *task, __u32 *max_fds)
+{
+	void *files = 0, *fdt = 0;
+	bpf_probe_read_kernel(&files, sizeof(files), task + OFF_TASK_FILES);
+	if (!files)
+		return 0;
+	bpf_probe_read_kernel(&fdt, sizeof(fdt), files + OFF_FILES_FDT);
+	if (fdt)
+		bpf_probe_read_kernel(max_fds, sizeof(*max_fds), fdt + OFF_FDTABLE_MAX_FDS);
+	return fdt;
+}
+
+/* The listening TCP socket behind file descriptor `fd` of the current task, or NULL:
+ * fdt->fd[fd]->private_data is a struct socket whose ->file points back. */
+static __always_inline void *listener_of_fd(__u64 fd)
+{
+	void **fds = 0, *file = 0, *sock = 0, *back = 0, *sk = 0;
+	__u32 max_fds = 0;
+	void *fdt = fdtable_of((void *)bpf_get_current_task(), &max_fds);
+	if (!fdt || fd >= max_fds)
+		return 0;
+	bpf_probe_read_kernel(&fds, sizeof(fds), fdt + OFF_FDTABLE_FD);
+	if (!fds)
+		return 0;
+	bpf_probe_read_kernel(&file, sizeof(file), (void *)(fds + fd));
+	if (!file)
+		return 0;
+	bpf_probe_read_kernel(&sock, sizeof(sock), file + OFF_FILE_PRIVATE_DATA);
+	if (!sock)
+		return 0;
+	bpf_probe_read_kernel(&back, sizeof(back), sock + OFF_SOCKET_FILE);
+	if (back != file)
+		return 0;               /* not a socket's file */
+	bpf_probe_read_kernel(&sk, sizeof(sk), sock + OFF_SOCKET_SK);
+	if (!sk)
+		return 0;
+	__u8 state = 0;
+	__u16 protocol = 0;
+	bpf_probe_read_kernel(&state, sizeof(state), sk + OFF_SOCK_STATE);
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SOCK_PROTOCOL);
+	return state == TCP_LISTEN && protocol == IPPROTO_TCP ? sk : 0;
+}
+
+/* How many fds `task` has open: the bits of its fd table's open_fds bitmap, counted where the table
+ * has at most OPEN_FDS_WORDS * 64 slots (0 above: not counted). Only at an EMFILE, when user space
+ * reading /proc later could find the process changed or gone. */
+#define OPEN_FDS_WORDS 256
+static __always_inline __u64 popcount64(__u64 x)
+{
+	x = x - ((x >> 1) & 0x5555555555555555ULL);
+	x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+	x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+	return (x * 0x0101010101010101ULL) >> 56;
+}
+
+static __always_inline __u64 open_fds_of(void *task)
+{
+	__u64 *bits = 0;
+	__u32 max_fds = 0;
+	void *fdt = fdtable_of(task, &max_fds);
+	if (!fdt)
+		return 0;
+	bpf_probe_read_kernel(&bits, sizeof(bits), fdt + OFF_FDTABLE_OPEN_FDS);
+	__u32 words = max_fds / 64;
+	if (!bits || words > OPEN_FDS_WORDS)
+		return 0;
+	__u64 n = 0;
+#pragma clang loop unroll(disable)
+	for (__u32 i = 0; i < OPEN_FDS_WORDS; i++) {
+		if (i >= words)
+			break;
+		__u64 word = 0;
+		bpf_probe_read_kernel(&word, sizeof(word), bits + i);
+		n += popcount64(word);
+	}
+	return n;
+}
+
+/* accept()/accept4() returned `ret` on the listener its 1st argument names. Counted whatever it
+ * returned: an event loop's EAGAIN is a call too (the owner is accepting). */
+static __always_inline void app_accept(void *regs, long ret, __u64 pid_tgid)
+{
+	void *sk = listener_of_fd(syscall_arg(regs, OFF_PT_REGS_ARG0));
+	if (!sk)
+		return;
+	__u16 port = 0;
+	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
+	if (!port_wanted(port, 0))
+		return;
+	struct listen_activity *a = activity_of(netns_of_sock(sk), port);
+	if (!a)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	a->last_call_ns = now;
+	a->calls += 1;
+	if (a->tgid != pid_tgid >> 32) {
+		a->tgid = pid_tgid >> 32;
+		bpf_get_current_comm(a->comm, sizeof(a->comm));
+	}
+	if (ret >= 0) {
+		a->accepted += 1;
+		if (!a->first_accept_ns)
+			a->first_accept_ns = now;
+		a->last_accept_ns = now;
+		return;
+	}
+	if (benign_errno(-ret))
+		return;
+	a->failed += 1;
+	a->last_fail_ns = now;
+	a->last_err = -ret;
+	if (-ret == EMFILE) {
+		a->emfile += 1;
+		/* current->signal->rlim[RLIMIT_NOFILE].rlim_cur: the limit the process hit */
+		void *task = (void *)bpf_get_current_task(), *signal = 0;
+		bpf_probe_read_kernel(&signal, sizeof(signal), task + OFF_TASK_SIGNAL);
+		if (signal)
+			bpf_probe_read_kernel(&a->nofile, sizeof(a->nofile), signal + OFF_SIGNAL_RLIM + RLIMIT_NOFILE * 16);
+		a->open_fds = open_fds_of(task);
+	}
+}
+
+/* listen() succeeded: a new listener starts with no history (a server restarted on the same port
+ * must not inherit its predecessor's accept() calls). */
+static __always_inline void app_listen(void *regs)
+{
+	void *sk = listener_of_fd(syscall_arg(regs, OFF_PT_REGS_ARG0));
+	if (!sk)
+		return;
+	struct listen_key key = {};
+	bpf_probe_read_kernel(&key.port, sizeof(key.port), sk + OFF_SOCK_NUM);
+	if (!port_wanted(key.port, 0))
+		return;
+	key.netns = netns_of_sock(sk);
+	listen_activity.delete(&key);
+}
+
+#define APP_PLAIN 0
+#define APP_ACCEPT 1             /* accept(), accept4(): counted whatever they return */
+#define APP_LISTEN 2             /* listen(): a new listener's history starts */
+
+/* A syscall of `call` (APP_SYS_* id, argument kind `arg`, APP_PLAIN/ACCEPT/LISTEN `what`) returned `ret`. */
+static __always_inline int app_exit(long ret, __u16 call, int arg, int what)
+{
+	if (ret >= 0 && what != APP_ACCEPT) {
+		if (what == APP_LISTEN)
+			app_listen(current_regs());
+		return 0;               /* the common case: one compare */
+	}
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+	if (!task_wanted(tgid))
+		return 0;
+	void *regs = current_regs();
+	if (what == APP_ACCEPT)
+		app_accept(regs, ret, pid_tgid);
+	if (ret >= 0 || benign_errno(-ret))
+		return 0;
+	struct app_failures *v = app_failures.lookup(&tgid);
+	if (!v) {
+		int zero = 0;
+		struct app_failures *fresh = app_zero.lookup(&zero);
+		if (!fresh)
+			return 0;
+		app_failures.update(&tgid, fresh);
+		v = app_failures.lookup(&tgid);
+		if (!v)
+			return 0;
+	}
+	/* Not atomic (a fetching add needs a newer BPF instruction set than bcc asks for): two threads of
+	 * one process failing at the same moment may share a slot, and one of the two is kept. */
+	__u32 slot = v->next & (APP_SLOTS - 1);
+	v->next += 1;
+	struct app_failure *f = &v->f[slot];
+	f->ns = 0;              /* a reader on another CPU skips it until it is whole */
+	compiler_barrier();
+	f->tid = (__u32)pid_tgid;
+	f->call = call;
+	f->err = -ret;
+	f->fd = -1;
+	f->flags = 0;
+	f->path_len = 0;
+	if (arg == APP_ARG_FD0) {
+		f->fd = (__s32)syscall_arg(regs, OFF_PT_REGS_ARG0);
+	} else if (arg == APP_ARG_PATH0 || arg == APP_ARG_PATH1) {
+		/* The pointer the syscall was given, still in the saved registers; its string was just
+		 * read by the kernel, so its page is there. */
+		__u64 ptr = syscall_arg(regs, arg == APP_ARG_PATH0 ? OFF_PT_REGS_ARG0 : OFF_PT_REGS_ARG1);
+		long n = bpf_probe_read_user_str(f->path, sizeof(f->path), (void *)ptr);
+		if (n > 0) {
+			f->path_len = n;
+		} else {
+			f->flags = APP_F_PATH_UNREAD;
+			count(RSTTRACE_STAT_APP_PATHS_UNREAD);
+		}
+	}
+	compiler_barrier();
+	f->ns = bpf_ktime_get_ns();
+	return 0;
+}
+
+/* emit() (maps.bpf.c): how many failures the RST's process had in the window before it — its task
+ * in process context, else the process the kernel saw connect() the socket (owner_tgid). User space
+ * reads them from the map for the events that have some. */
+static __always_inline void app_errors_of(struct rsttrace_event *e)
+{
+	if (e->kind != RSTTRACE_RST_SENT && e->kind != RSTTRACE_RST_RECEIVED)
+		return;
+	__u32 tgid = e->flags & RSTTRACE_F_SOFTIRQ ? e->owner_tgid : e->tgid;
+	if (!tgid)
+		return;
+	struct app_failures *v = app_failures.lookup(&tgid);
+	if (!v)
+		return;
+	__u32 n = 0;
+#pragma unroll
+	for (int i = 0; i < APP_SLOTS; i++) {
+		__u64 ns = v->f[i].ns;
+		if (ns && ns <= e->ktime_ns && e->ktime_ns - ns <= APP_WINDOW_NS)
+			n++;
+	}
+	e->app_errors = n;
+}
+
+/* One program per syscall: each passes its id and argument kind as constants. */
+#define APP_EXIT(name, arg, what) \
+	TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return app_exit(args->ret, APP_SYS_##name, arg, what); }
+
+#ifdef APP_SYS_open
+APP_EXIT(open, APP_ARG_PATH0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_openat
+APP_EXIT(openat, APP_ARG_PATH1, APP_PLAIN)
+#endif
+#ifdef APP_SYS_openat2
+APP_EXIT(openat2, APP_ARG_PATH1, APP_PLAIN)
+#endif
+#ifdef APP_SYS_creat
+APP_EXIT(creat, APP_ARG_PATH0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_mkdir
+APP_EXIT(mkdir, APP_ARG_PATH0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_mkdirat
+APP_EXIT(mkdirat, APP_ARG_PATH1, APP_PLAIN)
+#endif
+#ifdef APP_SYS_rename
+APP_EXIT(rename, APP_ARG_PATH0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_renameat
+APP_EXIT(renameat, APP_ARG_PATH1, APP_PLAIN)
+#endif
+#ifdef APP_SYS_renameat2
+APP_EXIT(renameat2, APP_ARG_PATH1, APP_PLAIN)
+#endif
+#ifdef APP_SYS_unlink
+APP_EXIT(unlink, APP_ARG_PATH0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_unlinkat
+APP_EXIT(unlinkat, APP_ARG_PATH1, APP_PLAIN)
+#endif
+#ifdef APP_SYS_write
+APP_EXIT(write, APP_ARG_FD0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_pwrite64
+APP_EXIT(pwrite64, APP_ARG_FD0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_writev
+APP_EXIT(writev, APP_ARG_FD0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_fsync
+APP_EXIT(fsync, APP_ARG_FD0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_connect
+APP_EXIT(connect, APP_ARG_FD0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_accept
+APP_EXIT(accept, APP_ARG_FD0, APP_ACCEPT)
+#endif
+#ifdef APP_SYS_accept4
+APP_EXIT(accept4, APP_ARG_FD0, APP_ACCEPT)
+#endif
+#ifdef APP_SYS_listen
+APP_EXIT(listen, APP_ARG_FD0, APP_LISTEN)
+#endif
+#ifdef APP_SYS_socket
+APP_EXIT(socket, APP_ARG_NONE, APP_PLAIN)
+#endif
+#ifdef APP_SYS_sendfile64
+APP_EXIT(sendfile64, APP_ARG_FD0, APP_PLAIN)
+#endif
+#ifdef APP_SYS_splice
+APP_EXIT(splice, APP_ARG_FD0, APP_PLAIN)
+#endif
+
+#else
+static __always_inline void app_note_syn(__u32 netns, __u16 port) {}
+#endif /* APP_ERRORS */
