@@ -306,6 +306,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
         return rsttrace, None
     if tool == "rsttrace_nostories":    # connections' stories off (bpf/story.bpf.c, its hooks)
         return rsttrace + ["--no-stories"], None
+    if tool == "rsttrace_app_errors":   # failed syscalls and accept() calls (bpf/app.bpf.c, its syscall hooks)
+        return rsttrace + ["--app-errors"], None
     if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
         return rsttrace, {**os.environ, "RSTTRACE_STORM_HIGH_BYTES": "0"}
     if tool == "rsttrace_compiled":     # a boot's first start: an empty program cache (tracer/kernel/progcache.py)
@@ -329,7 +331,7 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
 
 
 READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in",
-               "rsttrace_base": "attached in", "rsttrace_nostories": "attached in",
+               "rsttrace_base": "attached in", "rsttrace_nostories": "attached in", "rsttrace_app_errors": "attached in",
                "bpftrace": "Attaching", "bcc": "Tracing TCP resets", "empty": "attached: empty programs"}
 
 
@@ -715,7 +717,10 @@ def hook_of(name: str, prog_id: int, tracepoints: dict[int, str]) -> str:
     known = [h for h in HOOK_NAMES if h.startswith(hook)]
     if len(known) > 1:
         known = [h for h in known if h.endswith("_" + tracepoints.get(prog_id, "?"))]
-    return known[0] if len(known) == 1 else hook
+    if len(known) == 1:
+        return known[0]
+    # not one of HOOK_NAMES (--app-errors' syscalls:sys_exit_* programs): its perf event's tracepoint
+    return tracepoints.get(prog_id) or hook
 
 
 def tracepoint_of(pid: int) -> dict[int, str]:
