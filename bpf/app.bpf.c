@@ -5,30 +5,40 @@
  * connections arrive. Uses maps.bpf.c and sock.bpf.c; emit() (maps.bpf.c) asks app_errors_of() how
  * many failures an RST's process had lately, so user space reads them (tracer/enrich/app.py).
  *
- *   syscalls:sys_exit_NAME   (CONFIG_FTRACE_SYSCALLS) one program per chosen syscall (APP_SYS_NAME);
- *                            there is no sys_enter program: the arguments are read at exit from the
- *                            task's saved user registers (bpf_task_pt_regs(), Linux 5.15+), which a
- *                            syscall leaves as they were (x86-64: the return value goes to ax).
+ *   raw_syscalls:sys_exit    (CONFIG_FTRACE_SYSCALLS) one program for every syscall's exit, as a BTF
+ *                            tracepoint (APP_HOOK_BTF: tp_btf, 5.5+; its reads of the saved registers
+ *                            are plain loads) or a raw one. Not the per-syscall syscalls:sys_exit_*
+ *                            tracepoints: those are classic tracepoints, whose programs share one
+ *                            per-CPU guard with every kprobe and classic tracepoint program — a
+ *                            softirq's RST hook that fired while one ran would be skipped. A raw
+ *                            tracepoint's program has a guard of its own. There is no program at
+ *                            syscall entry: the arguments are read at exit from the registers the
+ *                            syscall saved (x86-64: the return value goes to ax, the rest stay).
  * Attaching any syscall tracepoint sends every syscall of every task through the kernel's slower
  * tracing entry: the price of this file is paid by the whole host (scripts/bench/syscalls). io_uring's
  * accept and openat never pass through these syscalls: a blind spot.
  *
  * Paths stay in the kernel map, for the tasks the filters let through (FILTER_PID, FILTER_COMM,
- * FILTER_NETNS), until an event of that task takes them; nothing but the path string is read from
- * user memory.
+ * FILTER_CGROUP, FILTER_NETNS), until an event of that task takes them; nothing but the path string
+ * is read from user memory.
  *
- *   APP_ERRORS               compiled in (off with --no-app-errors).
+ *   APP_ERRORS               compiled in (--app-errors).
+ *   APP_HOOK_BTF             raw_syscalls:sys_exit as a BTF tracepoint.
  *   APP_WINDOW_NS            how long before an event a failure still explains it (--app-errors-window).
- *   APP_SYS_<name>=<id>      that syscall's tracepoint exists; <id> is its place in the user-space table
- *                            (tracer/kernel/hooks.py APP_SYSCALLS).
- *   OFF_PT_REGS_ARG0/ARG1    where the saved user registers keep the 1st and 2nd argument.
+ *   APP_SYS_<name>=<id>      a syscall kept; <id> is its place in tracer/kernel/hooks.py APP_SYSCALLS.
+ *   NR_<name>                its number on this machine.
+ *   OFF_PT_REGS_NR/ARG0/ARG1 where the saved registers keep the syscall number, 1st and 2nd argument.
  *   FILTER_COMM              only tasks whose comm is in map `comm_filter`.
+ *   FILTER_CGROUP=N          only tasks in (or below) one of the N cgroups of map `cgroup_filter`.
  */
 #ifdef APP_ERRORS
 
 #define EINTR 4
 #define EAGAIN 11
+#define ENOMEM 12
+#define ENFILE 23
 #define EMFILE 24
+#define ENOBUFS 105
 #define EINPROGRESS 115
 #define ERESTARTSYS 512          /* ..516 (ERESTART_RESTARTBLOCK): seen at sys_exit, before signal */
 #define ERESTART_LAST 516        /* handling turns them into EINTR or a restart */
@@ -66,6 +76,10 @@ BPF_F_TABLE("lru_hash", __u32, struct app_failures, app_failures, APP_TASKS, 0);
 /* A zeroed value to insert from: it does not fit the 512-byte stack. Never written. */
 BPF_PERCPU_ARRAY(app_zero, struct app_failures, 1);
 
+#ifdef FILTER_CGROUP
+BPF_CGROUP_ARRAY(cgroup_filter, 8);
+#endif
+
 #ifdef FILTER_COMM
 struct comm_key {
 	char comm[RSTTRACE_COMM_LEN];
@@ -95,6 +109,8 @@ struct listen_activity {
 	__u64 failed;           /* accept() failures but EAGAIN, EINTR and restarts */
 	__u64 last_fail_ns;
 	__u64 emfile;           /* of those: EMFILE (the process's fd limit) */
+	__u64 enfile;           /* ENFILE (the host's, fs.file-max) */
+	__u64 enomem;           /* ENOMEM or ENOBUFS */
 	__u64 nofile;           /* RLIMIT_NOFILE of the process at its last EMFILE */
 	__u64 open_fds;         /* fds it had open then (0: more than OPEN_FDS_WORDS * 64 fds to count) */
 	__s32 last_err;         /* errno of the last failure */
@@ -140,17 +156,17 @@ static __always_inline int benign_errno(long err)
 	return err == EAGAIN || err == EINPROGRESS || err == EINTR || (err >= ERESTARTSYS && err <= ERESTART_LAST);
 }
 
-static __always_inline void *current_regs(void)
-{
-	return (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
-}
-
-static __always_inline __u64 syscall_arg(void *regs, int off)
-{
-	__u64 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), regs + off);
-	return v;
-}
+/* A saved register of the exiting syscall (`regs`: the tracepoint's struct pt_regs). Inline asm for
+ * the BTF tracepoint, because bcc rewrites a plain dereference into a probe read. */
+#ifdef APP_HOOK_BTF
+#define APP_HOOK_PROBE int tp_btf__sys_exit(struct bpf_raw_tracepoint_args *ctx)
+#define REGS_LOAD(regs, off) ({ __u64 v_; \
+	asm volatile("%0 = *(u64 *)(%1 + %2)" : "=r"(v_) : "r"(regs), "i"(off)); v_; })
+#else
+#define APP_HOOK_PROBE RAW_TRACEPOINT_PROBE(sys_exit)
+#define REGS_LOAD(regs, off) ({ __u64 v_ = 0; \
+	bpf_probe_read_kernel(&v_, sizeof(v_), (void *)(regs) + (off)); v_; })
+#endif
 
 /* Whether the filters let this task's failures be kept. */
 static __always_inline int task_wanted(__u32 tgid)
@@ -163,6 +179,15 @@ static __always_inline int task_wanted(__u32 tgid)
 	struct comm_key comm = {};
 	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
 	if (!comm_filter.lookup(&comm))
+		return 0;
+#endif
+#ifdef FILTER_CGROUP
+	int in_cgroup = 0;
+#pragma unroll
+	for (int i = 0; i < FILTER_CGROUP; i++)
+		if (cgroup_filter.check_current_task(i) == 1)
+			in_cgroup = 1;
+	if (!in_cgroup)
 		return 0;
 #endif
 #ifdef FILTER_NETNS
@@ -260,7 +285,7 @@ static __always_inline __u64 open_fds_of(void *task)
  * returned: an event loop's EAGAIN is a call too (the owner is accepting). */
 static __always_inline void app_accept(void *regs, long ret, __u64 pid_tgid)
 {
-	void *sk = listener_of_fd(syscall_arg(regs, OFF_PT_REGS_ARG0));
+	void *sk = listener_of_fd(REGS_LOAD(regs, OFF_PT_REGS_ARG0));
 	if (!sk)
 		return;
 	__u16 port = 0;
@@ -289,6 +314,10 @@ static __always_inline void app_accept(void *regs, long ret, __u64 pid_tgid)
 	a->failed += 1;
 	a->last_fail_ns = now;
 	a->last_err = -ret;
+	if (-ret == ENFILE)
+		a->enfile += 1;
+	else if (-ret == ENOMEM || -ret == ENOBUFS)
+		a->enomem += 1;
 	if (-ret == EMFILE) {
 		a->emfile += 1;
 		/* current->signal->rlim[RLIMIT_NOFILE].rlim_cur: the limit the process hit */
@@ -304,7 +333,7 @@ static __always_inline void app_accept(void *regs, long ret, __u64 pid_tgid)
  * must not inherit its predecessor's accept() calls). */
 static __always_inline void app_listen(void *regs)
 {
-	void *sk = listener_of_fd(syscall_arg(regs, OFF_PT_REGS_ARG0));
+	void *sk = listener_of_fd(REGS_LOAD(regs, OFF_PT_REGS_ARG0));
 	if (!sk)
 		return;
 	struct listen_key key = {};
@@ -320,18 +349,17 @@ static __always_inline void app_listen(void *regs)
 #define APP_LISTEN 2             /* listen(): a new listener's history starts */
 
 /* A syscall of `call` (APP_SYS_* id, argument kind `arg`, APP_PLAIN/ACCEPT/LISTEN `what`) returned `ret`. */
-static __always_inline int app_exit(long ret, __u16 call, int arg, int what)
+static __always_inline int app_exit(void *regs, long ret, __u16 call, int arg, int what)
 {
 	if (ret >= 0 && what != APP_ACCEPT) {
 		if (what == APP_LISTEN)
-			app_listen(current_regs());
+			app_listen(regs);
 		return 0;               /* the common case: one compare */
 	}
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
 	if (!task_wanted(tgid))
 		return 0;
-	void *regs = current_regs();
 	if (what == APP_ACCEPT)
 		app_accept(regs, ret, pid_tgid);
 	if (ret >= 0 || benign_errno(-ret))
@@ -361,11 +389,11 @@ static __always_inline int app_exit(long ret, __u16 call, int arg, int what)
 	f->flags = 0;
 	f->path_len = 0;
 	if (arg == APP_ARG_FD0) {
-		f->fd = (__s32)syscall_arg(regs, OFF_PT_REGS_ARG0);
+		f->fd = (__s32)REGS_LOAD(regs, OFF_PT_REGS_ARG0);
 	} else if (arg == APP_ARG_PATH0 || arg == APP_ARG_PATH1) {
 		/* The pointer the syscall was given, still in the saved registers; its string was just
 		 * read by the kernel, so its page is there. */
-		__u64 ptr = syscall_arg(regs, arg == APP_ARG_PATH0 ? OFF_PT_REGS_ARG0 : OFF_PT_REGS_ARG1);
+		__u64 ptr = arg == APP_ARG_PATH0 ? REGS_LOAD(regs, OFF_PT_REGS_ARG0) : REGS_LOAD(regs, OFF_PT_REGS_ARG1);
 		long n = bpf_probe_read_user_str(f->path, sizeof(f->path), (void *)ptr);
 		if (n > 0) {
 			f->path_len = n;
@@ -402,76 +430,86 @@ static __always_inline void app_errors_of(struct rsttrace_event *e)
 	e->app_errors = n;
 }
 
-/* One program per syscall: each passes its id and argument kind as constants. */
-#define APP_EXIT(name, arg, what) \
-	TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return app_exit(args->ret, APP_SYS_##name, arg, what); }
+/* Every syscall's exit (raw_syscalls:sys_exit: struct pt_regs *regs, long ret): the chosen ones go
+ * to app_exit() with their id and argument kind as constants; any other returns after one load. */
+#define APP_CASE(name, arg, what) \
+	case NR_##name: return app_exit(regs, ret, APP_SYS_##name, arg, what);
 
+APP_HOOK_PROBE
+{
+	void *regs = (void *)ctx->args[0];
+	long ret = ctx->args[1];
+	switch (REGS_LOAD(regs, OFF_PT_REGS_NR)) {
 #ifdef APP_SYS_open
-APP_EXIT(open, APP_ARG_PATH0, APP_PLAIN)
+	APP_CASE(open, APP_ARG_PATH0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_openat
-APP_EXIT(openat, APP_ARG_PATH1, APP_PLAIN)
+	APP_CASE(openat, APP_ARG_PATH1, APP_PLAIN)
 #endif
 #ifdef APP_SYS_openat2
-APP_EXIT(openat2, APP_ARG_PATH1, APP_PLAIN)
+	APP_CASE(openat2, APP_ARG_PATH1, APP_PLAIN)
 #endif
 #ifdef APP_SYS_creat
-APP_EXIT(creat, APP_ARG_PATH0, APP_PLAIN)
+	APP_CASE(creat, APP_ARG_PATH0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_mkdir
-APP_EXIT(mkdir, APP_ARG_PATH0, APP_PLAIN)
+	APP_CASE(mkdir, APP_ARG_PATH0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_mkdirat
-APP_EXIT(mkdirat, APP_ARG_PATH1, APP_PLAIN)
+	APP_CASE(mkdirat, APP_ARG_PATH1, APP_PLAIN)
 #endif
 #ifdef APP_SYS_rename
-APP_EXIT(rename, APP_ARG_PATH0, APP_PLAIN)
+	APP_CASE(rename, APP_ARG_PATH0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_renameat
-APP_EXIT(renameat, APP_ARG_PATH1, APP_PLAIN)
+	APP_CASE(renameat, APP_ARG_PATH1, APP_PLAIN)
 #endif
 #ifdef APP_SYS_renameat2
-APP_EXIT(renameat2, APP_ARG_PATH1, APP_PLAIN)
+	APP_CASE(renameat2, APP_ARG_PATH1, APP_PLAIN)
 #endif
 #ifdef APP_SYS_unlink
-APP_EXIT(unlink, APP_ARG_PATH0, APP_PLAIN)
+	APP_CASE(unlink, APP_ARG_PATH0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_unlinkat
-APP_EXIT(unlinkat, APP_ARG_PATH1, APP_PLAIN)
+	APP_CASE(unlinkat, APP_ARG_PATH1, APP_PLAIN)
 #endif
 #ifdef APP_SYS_write
-APP_EXIT(write, APP_ARG_FD0, APP_PLAIN)
+	APP_CASE(write, APP_ARG_FD0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_pwrite64
-APP_EXIT(pwrite64, APP_ARG_FD0, APP_PLAIN)
+	APP_CASE(pwrite64, APP_ARG_FD0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_writev
-APP_EXIT(writev, APP_ARG_FD0, APP_PLAIN)
+	APP_CASE(writev, APP_ARG_FD0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_fsync
-APP_EXIT(fsync, APP_ARG_FD0, APP_PLAIN)
+	APP_CASE(fsync, APP_ARG_FD0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_connect
-APP_EXIT(connect, APP_ARG_FD0, APP_PLAIN)
+	APP_CASE(connect, APP_ARG_FD0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_accept
-APP_EXIT(accept, APP_ARG_FD0, APP_ACCEPT)
+	APP_CASE(accept, APP_ARG_FD0, APP_ACCEPT)
 #endif
 #ifdef APP_SYS_accept4
-APP_EXIT(accept4, APP_ARG_FD0, APP_ACCEPT)
+	APP_CASE(accept4, APP_ARG_FD0, APP_ACCEPT)
 #endif
 #ifdef APP_SYS_listen
-APP_EXIT(listen, APP_ARG_FD0, APP_LISTEN)
+	APP_CASE(listen, APP_ARG_FD0, APP_LISTEN)
 #endif
 #ifdef APP_SYS_socket
-APP_EXIT(socket, APP_ARG_NONE, APP_PLAIN)
+	APP_CASE(socket, APP_ARG_NONE, APP_PLAIN)
 #endif
 #ifdef APP_SYS_sendfile64
-APP_EXIT(sendfile64, APP_ARG_FD0, APP_PLAIN)
+	APP_CASE(sendfile64, APP_ARG_FD0, APP_PLAIN)
 #endif
 #ifdef APP_SYS_splice
-APP_EXIT(splice, APP_ARG_FD0, APP_PLAIN)
+	APP_CASE(splice, APP_ARG_FD0, APP_PLAIN)
 #endif
+	default:
+		return 0;
+	}
+}
 
 #else
 static __always_inline void app_note_syn(__u32 netns, __u16 port) {}

@@ -270,3 +270,25 @@ def drop_syn_acks(ns, port: int) -> None:
     ns.run("nft", "add table inet rsttrace_test")
     ns.run("nft", "add chain inet rsttrace_test in { type filter hook input priority 0 ; }")
     ns.run("nft", f"add rule inet rsttrace_test in tcp sport {port} tcp flags & (syn|ack) == syn|ack drop")
+
+
+def map_ids_of(pid: int) -> set[int]:
+    """The BPF maps process `pid` holds (map_id in its fds' fdinfo)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                ids |= {int(line.split()[1]) for line in f if line.startswith("map_id:")}
+        except OSError:
+            continue
+    return ids
+
+
+def failures_kept_by(tracer_pid: int) -> set[int]:
+    """The processes whose failed syscalls the kernel keeps for this rsttrace (its app_failures map)."""
+    maps = json.loads(subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
+                                     check=True).stdout)
+    [ours] = [m["id"] for m in maps if m.get("name") == "app_failures" and m["id"] in map_ids_of(tracer_pid)]
+    dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(ours)], capture_output=True,
+                                     text=True, check=True).stdout)
+    return {int.from_bytes(bytes(int(b, 16) for b in entry["key"]), "little") for entry in dump}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from .enrich import counters, stories
 from .enrich.app import AppErrors
 from .enrich.attribution import Attributor
+from .enrich.cgroups import cgroup2_mount
 from .enrich.exact import ExactCounts
 from .enrich.listeners import ListenerSampler, ListenerTracking, netns_alive
 from .enrich.reconcile import percpu_totals, reconcile
@@ -98,7 +99,7 @@ class Session:
         self.caps = caps
         self.plan = plan_hooks(caps, o.backend, stories=o.stories, app_errors=o.app_errors)
         self.program = RstProgram(caps, Filters(ports=o.ports, pid=o.pid, family=o.family, netns=o.netns,
-                                                comms=o.comms),
+                                                comms=o.comms, cgroups=cgroup_directories(o.cgroups)),
                                   self.plan, o.ring_mb, o.app_window_s)
         if self.plan.counted:
             found, online = self.program.learn_cpu_offsets()
@@ -335,6 +336,13 @@ class Session:
             summary["app_errors"] = {"paths_unread": stats["app_paths_unread"]}
         p.emit(summary)
         return summary
+
+
+def cgroup_directories(paths: list[str]) -> list[str]:
+    """--cgroup paths as directories of the cgroup v2 mount, for the kernel's filter of the failed
+    syscalls it keeps (bpf/app.bpf.c: 8 at most; with more, it keeps every process's)."""
+    mount = cgroup2_mount() or "/sys/fs/cgroup"
+    return [os.path.join(mount, path.lstrip("/")) for path in paths] if len(paths) <= 8 else []
 
 
 def _has_bpf_caps() -> bool:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO, events
+import pytest
+
+from conftest import REPO, STATE_HOOKS, events, state_hook_env
 
 ACCEPT = str(REPO / "scripts" / "repro" / "accept.py")
 PORT = 8310                     # not a port other suites running beside this one use
@@ -52,12 +54,16 @@ def test_a_server_that_never_accepts_is_reported_as_not_accepting(netns, tracer)
         assert "no accept() call on it since rsttrace started" in d["explanation"]
 
 
-def test_accept_failing_with_emfile_is_told_with_the_fd_limit(netns, tracer):
-    t = tracer("--json", "--port", str(PORT), "--netns", netns.name, "--app-errors")
+@pytest.mark.parametrize("state_hook", STATE_HOOKS)
+def test_accept_failing_with_emfile_is_told_with_the_fd_limit(netns, tracer, state_hook):
+    # raw_syscalls:sys_exit as a BTF tracepoint (this kernel), and as a raw one (kernels without tp_btf)
+    t = tracer("--json", "--port", str(PORT), "--netns", netns.name, "--app-errors", env=state_hook_env(state_hook))
     facts = run_accept(netns, "emfile", "--backlog", "4", "--rate", "20", "--seconds", "2", "--nofile", "64",
                        "--hold", "1")
     records = t.stop()
 
+    kind = {"tp_btf": "tp_btf", "raw": "raw_tracepoint"}[state_hook]
+    assert records[0]["hooks"]["app_errors"]["hook"].startswith(f"{kind}:raw_syscalls:sys_exit")
     assert facts["accept_errors"]["EMFILE"] > 0 and not facts["accepts_ns"]
     assert (facts["rlimit_nofile"], facts["open_fds"]) == (64, 64)
     drops = queue_full_drops(records, netns)

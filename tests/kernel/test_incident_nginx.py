@@ -10,13 +10,11 @@ not the master — with its uid, the unread bytes, and the upstream's side of th
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import random
 import re
-import subprocess
 
-from conftest import REPO, events
+from conftest import REPO, events, failures_kept_by
 
 INCIDENT = str(REPO / "scripts" / "repro" / "nginx_incident.py")
 PROXY_PORT = random.randrange(20000, 30000, 2)   # not ports other suites running beside this one use
@@ -97,28 +95,6 @@ def test_nginx_without_a_writable_proxy_temp_dir_resets_its_upstream(netns, trac
 
     # Small downloads fit the in-memory buffers: not a single event while they ran.
     assert not [r for r in events(records, netns__inode=netns.inode) if during(r, small)]
-
-
-def map_ids_of(pid: int) -> set[int]:
-    """The BPF maps process `pid` holds (map_id in its fds' fdinfo)."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                ids |= {int(line.split()[1]) for line in f if line.startswith("map_id:")}
-        except OSError:
-            continue
-    return ids
-
-
-def failures_kept_by(tracer_pid: int) -> set[int]:
-    """The processes whose failed syscalls the kernel keeps for this rsttrace (its app_failures map)."""
-    maps = json.loads(subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
-                                     check=True).stdout)
-    [ours] = [m["id"] for m in maps if m.get("name") == "app_failures" and m["id"] in map_ids_of(tracer_pid)]
-    dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(ours)], capture_output=True,
-                                     text=True, check=True).stdout)
-    return {int.from_bytes(bytes(int(b, 16) for b in entry["key"]), "little") for entry in dump}
 
 
 def test_comm_filter_separates_the_proxy_from_its_upstream(netns, tracer):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import SCENARIOS, STATE_HOOKS, events, state_hook_env, state_hook_type
+from conftest import SCENARIOS, STATE_HOOKS, events, failures_kept_by, state_hook_env, state_hook_type
 from tracer.enrich.cgroups import cgroup2_mount
 
 PORT = random.randrange(20000, 30000, 2)   # not a port other suites running beside this one use
@@ -81,9 +81,9 @@ def docker_cgroup(root):
 def test_reset_inside_a_container_names_the_container_and_filters_by_it(netns, tracer, docker_cgroup):
     cid, cgroup_path = docker_cgroup
     ports = f"{PORT},{PORT + 1}"
-    everything = tracer("--json", "--port", ports, "--netns", netns.name)
+    everything = tracer("--json", "--port", ports, "--netns", netns.name, "--app-errors")
     by_container = tracer("--json", "--port", ports, "--container", cid[:12])
-    by_cgroup = tracer("--json", "--port", ports, "--cgroup", "/system.slice")
+    by_cgroup = tracer("--json", "--port", ports, "--cgroup", "/system.slice", "--app-errors")
     # The containerised scenario: the shell joins the cgroup, then becomes the scenario (server and
     # its forked client both run inside). Joined before `ip netns exec`, which remounts /sys.
     procs = f"{cgroup2_mount()}{cgroup_path}/cgroup.procs"
@@ -92,6 +92,11 @@ def test_reset_inside_a_container_names_the_container_and_filters_by_it(netns, t
                          capture_output=True, text=True, check=True, timeout=30)
     inside = json.loads(out.stdout.strip().splitlines()[-1])
     outside = netns.scenario("unread_close", "127.0.0.1", PORT + 1)       # the host's own processes
+    # --app-errors keeps failed syscalls in the kernel only for the processes in the --cgroup: both
+    # scenarios' servers had some (Python's start-up looks for files that are not there)
+    assert {inside["server_pid"], outside["server_pid"]} <= failures_kept_by(everything.proc.pid)
+    kept = failures_kept_by(by_cgroup.proc.pid)
+    assert inside["server_pid"] in kept and outside["server_pid"] not in kept
     records, container_records, cgroup_records = everything.stop(), by_container.stop(), by_cgroup.stop()
 
     [rst] = events(records, event="rst_sent", local__port=PORT)

@@ -56,7 +56,8 @@ def test_the_explanation_names_the_call_the_errno_and_the_user():
 
 def activity(**fields):
     base = dict(last_call_ns=0, calls=0, accepted=0, first_accept_ns=0, last_accept_ns=0, syns=0, first_syn_ns=0,
-                last_syn_ns=0, failed=0, last_fail_ns=0, emfile=0, nofile=0, open_fds=0, last_err=0, tgid=0, comm=b"")
+                last_syn_ns=0, failed=0, last_fail_ns=0, emfile=0, enfile=0, enomem=0, nofile=0, open_fds=0, last_err=0,
+                tgid=0, comm=b"")
     base.update(fields)
     return SimpleNamespace(**base)
 
@@ -92,9 +93,10 @@ def test_accept_failing_with_emfile_names_the_limit():
 
 def test_a_failure_followed_by_accepts_is_not_the_cause():
     a = activity(last_call_ns=19 * S, calls=50, accepted=40, first_accept_ns=10 * S, last_accept_ns=19 * S, failed=10,
-                 last_fail_ns=12 * S, last_err=12, syns=360, first_syn_ns=10 * S, last_syn_ns=19 * S, tgid=5, comm=b"srv")
+                 enomem=7, last_fail_ns=12 * S, last_err=12, syns=360, first_syn_ns=10 * S, last_syn_ns=19 * S, tgid=5,
+                 comm=b"srv")
     block, cause, text = block_and_cause(a, 19_100 * MS)
-    assert cause == "accepting_slowly" and block["errors"] == {"other": 10} and block["last_error"] == "ENOMEM"
+    assert cause == "accepting_slowly" and block["errors"] == {"ENOMEM": 7, "other": 3} and block["last_error"] == "ENOMEM"
     assert "srv (pid 5) accepts 4.33/s while SYNs arrive at 39.89/s" in text
 
 

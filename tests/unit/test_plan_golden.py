@@ -18,7 +18,7 @@ from tests_paths import DATA
 from tracer.errors import UnsupportedKernelError
 from tracer.kernel import bpfsys, loader
 from tracer.kernel.capabilities import Capabilities
-from tracer.kernel.hooks import APP_SYSCALLS, BACKENDS, STATE_HOOK_ENV, SYN_HOOK_ENV, SYN_VERDICTS_ENV, plan_hooks
+from tracer.kernel.hooks import BACKENDS, STATE_HOOK_ENV, SYN_HOOK_ENV, SYN_VERDICTS_ENV, plan_hooks
 from tracer.kernel.tracefs import TracepointFormat, parse_format
 
 GOLDEN = DATA / "golden" / "cflags"
@@ -48,14 +48,13 @@ NETSTAT = {
     "MIB_TCPREQQFULLDOCOOKIES": 78, "MIB_TCPREQQFULLDROP": 79, "PERCPU_RUNQUEUES": 195456,
     "PERCPU_THIS_CPU_OFF": 86056, "PERCPU_CPU_NUMBER": 86068,
 }
-# bpf/app.bpf.c's offsets as this machine's 6.18 has them, and the syscalls with a sys_exit tracepoint
+# bpf/app.bpf.c's offsets as this machine's 6.18 has them
 APP = {
-    "OFF_PT_REGS_ARG0": 112, "OFF_PT_REGS_ARG1": 104, "OFF_TASK_FILES": 1824, "OFF_FILES_FDT": 32,
+    "OFF_PT_REGS_NR": 120, "OFF_PT_REGS_ARG0": 112, "OFF_PT_REGS_ARG1": 104, "OFF_TASK_FILES": 1824, "OFF_FILES_FDT": 32,
     "OFF_FDTABLE_MAX_FDS": 0, "OFF_FDTABLE_FD": 8, "OFF_FDTABLE_OPEN_FDS": 24, "OFF_FILE_PRIVATE_DATA": 24, "OFF_SOCKET_FILE": 16,
     "OFF_SOCKET_SK": 24, "OFF_TASK_SIGNAL": 1848, "OFF_SIGNAL_RLIM": 688, "OFF_TASK_NSPROXY": 1840,
     "OFF_NSPROXY_NET_NS": 40,
 }
-SYSCALL_EXITS = {name for name, _ in APP_SYSCALLS} | {"read", "close", "getppid"}
 
 
 def tracepoint(category: str, name: str, *fields: str) -> TracepointFormat:
@@ -84,7 +83,7 @@ def kernel_6_18() -> Capabilities:
         kprobe_pmu=False, ringbuf=True, offsets=dict(OFFSETS), netstat=dict(NETSTAT), test_run_on_cpu=True,
         softirq_ranges={"handle_softirqs": (0xffffffff810b1840, 0xffffffff810b1ad0)}, lockdown="integrity",
         bcc_version="0.26.0", kernel_version=(6, 18, 44), functions=set(FUNCTIONS), fentry_functions=set(),
-        btf_tracepoints={"inet_sock_set_state": 38149}, app_offsets=dict(APP), syscall_exits=set(SYSCALL_EXITS))
+        btf_tracepoints={"inet_sock_set_state": 38149, "sys_exit": 11321}, app_offsets=dict(APP), raw_sys_exit=True)
 
 
 def kernel_6_1(sublevel: int = 192) -> Capabilities:
@@ -109,7 +108,7 @@ def kernel_6_1(sublevel: int = 192) -> Capabilities:
         softirq_ranges={"__do_softirq": (0xffffffff82000000, 0xffffffff820002e5)}, lockdown="none",
         bcc_version="0.26.0", kernel_version=(6, 1, sublevel), functions=set(FUNCTIONS),
         fentry_functions=FUNCTIONS - {"tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock"},
-        btf_tracepoints={"inet_sock_set_state": 41211}, app_offsets=dict(APP), syscall_exits=set(SYSCALL_EXITS))
+        btf_tracepoints={"inet_sock_set_state": 41211, "sys_exit": 10204}, app_offsets=dict(APP), raw_sys_exit=True)
 
 
 def uncounted_6_18() -> Capabilities:
@@ -147,8 +146,7 @@ def tracepoints_only_5_4() -> Capabilities:
     """An old kernel without BTF tracepoints, kprobes, or the listen hooks' raw tracepoints."""
     return replace(kernel_6_1(), kernel="5.4.0", kernel_version=(5, 4, 100), kprobe_pmu=False, set_state=None,
                    netif_receive_skb=False, text_ranges={}, btf_tracepoints={}, fentry_functions=set(),
-                   prog_load={"tracepoint": 0, "raw_tracepoint": 0, "kprobe": 1, "tc": 0, "fentry": 1},
-                   app_offsets={}, app_missing="no bpf_task_pt_regs() (Linux 5.15+)")
+                   prog_load={"tracepoint": 0, "raw_tracepoint": 0, "kprobe": 1, "tc": 0, "fentry": 1})
 
 
 KERNELS = {"6.18": kernel_6_18, "6.1": kernel_6_1, "6.1.100": lambda: kernel_6_1(100),

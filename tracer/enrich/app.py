@@ -15,6 +15,7 @@ an event of that process.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import pwd
 import time
@@ -106,6 +107,7 @@ def explain_failure(who: str, f: dict, uid: int | None) -> str:
     return f"{text} — {hint.format(uid=_user(uid))}" if hint else text
 
 
+@functools.lru_cache(maxsize=256)
 def _user(uid: int | None) -> str:
     if uid is None:
         return "?"
@@ -122,7 +124,7 @@ class AppErrors:
         self._activity: dict[tuple[int, int], tuple[float, object]] = {}     # (netns, port) → (read at, entry)
         self.started_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
-    # -- failed syscalls before an RST -------------------------------------------------------
+    # -- the pipeline's two calls ----------------------------------------------------------------
     def note_accept(self, ev: Event) -> None:
         """Before the explanation: an accept-queue event gets its listener's `accept` block, and the
         cause for reasons.explain_queue() to name."""
@@ -137,6 +139,7 @@ class AppErrors:
         if ev.extra.get("app_errors_kept"):
             self._attach_failures(ev)
 
+    # -- failed syscalls before an RST -------------------------------------------------------
     def _attach_failures(self, ev: Event) -> None:
         pid = ev.owner_pid if ev.softirq else ev.task_pid
         raw = self.program.app_failures(pid)
@@ -186,8 +189,7 @@ class AppErrors:
                 "accepts_per_s": _rate(a.accepted, a.first_accept_ns, a.last_accept_ns),
                 "syns": a.syns, "syns_per_s": _rate(a.syns, a.first_syn_ns, a.last_syn_ns),
                 "failed": a.failed,
-                "errors": ({"EMFILE": a.emfile} if a.emfile else {}) | (
-                    {"other": a.failed - a.emfile} if a.failed > a.emfile else {}),
+                "errors": errors_by_errno(a),
                 "last_error": errno_name(a.last_err) if a.failed else None,
                 "rlimit_nofile": a.nofile if a.emfile else None,
                 "open_fds": (a.open_fds or None) if a.emfile else None,
@@ -197,7 +199,7 @@ class AppErrors:
         return block
 
 
-SUMMED = ("calls", "accepted", "syns", "failed", "emfile")
+SUMMED = ("calls", "accepted", "syns", "failed", "emfile", "enfile", "enomem")
 
 
 def merge_cpus(per_cpu: list) -> SimpleNamespace:
@@ -213,6 +215,16 @@ def merge_cpus(per_cpu: list) -> SimpleNamespace:
     out.last_err, out.nofile, out.open_fds = failed.last_err, failed.nofile, failed.open_fds
     caller = max(per_cpu, key=lambda c: c.last_call_ns)
     out.tgid, out.comm = caller.tgid, bytes(caller.comm)
+    return out
+
+
+def errors_by_errno(a) -> dict[str, int]:
+    """A listener's accept() failures: EMFILE, ENFILE, ENOMEM (with ENOBUFS), the rest as `other`."""
+    named = {"EMFILE": a.emfile, "ENFILE": a.enfile, "ENOMEM": a.enomem}
+    out = {name: n for name, n in named.items() if n}
+    other = a.failed - sum(named.values())
+    if other > 0:
+        out["other"] = other
     return out
 
 

@@ -27,7 +27,7 @@ KPROBE_FUNCTIONS = ("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_r
 # What cached BTF facts were made from (bootcache.py): another rsttrace (other fields, other
 # functions) must not take them. Changes with every edit of offsets.py or of the list above.
 # The BTF tracepoints (tp_btf) rsttrace may load a program for: their btf_trace_* typedef ids are kept.
-BTF_TRACEPOINTS = ("inet_sock_set_state",)
+BTF_TRACEPOINTS = ("inet_sock_set_state", "sys_exit")
 BTF_FACTS_KEY = hashlib.sha1(Path(offsets.__file__).read_bytes() + repr((KPROBE_FUNCTIONS, BTF_TRACEPOINTS)).encode()).hexdigest()
 
 # Capability bits (include/uapi/linux/capability.h)
@@ -83,10 +83,10 @@ class Capabilities:
     # What bpf/netstat.bpf.c needs to read the kernel's listen counters per CPU (offsets.py), or why not
     netstat: dict[str, int] = field(default_factory=dict)
     netstat_missing: str = ""
-    # What bpf/app.bpf.c needs (offsets.py), or why not; the syscalls:sys_exit_* tracepoints there are
+    # What bpf/app.bpf.c needs (offsets.py), or why not; whether raw_syscalls:sys_exit is there
     app_offsets: dict[str, int] = field(default_factory=dict)
     app_missing: str = ""
-    syscall_exits: set[str] = field(default_factory=set)
+    raw_sys_exit: bool = False
     # Whether a program can be run on a chosen CPU (BPF_PROG_TEST_RUN on a raw tracepoint program, 5.10+)
     test_run_on_cpu: bool = False
     softirq_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -246,15 +246,6 @@ def _text_ranges(cache: BootCache, section: str, names: tuple[str, ...], every: 
     return {name: tuple(span) for name, span in ranges.items()}
 
 
-def _syscall_exits(tracefs: str) -> set[str]:
-    """The syscalls with a syscalls:sys_exit_* tracepoint (CONFIG_FTRACE_SYSCALLS)."""
-    try:
-        names = os.listdir(os.path.join(tracefs, "events", "syscalls"))
-    except OSError:
-        return set()
-    return {name[len("sys_exit_"):] for name in names if name.startswith("sys_exit_")}
-
-
 def probe(mount_tracefs: bool = True) -> Capabilities:
     caps = Capabilities(kernel=platform.release(), euid=os.geteuid(), effective_caps=effective_caps())
     # Where the program cache is off, this process compiles: loading bcc maps LLVM (mostly in
@@ -320,7 +311,7 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.kfree_skb = read_format(caps.tracefs, "skb", "kfree_skb")
         caps.netif_receive_skb = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "netif_receive_skb"))
         caps.consume_skb = read_format(caps.tracefs, "skb", "consume_skb")
-        caps.syscall_exits = _syscall_exits(caps.tracefs)
+        caps.raw_sys_exit = os.path.isdir(os.path.join(caps.tracefs, "events", "raw_syscalls", "sys_exit"))
         caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \
             os.path.exists(os.path.join(caps.tracefs, "kprobe_events"))
     except TracefsError as err:

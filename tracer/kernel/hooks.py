@@ -12,7 +12,7 @@
     connection    a connection's story (bpf/story.bpf.c): sock:inet_sock_set_state for its end,
                   tcp:tcp_retransmit_skb / tcp_retransmit_synack for retransmits (off: --no-stories)
     app_errors    the application's failed syscalls and its listeners' accept() calls (bpf/app.bpf.c):
-                  syscalls:sys_exit_* of APP_SYSCALLS (on: --app-errors)
+                  raw_syscalls:sys_exit, for APP_SYSCALLS (on: --app-errors)
 
 Function hooks enter through fentry where the kernel allows BPF_PROG_TYPE_TRACING (cheaper than a
 kprobe's breakpoint), through kprobes otherwise. `--backend tracepoint|kprobe|fentry` forces one
@@ -24,6 +24,7 @@ choices, which `HookPlan.cflags()` alone turns into the macros bpf/*.c test.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -50,8 +51,9 @@ SYN_VERDICTS_ENV = "RSTTRACE_SYN_VERDICTS"
 # `RSTTRACE_SYN_HOOK=netif_receive_skb` keeps the per-packet replay where the consume_skb hook would run:
 # for comparing the two (tests, benchmarks), not for users.
 SYN_HOOK_ENV = "RSTTRACE_SYN_HOOK"
-# `RSTTRACE_STATE_HOOK=raw` keeps sock:inet_sock_set_state a raw tracepoint where a BTF one would
-# run (what kernels that refuse tp_btf get): for tests and benchmarks, not for users.
+# `RSTTRACE_STATE_HOOK=raw` keeps sock:inet_sock_set_state (and --app-errors' raw_syscalls:sys_exit) a
+# raw tracepoint where a BTF one would run (what kernels that refuse tp_btf get): for tests and
+# benchmarks, not for users.
 STATE_HOOK_ENV = "RSTTRACE_STATE_HOOK"
 
 RST_FUNCTIONS = ("tcp_send_active_reset", "tcp_v4_send_reset", "tcp_v6_send_reset")
@@ -61,7 +63,7 @@ ACK_FUNCTIONS = ("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
 
 # The syscalls whose failures bpf/app.bpf.c keeps, and which argument tells about each: a path
 # (the 1st, or the 2nd after a directory fd) or a file descriptor. A syscall's id is its place here,
-# from 1 (APP_SYS_<name>=<id>): what the kernel's records carry.
+# from 1 (APP_SYS_<name>=<id>): what the kernel's records carry. Their numbers per machine (NR_<name>).
 PATH0, PATH1, FD0, NO_ARG = "path0", "path1", "fd0", "none"
 APP_SYSCALLS = (
     ("open", PATH0), ("openat", PATH1), ("openat2", PATH1), ("creat", PATH0), ("mkdir", PATH0),
@@ -71,6 +73,12 @@ APP_SYSCALLS = (
     ("splice", FD0), ("listen", FD0),   # listen(): also where a listener's accept() history starts
 )
 APP_SYSCALL_IDS = {name: i for i, (name, _) in enumerate(APP_SYSCALLS, start=1)}
+SYSCALL_NUMBERS = {"x86_64": {
+    "open": 2, "openat": 257, "openat2": 437, "creat": 85, "mkdir": 83, "mkdirat": 258, "rename": 82,
+    "renameat": 264, "renameat2": 316, "unlink": 87, "unlinkat": 263, "write": 1, "pwrite64": 18, "writev": 20,
+    "fsync": 74, "connect": 42, "accept": 43, "accept4": 288, "socket": 41, "sendfile64": 40, "splice": 275,
+    "listen": 50,
+}}
 APP_ERRORS_OFF = ("off: --app-errors hooks the syscalls whose failures explain an abort, and the accept() calls "
                   "that tell why an accept queue is full (every syscall of the host then takes the slower tracing entry)")
 IO_URING_BLIND_SPOT = ("io_uring's accept and openat never pass through the syscalls: a server that accepts "
@@ -118,9 +126,10 @@ class HookPlan:
     # Connections' stories (bpf/story.bpf.c); their state hook is listen.bpf.c's where that runs
     stories: bool = False
     # The application's failed syscalls and listeners' accept() calls (bpf/app.bpf.c): the
-    # syscalls:sys_exit_* tracepoints used (name → APP_SYSCALL_IDS id), and the offsets they read
-    app_syscalls: dict[str, int] = field(default_factory=dict)
+    # syscalls kept (name → (APP_SYSCALL_IDS id, number)), and the offsets read
+    app_syscalls: dict[str, tuple[int, int]] = field(default_factory=dict)   # name → (id, number)
     app_offsets: dict[str, int] = field(default_factory=dict)
+    app_hook_type: int | None = None        # raw_syscalls:sys_exit as tp_btf (its btf_trace_* id), else raw
     # Hook files the loader pastes after the subject files (loader.SUBJECT_FILES), in this order
     files: list[str] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
@@ -148,7 +157,10 @@ class HookPlan:
     @property
     def btf_types(self) -> dict[str, int]:
         """BTF tracepoint programs → the btf_trace_* typedef id each is loaded for."""
-        return {"tp_btf__inet_sock_set_state": self.state_hook_type} if self.state_hook_type else {}
+        out = {"tp_btf__inet_sock_set_state": self.state_hook_type} if self.state_hook_type else {}
+        if self.app_hook_type:
+            out["tp_btf__sys_exit"] = self.app_hook_type
+        return out
 
     def cflags(self) -> list[str]:
         """The macros bpf/*.c test, for these choices (the loader adds offsets and filters)."""
@@ -187,7 +199,10 @@ class HookPlan:
                     out.append("-DSTATE_HOOK_BTF")
         if self.app_errors:
             out.append("-DAPP_ERRORS")
-            out += [f"-DAPP_SYS_{name}={i}" for name, i in self.app_syscalls.items()]
+            if self.app_hook_type:
+                out.append("-DAPP_HOOK_BTF")
+            for name, (i, nr) in self.app_syscalls.items():
+                out += [f"-DAPP_SYS_{name}={i}", f"-DNR_{name}={nr}"]
             out += [f"-D{name}={value}" for name, value in sorted(self.app_offsets.items())]
         if self.ipv6_reset:
             out.append("-DHAVE_IPV6_RESET")
@@ -404,20 +419,21 @@ def _plan_stories(plan: HookPlan, caps: Capabilities) -> None:
 
 
 def _plan_app(plan: HookPlan, caps: Capabilities) -> None:
-    """The application's side: syscalls:sys_exit_* of APP_SYSCALLS, their arguments from the saved
-    user registers (bpf_task_pt_regs(), 5.15+)."""
+    """The application's side: raw_syscalls:sys_exit (a BTF tracepoint where the kernel allows one,
+    STATE_HOOK_ENV=raw aside), the arguments from the registers the syscall saved."""
     cov = plan.coverage
-    present = [name for name, _ in APP_SYSCALLS if name in caps.syscall_exits]
-    if not caps.app_offsets or not present:
+    numbers = SYSCALL_NUMBERS.get(platform.machine(), {})
+    if not caps.app_offsets or not caps.raw_sys_exit or not numbers:
         cov.hooks["app_errors"] = None
-        cov.notes["app_errors"] = caps.app_missing or "no syscalls:sys_exit_* tracepoints (CONFIG_FTRACE_SYSCALLS)"
+        cov.notes["app_errors"] = (caps.app_missing or ("no raw_syscalls:sys_exit tracepoint (CONFIG_FTRACE_SYSCALLS)"
+                                   if not caps.raw_sys_exit else f"no syscall table for {platform.machine()}"))
         return
-    plan.app_syscalls = {name: APP_SYSCALL_IDS[name] for name in present}
+    plan.app_syscalls = {name: (APP_SYSCALL_IDS[name], numbers[name]) for name, _ in APP_SYSCALLS if name in numbers}
     plan.app_offsets = dict(caps.app_offsets)
-    cov.hooks["app_errors"] = f"tracepoint:syscalls:sys_exit_{{{','.join(present)}}}"
+    btf_type = caps.btf_tracepoints.get("sys_exit")
+    plan.app_hook_type = btf_type if btf_type and os.environ.get(STATE_HOOK_ENV) != "raw" else None
+    kind = "tp_btf" if plan.app_hook_type else "raw_tracepoint"
+    cov.hooks["app_errors"] = f"{kind}:raw_syscalls:sys_exit ({','.join(plan.app_syscalls)})"
     cov.notes["app_errors"] = ("failed syscalls kept per process (the last few, path or fd), attached to the RSTs it "
                                "sends or gets in the window after; each traced listener's accept() calls and SYNs")
     cov.blind_spots.append(IO_URING_BLIND_SPOT)
-    missing = [name for name, _ in APP_SYSCALLS if name not in caps.syscall_exits]
-    if missing:
-        cov.blind_spots.append(f"no sys_exit tracepoint on this kernel for {', '.join(missing)}: their failures are not seen")

@@ -49,6 +49,7 @@ class Filters:
     family: int | None = None          # socket.AF_INET / AF_INET6
     netns: list[int] = field(default_factory=list)   # network namespace inodes
     comms: list[str] = field(default_factory=list)   # process names: the failed syscalls kept (app.bpf.c)
+    cgroups: list[str] = field(default_factory=list) # cgroup v2 directories (on its mount): the same
 
 
 # How long before an RST a failed syscall of its process still explains it (--app-errors-window).
@@ -62,6 +63,8 @@ def build_cflags(caps: Capabilities, filters: Filters, offsets: dict[str, int], 
         flags.append(f"-DAPP_WINDOW_NS={int(app_window_s * 1e9)}ULL")
         if filters.comms:
             flags.append("-DFILTER_COMM")
+        if filters.cgroups:
+            flags.append(f"-DFILTER_CGROUP={len(filters.cgroups)}")
     flags += [f"-D{k}={v}" for k, v in offsets.items()]
     # Fields the per-packet hooks read together, in one read where they sit close
     # (bpf/sock.bpf.c: read_skb_offsets) ...
@@ -208,6 +211,22 @@ class RstProgram:
                 key = table.Key()
                 key.comm = comm.encode()[:15]
                 table[key] = ctypes.c_uint8(1)
+        if filters.cgroups and plan.app_errors:
+            self._fill_cgroup_filter(filters.cgroups)
+
+    def _fill_cgroup_filter(self, directories: list[str]) -> None:
+        """bpf/app.bpf.c's cgroup_filter: each --cgroup's directory on the cgroup v2 mount. One that is
+        not there keeps no slot (nothing in it can be kept: it does not exist)."""
+        table = self.bpf["cgroup_filter"]
+        for i, directory in enumerate(directories):
+            try:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:    # bcc's CgroupArray takes the fd itself; the cache's maps take the value's bytes
+                table[ctypes.c_int(i)] = fd if self.cached is None else ctypes.c_uint32(fd)
+            finally:
+                os.close(fd)
 
     def _compile_apart(self, source: str, cache: str) -> bool:
         """A boot's first start compiles in a child process, which keeps the programs in the cache

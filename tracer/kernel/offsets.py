@@ -88,9 +88,9 @@ def syscall_register_offsets(btf: KernelBTF) -> dict[str, int]:
         return {}
 
 
-# What bpf/app.bpf.c reads, at a syscall's exit: its 1st and 2nd argument in the saved user
-# registers, the fd table down to a listening socket, RLIMIT_NOFILE, and the task's netns.
-APP_REGISTERS = {"x86_64": ("di", "si")}
+# What bpf/app.bpf.c reads, at a syscall's exit: the syscall number and its 1st and 2nd argument in
+# the saved user registers, the fd table down to a listening socket, RLIMIT_NOFILE, the task's netns.
+APP_REGISTERS = {"x86_64": ("orig_ax", "di", "si")}
 APP_OFFSETS = (
     ("OFF_TASK_FILES", "task_struct", "files"),
     ("OFF_FILES_FDT", "files_struct", "fdt"),
@@ -113,10 +113,9 @@ def app_offsets(btf: KernelBTF) -> tuple[dict[str, int], str]:
     if machine not in APP_REGISTERS:
         return {}, f"syscall arguments are read on x86-64 only (this is {machine})"
     try:
-        if "BPF_FUNC_task_pt_regs" not in btf.enum("bpf_func_id"):
-            return {}, "no bpf_task_pt_regs() (Linux 5.15+)"
-        arg0, arg1 = APP_REGISTERS[machine]
-        macros = {"OFF_PT_REGS_ARG0": btf.member("pt_regs", arg0).offset,
+        nr, arg0, arg1 = APP_REGISTERS[machine]
+        macros = {"OFF_PT_REGS_NR": btf.member("pt_regs", nr).offset,
+                  "OFF_PT_REGS_ARG0": btf.member("pt_regs", arg0).offset,
                   "OFF_PT_REGS_ARG1": btf.member("pt_regs", arg1).offset}
         for macro, struct, path in APP_OFFSETS:
             macros[macro] = btf.member(struct, path).offset
