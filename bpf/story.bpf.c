@@ -47,11 +47,18 @@ struct story_val {
 BPF_HASH(stories, struct rsttrace_story_key, struct story_val, STORY_SLOTS);
 /* Stories that ended lately, and when: a segment of such a connection that still meets the full
  * queue afterwards (the closed client's FIN or retransmitted data) belongs to the story already told,
- * and starts none. Least recently used first out: forgetting one only lets such a segment start an
- * `open` story again. */
+ * and starts none — in the same listener's netns: the key has no netns, and another netns of this
+ * host may use the same addresses and ports at once (loopback in each, the same ephemeral port
+ * sequence: it is not per netns). Least recently used first out: forgetting one only lets such a
+ * segment start an `open` story again. */
 #define STORY_ENDED_SLOTS 8192
 #define STORY_ENDED_NS (60ULL * 1000000000ULL)  /* a 4-tuple is not reused sooner (TIME_WAIT) */
-BPF_F_TABLE("lru_hash", struct rsttrace_story_key, __u64, stories_ended, STORY_ENDED_SLOTS, 0);
+struct story_ended {
+	__u64 ns;               /* when it ended */
+	__u32 server_netns;     /* its listener's netns (0: its server side was not seen) */
+	__u32 pad;
+};
+BPF_F_TABLE("lru_hash", struct rsttrace_story_key, struct story_ended, stories_ended, STORY_ENDED_SLOTS, 0);
 
 #ifdef FILTER_PORTS
 /* Handshakes completed per listener (netns, port) of a traced port: the connections that got
@@ -152,8 +159,9 @@ static __always_inline void story_note(struct rsttrace_event *e)
 	if (!v) {
 		if (!starts)
 			return;
-		__u64 *ended = stories_ended.lookup(&key);
-		if (ended && e->ktime_ns - *ended < STORY_ENDED_NS)
+		struct story_ended *ended = stories_ended.lookup(&key);
+		if (ended && e->ktime_ns - ended->ns < STORY_ENDED_NS &&
+		    (!ended->server_netns || ended->server_netns == e->netns))
 			return;     /* told already: a late segment of a connection whose story ended */
 		v = story_start(&key, e->ktime_ns);
 		if (!v)
@@ -265,8 +273,10 @@ static __always_inline void story_end(struct bpf_raw_tracepoint_args *ctx, void 
 	}
 	if (stories.delete(key) == 0)
 		stories_changed(-1);
-	__u64 now = bpf_ktime_get_ns();
-	stories_ended.update(key, &now);
+	struct story_ended ended = {};
+	ended.ns = bpf_ktime_get_ns();
+	ended.server_netns = story.server_netns;
+	stories_ended.update(key, &ended);
 
 	struct rsttrace_event *e = new_event(RSTTRACE_CONNECTION, SLOT_STORY);
 	if (!e)

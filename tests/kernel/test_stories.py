@@ -315,6 +315,14 @@ def stuck_at_full_queue(netns, tracer, abort_on_overflow: int):
     test_final_ack_meeting_a_full_accept_queue, with clients that record their own fate."""
     netns.sysctl("net.ipv4.tcp_abort_on_overflow", abort_on_overflow)
     t = start_tracer(tracer)
+    server, facts, before, after = stuck_round(netns)
+    records = t.stop()
+    assert records[-1]["lost"] == 0, records[-1]["lost"]
+    return server.facts, facts, before, after, records
+
+
+def stuck_round(netns):
+    """stuck_at_full_queue's clients and server, while a tracer runs: (server, facts, before, after)."""
     server = Background(netns, "server", "127.0.0.1", str(PORT), "4", "30")
     stuck = None
     try:
@@ -331,9 +339,23 @@ def stuck_at_full_queue(netns, tracer, abort_on_overflow: int):
         if stuck is not None:
             stuck.stop()
         server.stop()
+    return server, facts, before, after
+
+
+def test_the_same_connection_in_two_netns_one_after_the_other_is_two_stories(make_netns, tracer):
+    # Loopback in each netns, the same client ports: the same addresses and ports twice within a
+    # minute. The kernel keys stories by them alone, and remembers one that ended (a late segment of
+    # it starts no second story) — in its own listener's netns only, so the second netns's are told.
+    spaces = [make_netns(), make_netns()]
+    for ns in spaces:
+        ns.sysctl("net.ipv4.tcp_abort_on_overflow", 1)
+    t = start_tracer(tracer)
+    rounds = [stuck_round(ns) for ns in spaces]
     records = t.stop()
-    assert records[-1]["lost"] == 0, records[-1]["lost"]
-    return server.facts, facts, before, after, records
+    for ns, (_, facts, _, _) in zip(spaces, rounds):
+        assert [c["errno"] for c in facts["clients"]] == ["ECONNRESET"] * 2, facts
+        reset = sorted(r["client"]["port"] for r in connections(records, ns) if r["outcome"] == "reset")
+        assert reset == list(STUCK_PORTS), [brief(r) for r in connections(records, ns)]
 
 
 def test_abort_on_overflow_reset_clients_name_the_rst_that_reset_them(netns, tracer):
