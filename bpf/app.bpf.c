@@ -27,7 +27,8 @@
  *   APP_WINDOW_NS            how long before an event a failure still explains it (--app-errors-window).
  *   APP_SYS_<name>=<id>      a syscall kept; <id> is its place in tracer/kernel/hooks.py APP_SYSCALLS.
  *   NR_<name>                its number on this machine.
- *   OFF_PT_REGS_NR/ARG0/ARG1 where the saved registers keep the syscall number, 1st and 2nd argument.
+ *   OFF_PT_REGS_SYSCALL_NR/ARG1/ARG2  where the saved registers keep the syscall number, 1st and 2nd
+ *                            argument (tracer/kernel/offsets.py, shared with listen.bpf.c).
  *   FILTER_COMM              only tasks whose comm is in map `comm_filter`.
  *   FILTER_CGROUP=N          only tasks in (or below) one of the N cgroups of map `cgroup_filter`.
  */
@@ -121,25 +122,25 @@ struct listen_activity {
 BPF_PERCPU_HASH(listen_activity, struct listen_key, struct listen_activity, LISTEN_ACTIVITY_SLOTS);
 
 /* The entry of a listener in a netns the filters let through, made if new; NULL otherwise. */
-static __always_inline struct listen_activity *activity_of(__u32 netns, __u16 port)
+static __always_inline struct listen_activity *activity_of(struct listen_key *key)
 {
-	if (!netns_wanted(netns))
+	if (!netns_wanted(key->netns))
 		return 0;
-	struct listen_key key = {};
-	key.netns = netns;
-	key.port = port;
-	struct listen_activity *a = listen_activity.lookup(&key);
+	struct listen_activity *a = listen_activity.lookup(key);
 	if (a)
 		return a;
 	struct listen_activity fresh = {};
-	listen_activity.insert(&key, &fresh);       /* fails only if another CPU made it, or the map is full */
-	return listen_activity.lookup(&key);
+	listen_activity.insert(key, &fresh);        /* fails only if another CPU made it, or the map is full */
+	return listen_activity.lookup(key);
 }
 
 /* A SYN reached a traced listener (listen.bpf.c's SYN hooks, kprobe.bpf.c's tcp_conn_request). */
 static __always_inline void app_note_syn(__u32 netns, __u16 port)
 {
-	struct listen_activity *a = activity_of(netns, port);
+	struct listen_key key = {};
+	key.netns = netns;
+	key.port = port;
+	struct listen_activity *a = activity_of(&key);
 	if (!a)
 		return;
 	__u64 now = bpf_ktime_get_ns();
@@ -246,6 +247,20 @@ static __always_inline void *listener_of_fd(__u64 fd)
 	return state == TCP_LISTEN && protocol == IPPROTO_TCP ? sk : 0;
 }
 
+/* The key of the listener behind the syscall's 1st argument (a file descriptor), if it is a TCP
+ * listener on a traced port: 1, else 0. */
+static __always_inline int traced_listener(void *regs, struct listen_key *key)
+{
+	void *sk = listener_of_fd(REGS_LOAD(regs, OFF_PT_REGS_ARG1));
+	if (!sk)
+		return 0;
+	bpf_probe_read_kernel(&key->port, sizeof(key->port), sk + OFF_SOCK_NUM);
+	if (!port_wanted(key->port, 0))
+		return 0;
+	key->netns = netns_of_sock(sk);
+	return 1;
+}
+
 /* How many fds `task` has open: the bits of its fd table's open_fds bitmap, counted where the table
  * has at most OPEN_FDS_WORDS * 64 slots (0 above: not counted). Only at an EMFILE, when user space
  * reading /proc later could find the process changed or gone. */
@@ -285,14 +300,10 @@ static __always_inline __u64 open_fds_of(void *task)
  * returned: an event loop's EAGAIN is a call too (the owner is accepting). */
 static __always_inline void app_accept(void *regs, long ret, __u64 pid_tgid)
 {
-	void *sk = listener_of_fd(REGS_LOAD(regs, OFF_PT_REGS_ARG0));
-	if (!sk)
+	struct listen_key key = {};
+	if (!traced_listener(regs, &key))
 		return;
-	__u16 port = 0;
-	bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_SOCK_NUM);
-	if (!port_wanted(port, 0))
-		return;
-	struct listen_activity *a = activity_of(netns_of_sock(sk), port);
+	struct listen_activity *a = activity_of(&key);
 	if (!a)
 		return;
 	__u64 now = bpf_ktime_get_ns();
@@ -333,15 +344,9 @@ static __always_inline void app_accept(void *regs, long ret, __u64 pid_tgid)
  * must not inherit its predecessor's accept() calls). */
 static __always_inline void app_listen(void *regs)
 {
-	void *sk = listener_of_fd(REGS_LOAD(regs, OFF_PT_REGS_ARG0));
-	if (!sk)
-		return;
 	struct listen_key key = {};
-	bpf_probe_read_kernel(&key.port, sizeof(key.port), sk + OFF_SOCK_NUM);
-	if (!port_wanted(key.port, 0))
-		return;
-	key.netns = netns_of_sock(sk);
-	listen_activity.delete(&key);
+	if (traced_listener(regs, &key))
+		listen_activity.delete(&key);
 }
 
 #define APP_PLAIN 0
@@ -389,11 +394,11 @@ static __always_inline int app_exit(void *regs, long ret, __u16 call, int arg, i
 	f->flags = 0;
 	f->path_len = 0;
 	if (arg == APP_ARG_FD0) {
-		f->fd = (__s32)REGS_LOAD(regs, OFF_PT_REGS_ARG0);
+		f->fd = (__s32)REGS_LOAD(regs, OFF_PT_REGS_ARG1);
 	} else if (arg == APP_ARG_PATH0 || arg == APP_ARG_PATH1) {
 		/* The pointer the syscall was given, still in the saved registers; its string was just
 		 * read by the kernel, so its page is there. */
-		__u64 ptr = arg == APP_ARG_PATH0 ? REGS_LOAD(regs, OFF_PT_REGS_ARG0) : REGS_LOAD(regs, OFF_PT_REGS_ARG1);
+		__u64 ptr = arg == APP_ARG_PATH0 ? REGS_LOAD(regs, OFF_PT_REGS_ARG1) : REGS_LOAD(regs, OFF_PT_REGS_ARG2);
 		long n = bpf_probe_read_user_str(f->path, sizeof(f->path), (void *)ptr);
 		if (n > 0) {
 			f->path_len = n;
@@ -439,7 +444,7 @@ APP_HOOK_PROBE
 {
 	void *regs = (void *)ctx->args[0];
 	long ret = ctx->args[1];
-	switch (REGS_LOAD(regs, OFF_PT_REGS_NR)) {
+	switch (REGS_LOAD(regs, OFF_PT_REGS_SYSCALL_NR)) {
 #ifdef APP_SYS_open
 	APP_CASE(open, APP_ARG_PATH0, APP_PLAIN)
 #endif

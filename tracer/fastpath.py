@@ -22,11 +22,11 @@ Taken only when every sink takes JSON lines as they are (--json) or ignores even
 and only for events the shape decides entirely: RSTs without listener queues whose process is the
 task on the CPU, the one the kernel saw calling connect(), or — for a reset with no socket — the
 listener of the local port (or nobody), and whose process had no failed syscall just before
-(app_errors: the kernel marks those, and they are read for each event). An RST received whose reverse 4-tuple this host sent an
-RST on a moment before is not one of those: its record names that rst_sent (enrich/stories.py), and
-the RSTs sent that templates write are noted for it. The rest take the normal path. Templates are
-dropped every TEMPLATE_TTL_S, so that what changes slowly (process names, cgroups, netns names,
-listeners) is looked up again, as the normal path would.
+(app_errors: the kernel marks those, and they are read for each event). An RST received whose
+reverse 4-tuple this host sent an RST on a moment before is not one of those: its record names that
+rst_sent (enrich/stories.py), and the RSTs sent that templates write are noted for it. The rest take
+the normal path. Templates are dropped every TEMPLATE_TTL_S, so that what changes slowly (process
+names, cgroups, netns names, listeners) is looked up again, as the normal path would.
 """
 from __future__ import annotations
 

@@ -222,7 +222,7 @@ class Session:
             for row in rows:
                 row["connections"] = told.listener_outcomes(row["netns"]["inode"], row["local"]["port"])
         app = self.pipeline.app
-        if app is not None and self.program.bpf is not None:
+        if app is not None:
             for row in rows:
                 row["accept"] = app.accept_block(row["netns"]["inode"], row["local"]["port"])
         return rows

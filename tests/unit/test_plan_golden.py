@@ -39,8 +39,8 @@ OFFSETS = {
     "OFF_NET_MAX_SYN_BACKLOG": 1440, "OFF_NET_SYNCOOKIES": 1343, "OFF_NET_ABORT_ON_OVERFLOW": 1378,
     "OFF_SKB_NETWORK_HEADER": 180, "OFF_SOCK_FAMILY": 16, "OFF_SOCK_DPORT": 12, "OFF_SOCK_RCV_SADDR": 4,
     "OFF_SOCK_DADDR": 0, "OFF_SOCK_V6_RCV_SADDR": 72, "OFF_SOCK_V6_DADDR": 56, "OFF_INET_SPORT": 814,
-    "OFF_SOCK_PROTOCOL": 532, "SOCK_LINGER_BIT": 4, "OFF_PT_REGS_SYSCALL_NR": 120, "OFF_PT_REGS_ARG2": 104,
-    "NR_LISTEN": 50,
+    "OFF_SOCK_PROTOCOL": 532, "SOCK_LINGER_BIT": 4, "OFF_PT_REGS_SYSCALL_NR": 120, "OFF_PT_REGS_ARG1": 112,
+    "OFF_PT_REGS_ARG2": 104, "NR_LISTEN": 50,
 }
 NETSTAT = {
     "OFF_TASK_SE_CFS_RQ": 296, "OFF_NET_MIB_NET_STATISTICS": 528, "OFF_NET_COOKIE": 4096, "OFF_SOCK_DROPS": 136,
@@ -50,10 +50,9 @@ NETSTAT = {
 }
 # bpf/app.bpf.c's offsets as this machine's 6.18 has them
 APP = {
-    "OFF_PT_REGS_NR": 120, "OFF_PT_REGS_ARG0": 112, "OFF_PT_REGS_ARG1": 104, "OFF_TASK_FILES": 1824, "OFF_FILES_FDT": 32,
-    "OFF_FDTABLE_MAX_FDS": 0, "OFF_FDTABLE_FD": 8, "OFF_FDTABLE_OPEN_FDS": 24, "OFF_FILE_PRIVATE_DATA": 24, "OFF_SOCKET_FILE": 16,
-    "OFF_SOCKET_SK": 24, "OFF_TASK_SIGNAL": 1848, "OFF_SIGNAL_RLIM": 688, "OFF_TASK_NSPROXY": 1840,
-    "OFF_NSPROXY_NET_NS": 40,
+    "OFF_TASK_FILES": 1824, "OFF_FILES_FDT": 32, "OFF_FDTABLE_MAX_FDS": 0, "OFF_FDTABLE_FD": 8,
+    "OFF_FDTABLE_OPEN_FDS": 24, "OFF_FILE_PRIVATE_DATA": 24, "OFF_SOCKET_FILE": 16, "OFF_SOCKET_SK": 24,
+    "OFF_TASK_SIGNAL": 1848, "OFF_SIGNAL_RLIM": 688, "OFF_TASK_NSPROXY": 1840, "OFF_NSPROXY_NET_NS": 40,
 }
 
 
@@ -120,8 +119,7 @@ def sparse_6_18() -> Capabilities:
     """6.18 with kernel symbols hidden, no syscall registers in BTF, no sock:sock_recv_length, only IPv4's
     cookie check and no tp_btf."""
     caps = replace(kernel_6_18(), softirq_ranges={}, recv_length=None, btf_tracepoints={},
-                   offsets={k: v for k, v in OFFSETS.items() if k != "OFF_PT_REGS_ARG2"}, app_offsets={},
-                   app_missing="kernel BTF lacks what it needs: pt_regs has no member di")
+                   offsets={k: v for k, v in OFFSETS.items() if not k.startswith("OFF_PT_REGS") and k != "NR_LISTEN"})
     caps.text_ranges = {k: v for k, v in caps.text_ranges.items() if k != "cookie_v6_check"}
     return caps
 

@@ -22,9 +22,9 @@ import time
 from types import SimpleNamespace
 
 from ..events.decode import Event
-from ..kernel.hooks import APP_SYSCALLS
+from ..kernel.hooks import APP_SYSCALL_IDS
 
-SYSCALL_NAMES = {i: name for i, (name, _) in enumerate(APP_SYSCALLS, start=1)}
+SYSCALL_NAMES = {i: name for name, i in APP_SYSCALL_IDS.items()}
 PATH_UNREAD = 0x1                   # bpf/app.bpf.c APP_F_PATH_UNREAD
 
 # How telling a failure is, as the cause of an abort: resource and permission errors first; a path
@@ -52,12 +52,6 @@ ACTIVITY_REFRESH_S = 0.02       # a listener's entry is read at most this often 
 
 def errno_name(err: int) -> str:
     return errno.errorcode.get(err, f"errno {err}")
-
-
-def _ago(ns: int) -> str:
-    if ns < 1_000_000_000:
-        return f"{ns / 1e6:.1f} ms"
-    return f"{ns / 1e9:.1f} s"
 
 
 def _call_text(f: dict) -> str:

@@ -32,6 +32,7 @@ from ..errors import UnsupportedKernelError
 from . import bpfsys
 from .capabilities import Capabilities, Coverage
 from .kallsyms import COOKIE_CHECKERS, SYN_CONSUMER
+from .offsets import SYSCALL_NUMBERS
 
 BACKENDS = ("auto", "tracepoint", "kprobe", "fentry")
 
@@ -61,24 +62,14 @@ SYN_FUNCTIONS = ("tcp_conn_request",)
 ACK_FUNCTIONS = ("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
 
 
-# The syscalls whose failures bpf/app.bpf.c keeps, and which argument tells about each: a path
-# (the 1st, or the 2nd after a directory fd) or a file descriptor. A syscall's id is its place here,
-# from 1 (APP_SYS_<name>=<id>): what the kernel's records carry. Their numbers per machine (NR_<name>).
-PATH0, PATH1, FD0, NO_ARG = "path0", "path1", "fd0", "none"
-APP_SYSCALLS = (
-    ("open", PATH0), ("openat", PATH1), ("openat2", PATH1), ("creat", PATH0), ("mkdir", PATH0),
-    ("mkdirat", PATH1), ("rename", PATH0), ("renameat", PATH1), ("renameat2", PATH1), ("unlink", PATH0),
-    ("unlinkat", PATH1), ("write", FD0), ("pwrite64", FD0), ("writev", FD0), ("fsync", FD0),
-    ("connect", FD0), ("accept", FD0), ("accept4", FD0), ("socket", NO_ARG), ("sendfile64", FD0),
-    ("splice", FD0), ("listen", FD0),   # listen(): also where a listener's accept() history starts
-)
-APP_SYSCALL_IDS = {name: i for i, (name, _) in enumerate(APP_SYSCALLS, start=1)}
-SYSCALL_NUMBERS = {"x86_64": {
-    "open": 2, "openat": 257, "openat2": 437, "creat": 85, "mkdir": 83, "mkdirat": 258, "rename": 82,
-    "renameat": 264, "renameat2": 316, "unlink": 87, "unlinkat": 263, "write": 1, "pwrite64": 18, "writev": 20,
-    "fsync": 74, "connect": 42, "accept": 43, "accept4": 288, "socket": 41, "sendfile64": 40, "splice": 275,
-    "listen": 50,
-}}
+# The syscalls whose failures bpf/app.bpf.c keeps (which argument tells about each, a path or a file
+# descriptor, is said there, APP_CASE). A syscall's id is its place here, from 1 (APP_SYS_<name>=<id>):
+# what the kernel's records carry. Their numbers per machine: offsets.SYSCALL_NUMBERS (NR_<name>).
+APP_SYSCALLS = ("open", "openat", "openat2", "creat", "mkdir", "mkdirat", "rename", "renameat", "renameat2",
+                "unlink", "unlinkat", "write", "pwrite64", "writev", "fsync", "connect", "accept", "accept4",
+                "socket", "sendfile64", "splice",
+                "listen")   # listen(): also where a listener's accept() history starts
+APP_SYSCALL_IDS = {name: i for i, name in enumerate(APP_SYSCALLS, start=1)}
 APP_ERRORS_OFF = ("off: --app-errors hooks the syscalls whose failures explain an abort, and the accept() calls "
                   "that tell why an accept queue is full (every syscall of the host then takes the slower tracing entry)")
 IO_URING_BLIND_SPOT = ("io_uring's accept and openat never pass through the syscalls: a server that accepts "
@@ -390,7 +381,7 @@ def _state_hook_type(caps: Capabilities) -> int | None:
 def _plan_listeners(plan: HookPlan, caps: Capabilities) -> None:
     """The listener table the SYN and ACK raw tracepoints look listeners up in (bpf/listen.bpf.c)."""
     plan.state_hook_type = _state_hook_type(caps)
-    plan.backlog_from_regs = "OFF_PT_REGS_ARG2" in (caps.offsets or {})
+    plan.backlog_from_regs = "NR_LISTEN" in (caps.offsets or {})
     plan.learns_older_listeners = caps.data_ready is not None
     plan.pokes_listeners = caps.recv_length is not None
     if not plan.backlog_from_regs:
@@ -423,12 +414,15 @@ def _plan_app(plan: HookPlan, caps: Capabilities) -> None:
     STATE_HOOK_ENV=raw aside), the arguments from the registers the syscall saved."""
     cov = plan.coverage
     numbers = SYSCALL_NUMBERS.get(platform.machine(), {})
-    if not caps.app_offsets or not caps.raw_sys_exit or not numbers:
+    missing = (caps.app_missing or ("" if caps.app_offsets else "no kernel BTF to read the fd table with") or
+               ("" if caps.raw_sys_exit else "no raw_syscalls:sys_exit tracepoint (CONFIG_FTRACE_SYSCALLS)") or
+               ("" if numbers else f"syscall numbers are known on x86-64 only (this is {platform.machine()})") or
+               ("" if "OFF_PT_REGS_ARG1" in caps.offsets else "kernel BTF has no saved registers of a syscall's arguments"))
+    if missing:
         cov.hooks["app_errors"] = None
-        cov.notes["app_errors"] = (caps.app_missing or ("no raw_syscalls:sys_exit tracepoint (CONFIG_FTRACE_SYSCALLS)"
-                                   if not caps.raw_sys_exit else f"no syscall table for {platform.machine()}"))
+        cov.notes["app_errors"] = missing
         return
-    plan.app_syscalls = {name: (APP_SYSCALL_IDS[name], numbers[name]) for name, _ in APP_SYSCALLS if name in numbers}
+    plan.app_syscalls = {name: (APP_SYSCALL_IDS[name], numbers[name]) for name in APP_SYSCALLS if name in numbers}
     plan.app_offsets = dict(caps.app_offsets)
     btf_type = caps.btf_tracepoints.get("sys_exit")
     plan.app_hook_type = btf_type if btf_type and os.environ.get(STATE_HOOK_ENV) != "raw" else None

@@ -64,33 +64,41 @@ def resolve_offsets(btf: KernelBTF) -> dict[str, int]:
     return macros
 
 
-# listen()'s syscall number per machine: the argument is read only inside that syscall.
-NR_LISTEN = {"x86_64": 50}
-# The saved user registers holding the syscall number and the 2nd argument, per machine.
-SYSCALL_REGISTERS = {"x86_64": ("orig_ax", "si")}
+# The numbers, per machine, of the syscalls rsttrace reads: listen() (listen.bpf.c, inside it) and
+# those --app-errors keeps (bpf/app.bpf.c at their exit: tracer/kernel/hooks.py APP_SYSCALLS).
+SYSCALL_NUMBERS = {"x86_64": {
+    "open": 2, "openat": 257, "openat2": 437, "creat": 85, "mkdir": 83, "mkdirat": 258, "rename": 82,
+    "renameat": 264, "renameat2": 316, "unlink": 87, "unlinkat": 263, "write": 1, "pwrite64": 18, "writev": 20,
+    "fsync": 74, "connect": 42, "accept": 43, "accept4": 288, "socket": 41, "sendfile64": 40, "splice": 275,
+    "listen": 50,
+}}
+# The saved user registers holding a syscall's number, 1st and 2nd argument, per machine.
+SYSCALL_REGISTERS = {"x86_64": ("orig_ax", "di", "si")}
 
 
 def syscall_register_offsets(btf: KernelBTF) -> dict[str, int]:
-    """Where listen()'s backlog argument can be read at the LISTEN state change (in process
-    context, inside the syscall): bpf_task_pt_regs() (Linux 5.15+) gives the saved user registers.
-    Empty where that helper or this machine's layout is unknown: the backlog is then a blind spot."""
+    """Where a syscall's number and first two arguments sit in its saved user registers (struct
+    pt_regs): what bpf/app.bpf.c reads at a syscall's exit (the tracepoint passes the registers), and
+    listen.bpf.c inside listen() at the LISTEN state change, through bpf_task_pt_regs() (Linux
+    5.15+): NR_LISTEN only where that helper exists, else the backlog is a blind spot. Empty where
+    this machine's layout is unknown."""
     machine = platform.machine()
     if machine not in SYSCALL_REGISTERS:
         return {}
     try:
-        if "BPF_FUNC_task_pt_regs" not in btf.enum("bpf_func_id"):
-            return {}
-        nr_reg, arg_reg = SYSCALL_REGISTERS[machine]
-        return {"OFF_PT_REGS_SYSCALL_NR": btf.member("pt_regs", nr_reg).offset,
-                "OFF_PT_REGS_ARG2": btf.member("pt_regs", arg_reg).offset,
-                "NR_LISTEN": NR_LISTEN[machine]}
+        nr_reg, arg1_reg, arg2_reg = SYSCALL_REGISTERS[machine]
+        macros = {"OFF_PT_REGS_SYSCALL_NR": btf.member("pt_regs", nr_reg).offset,
+                  "OFF_PT_REGS_ARG1": btf.member("pt_regs", arg1_reg).offset,
+                  "OFF_PT_REGS_ARG2": btf.member("pt_regs", arg2_reg).offset}
+        if "BPF_FUNC_task_pt_regs" in btf.enum("bpf_func_id"):
+            macros["NR_LISTEN"] = SYSCALL_NUMBERS[machine]["listen"]
+        return macros
     except BTFError:
         return {}
 
 
-# What bpf/app.bpf.c reads, at a syscall's exit: the syscall number and its 1st and 2nd argument in
-# the saved user registers, the fd table down to a listening socket, RLIMIT_NOFILE, the task's netns.
-APP_REGISTERS = {"x86_64": ("orig_ax", "di", "si")}
+# What bpf/app.bpf.c reads besides the syscall's registers (syscall_register_offsets): the fd table
+# down to a listening socket, RLIMIT_NOFILE, the task's netns.
 APP_OFFSETS = (
     ("OFF_TASK_FILES", "task_struct", "files"),
     ("OFF_FILES_FDT", "files_struct", "fdt"),
@@ -109,14 +117,8 @@ APP_OFFSETS = (
 
 def app_offsets(btf: KernelBTF) -> tuple[dict[str, int], str]:
     """bpf/app.bpf.c's offsets, and ""; or {} and what is missing."""
-    machine = platform.machine()
-    if machine not in APP_REGISTERS:
-        return {}, f"syscall arguments are read on x86-64 only (this is {machine})"
+    macros = {}
     try:
-        nr, arg0, arg1 = APP_REGISTERS[machine]
-        macros = {"OFF_PT_REGS_NR": btf.member("pt_regs", nr).offset,
-                  "OFF_PT_REGS_ARG0": btf.member("pt_regs", arg0).offset,
-                  "OFF_PT_REGS_ARG1": btf.member("pt_regs", arg1).offset}
         for macro, struct, path in APP_OFFSETS:
             macros[macro] = btf.member(struct, path).offset
         if btf.member("fdtable", "max_fds").size != 4:

@@ -67,10 +67,10 @@ def event_record(ev: Event) -> dict[str, Any]:
     if "accept" in extra:
         # The listener's accept() calls and SYNs, and why its accept queue is full.
         rec["accept"] = extra["accept"]
-    if "reset_by" in ev.extra:
+    if "reset_by" in extra:
         # An rst_received whose sender rsttrace looked for on this host (tracer/enrich/stories.py):
         # that rst_sent, or null where none matched.
-        rec["reset_by"] = ev.extra["reset_by"]
+        rec["reset_by"] = extra["reset_by"]
     return rec
 
 
