@@ -31,10 +31,6 @@
  *                               cookie's ACK that met a full accept queue is freed (Linux 6.9+).
  */
 
-/* A raw tracepoint program's stack starts with itself and bpf_trace_runN(): skip both, so that the
- * evidence starts at the traced kernel function (user space drops any such frame left). */
-#define RAW_TP_STACK_SKIP 2
-
 /* sock:inet_sock_set_state (Linux 4.16+): (sk, oldstate, newstate), a TCP socket enters or leaves
  * LISTEN. It fires on every state change of every socket (several per connection), so it is a BTF
  * tracepoint where the kernel allows one (STATE_HOOK_BTF: its first reads cost no probe read,
@@ -159,6 +155,9 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
  * to a known listener on a traced port, read the queues it meets and replay the verdict. */
 RAW_TRACEPOINT_PROBE(netif_receive_skb)
 {
+#ifdef ORIGINS
+	origin_received((void *)ctx->args[0]);       /* origin.bpf.c: handshakes' and RSTs' looks */
+#endif
 	if (!have_listeners())
 		return 0;       /* no listener on a traced port: nothing a SYN could be dropped by */
 	void *skb = (void *)ctx->args[0];
@@ -283,10 +282,24 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 	int cookie_ack = 0;
 	if (reason != LISTEN_OVERFLOW_REASON) {
 #ifdef COOKIE_NO_SOCKET_REASON
-		if (reason != COOKIE_NO_SOCKET_REASON || !in_cookie_check(ctx->args[1]))
+		if (reason == COOKIE_NO_SOCKET_REASON && in_cookie_check(ctx->args[1])) {
+			cookie_ack = 1;
+		} else {
+#ifdef ORIGIN_NO_SOCKET
+			if (reason == ORIGIN_NO_SOCKET)
+				origin_freed(ctx, (void *)ctx->args[0]);   /* origin.bpf.c: an RST for no socket */
+			else
+				origin_dropped(ctx, (void *)ctx->args[0]); /* ... or one of TCP's, dropped */
+#endif
 			return 0;
-		cookie_ack = 1;
+		}
 #else
+#ifdef ORIGIN_NO_SOCKET
+		if (reason == ORIGIN_NO_SOCKET)
+			origin_freed(ctx, (void *)ctx->args[0]);
+		else
+			origin_dropped(ctx, (void *)ctx->args[0]);
+#endif
 		return 0;
 #endif
 	}

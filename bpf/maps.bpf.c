@@ -94,7 +94,8 @@ _Static_assert(HOOK_SLOTS == 7, "a new RSTTRACE_HOOK_* value needs its scratch s
 #define SLOT_RST_SENT_TP	(HOOK_SLOTS + 1)      /* tcp:tcp_send_reset */
 #define SLOT_RST_RECEIVED_TP	(HOOK_SLOTS + 2)      /* tcp:tcp_receive_reset */
 #define SLOT_STORY		(HOOK_SLOTS + 3)      /* sock:inet_sock_set_state, a connection's end (story.bpf.c) */
-#define SCRATCH_SLOTS		(HOOK_SLOTS + 4)
+/* HOOK_SLOTS + 4 to + 6: origin.bpf.c's net:net_dev_queue, icmp:icmp_send, skb:kfree_skb */
+#define SCRATCH_SLOTS		(HOOK_SLOTS + 7)
 struct scratch {
 	struct rsttrace_event event;     /* first: walk_stack finds its slot's frames from the event */
 	__u64 ip[STACK_DEPTH];
@@ -192,6 +193,10 @@ static __always_inline int walk_stack_skip(void *ctx, struct rsttrace_event *e, 
 	}
 	return softirq;
 }
+
+/* A raw tracepoint program's stack starts with itself and bpf_trace_runN(): skip both, so that the
+ * evidence starts at the traced kernel function (user space drops any such frame left). */
+#define RAW_TP_STACK_SKIP 2
 
 static __always_inline int walk_stack(void *ctx, struct rsttrace_event *e)
 {
@@ -330,10 +335,10 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 	key.linger_zero = (e->flags & RSTTRACE_F_LINGER) && e->linger_jiffies == 0;
 	key.verdict = e->verdict;
 	key.queue_full = (e->flags & RSTTRACE_F_QUEUES) && e->accept_qlen > e->accept_qmax;
+	key.hook = e->hook;
 	if (e->kernel_reason == RSTTRACE_NO_REASON && e->kind == RSTTRACE_RST_SENT) {
 		key.callers[0] = e->callers[0];
 		key.callers[1] = e->callers[1];
-		key.hook = e->hook;
 	}
 	__u64 one = 1, *n = counts.lookup(&key);
 	if (n)

@@ -150,6 +150,9 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 		connector_of(sk, e);
 #endif
 	}
+#ifdef ORIGINS
+	origin_of_received(e);     /* origin.bpf.c: not from where the peer's packets come from? */
+#endif
 	emit(args, e);
 	return 0;
 }

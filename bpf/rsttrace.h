@@ -44,9 +44,11 @@ enum rsttrace_verdict {
 	RSTTRACE_VERDICT_SYN_COOKIE = 4,         /* request queue full (or syncookies=2): SyncookiesSent */
 	RSTTRACE_VERDICT_LISTEN_DROP_OTHER = 5,  /* dropped, neither queue full: ListenDrops alone (no child
 	                                          * made at the final ACK: memory, route) */
+	RSTTRACE_VERDICT_RST_NOT_FROM_PEER = 6,  /* rst_received: its TTL differs from the peer's handshake
+	                                          * (bpf/origin.bpf.c): sent from elsewhere on the path */
 };
 
-/* Which kernel function a kprobe/fentry program hooked. fentry programs run from a trampoline
+/* Which kernel function a kprobe/fentry program hooked, or which tracepoint saw a reset made outside TCP. fentry programs run from a trampoline
  * before the function's frame exists, so the stack does not show the function itself: this does. */
 enum rsttrace_hook {
 	RSTTRACE_HOOK_NONE = 0,
@@ -56,6 +58,9 @@ enum rsttrace_hook {
 	RSTTRACE_HOOK_TCP_CONN_REQUEST = 4,
 	RSTTRACE_HOOK_TCP_V4_SYN_RECV_SOCK = 5,
 	RSTTRACE_HOOK_TCP_V6_SYN_RECV_SOCK = 6,
+	/* Tracepoints that see resets TCP did not make (bpf/origin.bpf.c) */
+	RSTTRACE_HOOK_NET_DEV_QUEUE = 7,        /* an RST leaving a device, made outside TCP */
+	RSTTRACE_HOOK_ICMP_SEND = 8,            /* an ICMP unreachable answering a TCP segment (kernel_reason: code) */
 };
 
 /* A connection's story (bpf/story.bpf.c), carried by an RSTTRACE_CONNECTION record in the bytes of
@@ -161,7 +166,7 @@ struct rsttrace_count_key {
 	__u8 state;             /* TCP state */
 	__u64 callers[2];       /* innermost two frames when the kernel gave no reason: user space
 	                         * infers the reason from them (tracer/enrich/reasons.py) */
-	__u8 hook;              /* enum rsttrace_hook */
+	__u8 hook;              /* enum rsttrace_hook: the function hooked, or who made the reset */
 	__u8 pad[3];
 	__u32 netns;            /* netns inode: per-(netns, port) counts for metrics */
 };

@@ -148,13 +148,17 @@ class ContainerType(click.ParamType):
 @click.option("--app-errors-window", type=click.FloatRange(min=0, min_open=True, max=3600), default=5.0,
               show_default=True, metavar="SECONDS",
               help="How long before an RST a failed syscall of its process is still attached to it.")
+@click.option("--origins/--no-origins", default=True, show_default=True,
+              help="Tell who really sent each reset: RSTs and ICMP errors made by firewall REJECT rules (and the "
+                   "rule), received RSTs whose TTL says a middlebox forged them, RSTs that find no connection. "
+                   "Hooks every packet's way in and out of a device.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
 def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, fmt, output,
          syslog_target, syslog_facility, metrics_address, max_rate, ring_mb, backend, no_stories, app_errors,
-         app_errors_window, duration, count):
+         app_errors_window, origins, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
     rsttrace loads small eBPF programs (tracepoints; no kernel headers needed), reports each RST
@@ -200,6 +204,7 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         stories=not no_stories,
         app_errors=app_errors,
         app_window_s=app_errors_window,
+        origins=origins,
     )
     run_trace(options, fmt=next(iter(chosen), None), output=output, syslog=syslog,
               syslog_facility=syslog_facility, metrics=metrics)

@@ -105,6 +105,9 @@ _M = {name: f"@@rsttrace:{name}@@" for name in ("time", "ktime", "laddr", "lport
 _LOCAL, _REMOTE, _UNREAD_MARK = "\0L\0", "\0R\0", "\0U\0"
 
 
+PER_EVENT_EXTRAS = {"reset_by", "origin", "firewall"}
+
+
 def supported(sinks: list) -> bool:
     """Every sink takes ready JSON lines, or has no use for event records."""
     return bool(sinks) and all(getattr(s, "write_event_json", None) or getattr(s, "ignores_events", False)
@@ -422,8 +425,9 @@ class FastPath:
                 break
             self.slow += 1
             passed = p.handle(ev)
-            # An RST received that named its sender (enrich/stories.py) is that connection's alone
-            if key is not None and self._template(key) is None and ev.extra.get("reset_by") is None:
+            # An RST received that named its sender (enrich/stories.py), or what a reset's origin
+            # showed (enrich/origins.py), is that connection's alone
+            if key is not None and self._template(key) is None and not any(ev.extra.get(k) is not None for k in PER_EVENT_EXTRAS):
                 self._store(key, ev, passed)
         if written < len(lines):
             self._write(lines[written:])

@@ -20,6 +20,8 @@ from .enrich import reasons
 from .enrich.app import AppErrors
 from .enrich.attribution import Attributor
 from .enrich.cgroups import path_matches
+from .enrich.origins import FIREWALL_REASONS, Origins
+from .enrich import origins as origin_texts
 from .enrich.stacks import Symbolizer
 from .enrich.stories import Stories
 from .events.decode import Decoder, Event
@@ -29,12 +31,15 @@ from .sinks.ratelimit import RateLimit
 
 class Pipeline:
     def __init__(self, options, sinks: list, decoder: Decoder, attributor: Attributor,
-                 ksym: Callable[[int], str] | None = None, stories: Stories | None = None, app: AppErrors | None = None):
+                 ksym: Callable[[int], str] | None = None, stories: Stories | None = None, app: AppErrors | None = None,
+                 origins: Origins | None = None):
         """options: the session's Options (filters, --count, --max-rate, evidence, fast_path).
         ksym: kernel address → symbol, for the events' stacks (None: stacks stay unnamed).
         stories: connections' stories and RST pairs (enrich/stories.py), None with --no-stories.
-        app: the application's failed syscalls and accept() calls (enrich/app.py), None with --no-app-errors."""
+        app: the application's failed syscalls and accept() calls (enrich/app.py), None with --no-app-errors.
+        origins: who really sent a reset (enrich/origins.py), None with --no-origins."""
         self.stories = stories
+        self.origins = origins
         self.app = app
         self.options = options
         self.sinks = sinks
@@ -78,7 +83,8 @@ class Pipeline:
         if self.stacks is not None and (self.options.evidence or ev.kernel_reason is None):
             ev.caller_names = self.stacks.names(ev.hook, ev.callers)
         ev.reason = reasons.classify(ev)
-        self.netns_counter(ev.netns)[ev.kind] += 1
+        # A REJECT's RST or ICMP error is not TCP's: kept apart from the rst_sent TcpOutRsts counts
+        self.netns_counter(ev.netns)["firewall_reject" if ev.reason in FIREWALL_REASONS else ev.kind] += 1
         if self.options.reasons and ev.reason not in self.options.reasons:
             return False
         self.attributor.attribute(ev)
@@ -92,7 +98,11 @@ class Pipeline:
             return True  # counted by the limiter (and exactly in the kernel); said in `suppressed` records
         if self.app is not None:
             self.app.note_accept(ev)
-        ev.explanation = reasons.explain(ev)
+        if self.origins is not None:
+            self.origins.note(ev)
+            ev.explanation = origin_texts.explain(ev, reasons.who(ev)) or reasons.explain(ev)
+        else:
+            ev.explanation = reasons.explain(ev)
         if self.stories is not None and ev.kind == "rst_received":
             ev.explanation = self.stories.explain_pair(ev, ev.explanation)
         if self.app is not None:

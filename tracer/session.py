@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .enrich import counters, stories
 from .enrich.app import AppErrors
+from .enrich.origins import Origins
 from .enrich.attribution import Attributor
 from .enrich.cgroups import cgroup2_mount
 from .enrich.exact import ExactCounts
@@ -63,6 +64,7 @@ class Options:
     stories: bool = True                                 # connections' stories and RST pairs (--no-stories)
     app_errors: bool = False                             # failed syscalls, accept() calls (--app-errors)
     app_window_s: float = DEFAULT_APP_WINDOW_S           # how long before an RST a failure explains it
+    origins: bool = True                                 # who really sent a reset (--no-origins)
 
 
 class Session:
@@ -97,7 +99,7 @@ class Session:
                                   "see `rsttrace doctor`")
         o = self.options
         self.caps = caps
-        self.plan = plan_hooks(caps, o.backend, stories=o.stories, app_errors=o.app_errors)
+        self.plan = plan_hooks(caps, o.backend, stories=o.stories, app_errors=o.app_errors, origins=o.origins)
         self.program = RstProgram(caps, Filters(ports=o.ports, pid=o.pid, family=o.family, netns=o.netns,
                                                 comms=o.comms, cgroups=cgroup_directories(o.cgroups)),
                                   self.plan, o.ring_mb, o.app_window_s)
@@ -111,8 +113,9 @@ class Session:
         decoder = Decoder(self.program.reason_names)
         told = Stories(attributor) if self.plan.stories else None
         app = AppErrors(self.program, o.app_window_s) if self.plan.app_errors else None
+        origins = Origins(self.program, netns_name=attributor.netns.name) if self.plan.origins else None
         self.pipeline = pipeline = Pipeline(o, self.sinks, decoder, attributor, ksym=self.program.ksym,
-                                            stories=told, app=app)
+                                            stories=told, app=app, origins=origins)
         self.exact = ExactCounts(self.program.reason_names, pipeline.stacks, attributor.netns.name)
         self.ring = self.program.open_ring()
         self.storms = Storms(self.program, self.program.ring_bytes, self.exact.reason_of, attributor.netns.name,
@@ -227,7 +230,7 @@ class Session:
                 row["accept"] = app.accept_block(row["netns"]["inode"], row["local"]["port"])
         return rows
 
-    def reconciliation_record(self, exact=None, percpu=None) -> dict:
+    def reconciliation_record(self, exact=None, percpu=None, device=None) -> dict:
         """rsttrace's counts per netns beside the kernel's (enrich/reconcile.py). `exact` and `percpu`:
         the kernel-side counts, read here unless given (at exit they are read before the maps close)."""
         if exact is None:
@@ -235,8 +238,10 @@ class Session:
         if percpu is None:
             percpu = percpu_totals(self.program.netstat_reads())
         written = {inode: dict(c) for inode, c in self.pipeline.netns_counts.items()}
+        if device is None and self.plan.origins:
+            device = self.program.device_rsts()
         rows = reconcile(list(self.sampler.netns.values()), ExactCounts.per_netns(exact), written, percpu,
-                         self.sampler.at_start, self.sampler.start_counters)
+                         self.sampler.at_start, self.sampler.start_counters, device)
         return records.reconciliation_record(rows)
 
     def _report_suppressed(self, now: float) -> None:
@@ -307,6 +312,7 @@ class Session:
             if self.plan.counted:
                 self.program.flush_netstat(netns_alive())
             percpu = percpu_totals(self.program.netstat_reads())
+            device = self.program.device_rsts() if self.plan.origins else None
             skipped = self.program.skipped_runs()
             self._refresh_metrics()
         finally:
@@ -318,7 +324,7 @@ class Session:
             self.sampler.stop()
             self.sampler.sample_once()
             p.emit(records.listeners_record(self._listener_rows()))  # the final drop counts, not ones up to 2 s old
-            final = self.reconciliation_record(exact, percpu)
+            final = self.reconciliation_record(exact, percpu, device)
             p.emit(final)
             reconciliation = final["netns"]
             self.sampler.close()

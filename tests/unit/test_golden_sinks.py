@@ -106,8 +106,9 @@ REASONS = {
     "rst_sent": {0: "NOT_SPECIFIED", 1: "NO_SOCKET", 2: "TCP_INVALID_ACK_SEQUENCE", 5: "TCP_ABORT_ON_DATA",
                  6: "TCP_TIMEWAIT_SOCKET", 7: "TCP_STATE", 8: "TCP_KEEPALIVE_TIMEOUT", 9: "TCP_ABORT_ON_MEMORY",
                  10: "TCP_ABORT_ON_LINGER", 11: "TCP_ABORT_ON_CLOSE", 12: "TCP_DISCONNECT_WITH_DATA",
-                 13: "INVALID_SYN", 14: "MPTCP_RST_EMPTCP"},
+                 13: "INVALID_SYN", 14: "MPTCP_RST_EMPTCP", 15: "TCP_FLAGS"},
     "ack_dropped": {2: "NO_SOCKET", 77: "TCP_LISTEN_OVERFLOW"},
+    "rst_received": {2: "NO_SOCKET", 77: "TCP_LISTEN_OVERFLOW"},
 }
 
 # Kernel text addresses of the callers the records carry, and the names kallsyms gives them.
@@ -119,6 +120,8 @@ KSYMS = {
     0xffffffff81a00090: "tcp_rcv_state_process", 0xffffffff81a000a0: "bpf_prog_6deef7357e7b4530_rst",
     0xffffffff81a000b0: "tcp_v4_rcv", 0xffffffff81a000c0: "tcp_close", 0xffffffff81a000d0: "tcp_v4_do_rcv",
     0xffffffff81a000e0: "tcp_check_req", 0xffffffff81a000f0: "tcp_write_timeout",
+    0xffffffff81a00100: "ip_output", 0xffffffff81a00110: "nf_send_reset", 0xffffffff81a00120: "__icmp_send",
+    0xffffffff81a00130: "nft_reject_inet_eval",
 }
 K = {name: addr for addr, name in KSYMS.items()}
 
@@ -396,6 +399,21 @@ def events() -> list[layout.RawEvent]:
         raw("rst_sent", "127.0.0.1", 8080, "127.0.0.1", 56100, state="ESTABLISHED", flags=SOFT | FULL,
             skaddr=0xffff8880a1001800, callers=["tcp_v4_rcv"]),
 
+        # -- who really sent them (bpf/origin.bpf.c) --
+        # a REJECT rule's RST, seen leaving the device; one's ICMP port unreachable
+        raw("rst_sent", "10.0.0.5", 8443, "10.0.0.9", 56500, hook="net_dev_queue", tcp_flags=SYN, flags=SOFT,
+            callers=["ip_output", "nf_send_reset", "nft_reject_inet_eval"]),
+        raw("rst_sent", "10.0.0.5", 8443, "10.0.0.9", 56600, hook="icmp_send", kernel_reason=3, tcp_flags=SYN,
+            flags=SOFT, callers=["__icmp_send", "nft_reject_inet_eval"]),
+        # a segment of a connection the listener's port no longer has (TCP_FLAGS, from the listener)
+        raw("rst_sent", "127.0.0.1", 8100, "127.0.0.1", 56700, state="LISTEN", kernel_reason=15, tcp_flags=ACK | PSH,
+            flags=SOFT | FULL | 0x02, skaddr=0xffff8880a1001d00, callers=["tcp_v4_send_reset", "tcp_v4_do_rcv"]),
+        # an RST whose TTL is not the peer's; one that found no connection here
+        raw("rst_received", "10.0.0.9", 56800, "10.0.0.5", 443, state="ESTABLISHED", flags=SOFT | FULL,
+            verdict="rst_not_from_peer", skaddr=0xffff8880a1001e00, sock_ino=7003, sock_cookie=5006,
+            callers=["tcp_reset"]),
+        raw("rst_received", "10.0.0.9", 56900, "10.0.0.5", 443, kernel_reason=2, flags=SOFT, callers=["tcp_v4_rcv"]),
+
         # -- RSTs received --
         raw("rst_received", "127.0.0.1", 41000, "127.0.0.1", 8080, state="ESTABLISHED", flags=SOFT | FULL,
             skaddr=0xffff8880a1001900, sock_ino=7001, sock_cookie=5002, callers=["tcp_reset"]),
@@ -595,11 +613,12 @@ def reconcile_inputs(counted: dict, written: dict) -> tuple:
 
 def at_exit(result: Run, exact: list) -> tuple[dict, dict]:
     """The reconciliation and summary records of the run's end, made as Session.finish makes them."""
-    counted: dict[int, dict[str, int]] = {}
-    for key, n in exact:
-        kind = layout.KIND_NAMES[key.kind]
-        counted.setdefault(key.netns, {})[kind] = counted.get(key.netns, {}).get(kind, 0) + n
-    reconciliation = records.reconciliation_record(reconcile(*reconcile_inputs(counted, result.netns_counts)))
+    from tracer.enrich.exact import ExactCounts
+    counted = ExactCounts.per_netns(exact)
+    # RSTs seen leaving the devices (bpf/origin.bpf.c): host's TCP-made ones all, and the REJECT's
+    device = {HOST_NS: {"by_tcp": counted[HOST_NS]["rst_sent"] + 5, "not_by_tcp": 1, "forwarded": 0, "tcp_dropped": 1}}
+    reconciliation = records.reconciliation_record(reconcile(*reconcile_inputs(counted, result.netns_counts),
+                                                             device))
     by_kind: dict[str, dict[str, int]] = {}
     for (kind, reason), n in sorted(result.counts.items()):
         by_kind.setdefault(kind, {})[reason] = n

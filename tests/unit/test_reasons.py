@@ -119,5 +119,5 @@ def test_each_summary_renders_as_its_str_format_template_would():
     ev.process = {"pid": 42, "comm": "we{ird} \"comm\""}
     for reason in reasons.CATALOG.values():
         if reason.summary:
-            expected = reason.summary.format(ev=ev, who=reasons._who(ev), unread=1234)
+            expected = reason.summary.format(ev=ev, who=reasons.who(ev), unread=1234)
             assert reason.one_line(ev) == expected, reason.name

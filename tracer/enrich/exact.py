@@ -15,6 +15,9 @@ from . import reasons
 from .stacks import Symbolizer
 
 
+NOT_BY_TCP = {value for value, name in HOOK_NAMES.items() if name in ("net_dev_queue", "icmp_send")}
+
+
 def kind_name(kind: int) -> str:
     return KIND_NAMES.get(kind, f"kind_{kind}")
 
@@ -45,7 +48,8 @@ class ExactCounts:
                 verdict=(OUTCOME_NAMES if kind == "connection" else VERDICT_NAMES).get(key.verdict, "none"),
                 queue_full=bool(key.queue_full),
                 orphan=bool(key.flags & F_ORPHAN), callers=callers, state=TCP_STATES.get(key.state),
-                unread=1 if key.flags & F_UNREAD else 0, has_socket=bool(key.flags & F_HAVE_SOCKET))
+                unread=1 if key.flags & F_UNREAD else 0, has_socket=bool(key.flags & F_HAVE_SOCKET),
+                hook=HOOK_NAMES.get(key.hook))
             self._reasons[memo] = reason
         return reason
 
@@ -69,6 +73,7 @@ class ExactCounts:
         counted: dict[int, dict[str, int]] = {}
         for key, n in exact:
             by_kind = counted.setdefault(key.netns, {})
-            kind = kind_name(key.kind)
+            # A REJECT's RST or ICMP error (bpf/origin.bpf.c) is not TCP's: apart from TcpOutRsts' rst_sent
+            kind = "firewall_reject" if key.hook in NOT_BY_TCP else kind_name(key.kind)
             by_kind[kind] = by_kind.get(kind, 0) + n
         return counted

@@ -31,12 +31,12 @@ class Reason:
         if ev is None or not self.summary:
             return f"{self.title}: {self.fix}"
         try:
-            return self.summary.format(ev=ev, who=_who(ev), unread=ev.unread_bytes or 0)
+            return self.summary.format(ev=ev, who=who(ev), unread=ev.unread_bytes or 0)
         except (AttributeError, KeyError, IndexError, TypeError):
             return f"{self.title}: {self.fix}"
 
 
-def _who(ev: Event) -> str:
+def who(ev: Event) -> str:
     p = ev.process
     if p and p.get("pid"):
         return f"{p.get('comm') or '?'} (pid {p['pid']})"
@@ -60,11 +60,15 @@ _add(Reason(
     summary="nothing listens on {ev.local}: SYN from {ev.remote} refused with RST "
     "— check the service is up and listening there (ss -ltnp)"))
 _add(Reason(
-    name="no_socket", events=("rst_sent",), title="segment for a connection this host does not know",
-    what="A non-SYN segment arrived for which no socket exists; the kernel answered with RST.",
-    causes="The local side already closed and forgot the connection (process restart, conntrack/NAT timeouts, a "
-    "load balancer sending to the wrong backend), or the peer keeps using a connection after a long idle time.",
-    fix="Compare idle timeouts of clients, proxies and NAT; look for restarts of the local service at that moment.",
+    name="no_socket", events=("rst_sent", "rst_received"), title="segment for a connection this host does not know",
+    what="A non-SYN segment arrived for a connection this host no longer has: it answered with RST (rst_sent; "
+    "where a listener holds the port, the kernel's reason is TCP_FLAGS), or the segment was itself an RST, which "
+    "the kernel drops without a word (rst_received).",
+    causes="The two ends disagree about the connection: one end restarted or rebooted, conntrack or NAT state "
+    "expired (a packet marked INVALID skips DNAT and reaches the host's own stack), a load balancer failed over "
+    "to a backend that never had the connection, or the peer kept using a connection after a long idle time.",
+    fix="Compare idle timeouts of clients, proxies, NAT and conntrack (nf_conntrack_tcp_timeout_established); "
+    "look for restarts of either end and load-balancer failovers at that moment.",
     kernel_names=("NO_SOCKET",), counters=("TcpOutRsts",), severity="warning",
     summary="{ev.local} has no connection from {ev.remote}: the segment was "
     "answered with RST — the local side forgot it (restart, timeout) while the peer kept using it"))
@@ -178,10 +182,44 @@ _add(Reason(
     causes="The peer aborted: it closed with unread data, used SO_LINGER {1,0}, crashed, or had no socket (restart, "
     "wrong port); a middlebox injected the reset.",
     fix="Trace the peer too (rsttrace on that host shows its rst_sent with the reason); for loopback peers the "
-    "matching rst_sent is in this same stream.",
+    "matching rst_sent is in this same stream. An RST whose TTL differs from the peer's packets is reported as "
+    "suspected_injected instead.",
     kernel_names=(), counters=("TcpEstabResets",), severity="warning",
     summary="{who}'s connection {ev.local} ↔ {ev.remote} was reset by the peer "
     "(in state {ev.state}) — look at the peer's rst_sent for the reason"))
+_add(Reason(
+    name="suspected_injected", events=("rst_received",), title="reset forged on the path",
+    what="This socket accepted an RST whose IP TTL (hop limit) differs from the peer's own packets': it was sent "
+    "from somewhere else on the path than the peer, in the peer's name. The application sees ECONNRESET "
+    "(\"Connection reset by peer\"), but the peer's TCP stack sent nothing.",
+    causes="A middlebox resetting the flow: a firewall's REJECT with tcp-reset in its forward path, an IPS or DPI "
+    "box, a load balancer or proxy idle timeout, a censor. A route change between the handshake and the RST "
+    "changes the TTL too (rare).",
+    fix="Do not debug the peer first: find the box on the path (traceroute to the peer, the TTL difference is its "
+    "distance), read its rules, timeouts and logs; run rsttrace on the peer — it shows no rst_sent for this.",
+    kernel_names=(), counters=("TcpEstabResets",), severity="error",
+    summary="{ev.local} ↔ {ev.remote} was reset in the peer's name by something on the path, not by the "
+    "peer's stack (TTL evidence) — look at firewalls, load balancers and IPS between the two"))
+_add(Reason(
+    name="firewall_reject", events=("rst_sent",), title="RST sent by a firewall REJECT rule",
+    what="A netfilter rule (iptables -j REJECT --reject-with tcp-reset, nftables `reject with tcp reset`) answered "
+    "the segment with an RST in the local side's name. TCP never saw the segment: TcpOutRsts does not count it, "
+    "and the client sees \"Connection refused\" (or \"reset by peer\" mid-connection) from a service that may be up.",
+    causes="A firewall rule blocking the port or the client: a host firewall, a container network policy, "
+    "kube-proxy or a security tool's rules; a rule meant for other traffic matching too much.",
+    fix="Find the rule (`nft -a list ruleset`, `iptables-nft -S`, `ip6tables-nft -S` in the netns named) and "
+    "change or remove it, or allow the client before it.",
+    kernel_names=(), counters=(), severity="error"))
+_add(Reason(
+    name="firewall_reject_icmp", events=("rst_sent",), title="segment refused by a firewall REJECT rule with ICMP",
+    what="A netfilter REJECT rule answered a TCP segment with an ICMP destination unreachable (port unreachable "
+    "is iptables' REJECT default; host/admin prohibited are common too). No RST anywhere: the client sees "
+    "\"Connection refused\" or \"No route to host\".",
+    causes="A firewall rule blocking the port; kube-proxy's REJECT for a Service with no endpoints; a policy "
+    "that prohibits the client.",
+    fix="Find the rule (`nft -a list ruleset`, `iptables-nft -S` in the netns named) and change it; for "
+    "Kubernetes check that the Service has ready endpoints (kubectl get endpointslices).",
+    kernel_names=(), counters=("IcmpOutDestUnreachs",), severity="error"))
 _add(Reason(
     name="accept_queue_full", events=("syn_dropped", "ack_dropped", "rst_sent"), title="accept queue full",
     what="The listener's accept queue was full (length > limit), so the kernel dropped the SYN or the handshake's "
@@ -305,6 +343,24 @@ _checks("listener_closed",
         "ss -ltn 'sport = :PORT' before stopping the server: Recv-Q > 0 means connections wait in the accept "
         "queue and will be reset when the listener closes",
         "the service manager's log at that second (journalctl -u SERVICE): a restart, reload or crash")
+_checks("firewall_reject",
+        "nft -a list ruleset — in the netns named (ip netns exec NETNS ..., or nsenter -t PID -n ...): the "
+        "rule's handle is what `nft delete rule FAMILY TABLE CHAIN handle N` takes",
+        "iptables-nft -S; ip6tables-nft -S — the same rules as iptables shows them (-v -L for their counters)",
+        "nstat -az TcpOutRsts — does not move for these RSTs")
+_checks("firewall_reject_icmp",
+        "nft -a list ruleset; iptables-nft -S — in the netns named",
+        "nstat -az IcmpOutDestUnreachs",
+        "Kubernetes: kubectl get endpointslices -A — a Service without ready endpoints is REJECTed by kube-proxy")
+_checks("suspected_injected",
+        "tcpdump -nn -v 'tcp[tcpflags] & tcp-rst != 0' on both ends: the peer shows no RST leaving, this host "
+        "one arriving; compare the TTLs with the peer's other packets",
+        "traceroute -T -p PORT PEER — the boxes in between; the TTL difference is roughly the distance to the sender",
+        "run rsttrace on the peer: it reports no rst_sent for the connection")
+_checks("no_socket",
+        "conntrack -L -p tcp --orig-port-dst PORT (and conntrack -S: `invalid`) on the NAT/router",
+        "sysctl net.netfilter.nf_conntrack_tcp_timeout_established net.netfilter.nf_conntrack_tcp_loose",
+        "uptime / journalctl for a restart of either end at that moment; the load balancer's failover log")
 _checks("peer_reset",
         "run rsttrace on the peer: its rst_sent carries the reason",
         "nstat -az TcpEstabResets")
@@ -340,7 +396,7 @@ def classify(ev: Event) -> str:
     return classify_fields(ev.kind, kernel_reason=ev.kernel_reason, tcp_flags=ev.tcp_flags,
                            linger_zero=ev.linger and ev.linger_jiffies == 0, verdict=ev.verdict,
                            queue_full=queue_full, orphan=ev.orphan, callers=ev.caller_names, state=ev.state,
-                           unread=ev.unread_bytes, has_socket=bool(ev.skaddr))
+                           unread=ev.unread_bytes, has_socket=bool(ev.skaddr), hook=ev.hook)
 
 
 VERDICT_REASONS = {"accept_queue_full": "accept_queue_full", "syn_queue_full": "syn_queue_full",
@@ -351,10 +407,12 @@ VERDICT_REASONS = {"accept_queue_full": "accept_queue_full", "syn_queue_full": "
 def classify_fields(kind: str, *, kernel_reason: str | None = None, tcp_flags: int = 0, linger_zero: bool = False,
                     verdict: str = "none", queue_full: bool = False, orphan: bool = False,
                     callers: list[str] | None = None, state: str | None = None, unread: int | None = None,
-                    has_socket: bool = True) -> str:
+                    has_socket: bool = True, hook: str | None = None) -> str:
     """The same decision from the few fields the kernel's exact-count keys keep."""
     if kind == "rst_received":
-        return "peer_reset"
+        if verdict == "rst_not_from_peer":       # its TTL is not the peer's (bpf/origin.bpf.c)
+            return "suspected_injected"
+        return "no_socket" if kernel_reason == "NO_SOCKET" else "peer_reset"
     if kind == "connection":         # a connection's story: its outcome (enum rsttrace_outcome)
         return verdict
     if kind in ("syn_dropped", "syn_cookie"):
@@ -368,6 +426,14 @@ def classify_fields(kind: str, *, kernel_reason: str | None = None, tcp_flags: i
         return "accept_queue_full" if kernel_reason in ("TCP_LISTEN_OVERFLOW", "NO_SOCKET") else "unknown"
     if kind != "rst_sent":
         return "unknown"
+    if hook == "net_dev_queue":      # an RST TCP did not make, leaving a device: netfilter's REJECT
+        return "firewall_reject"
+    if hook == "icmp_send":          # an ICMP unreachable for a TCP segment: TCP answers with RST, never so
+        return "firewall_reject_icmp"
+    if kernel_reason == "TCP_FLAGS" and state == "LISTEN" and not tcp_flags & TCPHDR_SYN:
+        # A listener got a segment of a connection it does not have (tcp_rcv_state_process(): an ACK in
+        # LISTEN): the port still listens, the connection is forgotten.
+        return "no_socket"
     if kernel_reason is None:
         return infer_rst_reason(callers or [], state=state, unread=unread, linger_zero=linger_zero, orphan=orphan,
                                 tcp_flags=tcp_flags, queue_full=queue_full, has_socket=has_socket)
@@ -440,7 +506,7 @@ def explain_queue(ev: Event) -> str:
     """Name the limit that binds: the listen() backlog, somaxconn, or the SYN-queue rules."""
     q = ev.queues
     sc = q["sysctls"]
-    owner = _who(ev) if ev.process else "the listener"
+    owner = who(ev) if ev.process else "the listener"
     what = {"syn_dropped": "SYN dropped", "ack_dropped": "final ACK dropped", "rst_sent": "final ACK answered with RST",
             "syn_cookie": "SYN answered with a cookie"}.get(ev.kind, ev.kind)
     if ev.kind == "ack_dropped" and ev.kernel_reason == "NO_SOCKET":

@@ -42,14 +42,25 @@ def percpu_totals(reads: list[tuple[int, list[int], list[int], list[int]]]) -> d
 
 def reconcile(states: list[NetnsState], counted: dict[int, dict[str, int]], written: dict[int, dict[str, int]],
               percpu: dict[int, PercpuTotals], at_start: dict[int, int | None],
-              start_counters: dict[int, dict[str, int]]) -> list[dict]:
+              start_counters: dict[int, dict[str, int]], device: dict[int, dict[str, int]] | None = None) -> list[dict]:
     """One row per netns: `rsttrace` (events written), `counted` (every event the hooks saw, written
     or not: the kernel-side exact counts), `kernel` (counter deltas over the same span), where the
-    baseline came from, and coverage."""
+    baseline came from, and coverage. `device`: RSTs that left through a device per netns
+    (bpf/origin.bpf.c), a third count beside TcpOutRsts and rst_sent."""
     rows = []
     for st in states:
         rows.append(_row(st.inode, st.name, st.origin, st.gone, st.baseline, st.latest, st.seen_before,
                          counted.get(st.inode, {}), written.get(st.inode, {}), percpu.get(st.inode)))
+    if device is not None:
+        for row in rows:
+            at_device = dict(device.get(row["inode"]) or {"by_tcp": 0, "not_by_tcp": 0, "forwarded": 0,
+                                                          "tcp_dropped": 0})
+            out_rsts = row["kernel"].get("TcpOutRsts")
+            # What TCP counted that neither left through a device nor was seen dropped on the way: sent
+            # before rsttrace's hooks were in (a late baseline), or a path rsttrace does not know.
+            at_device["unexplained"] = (None if out_rsts is None
+                                        else out_rsts - at_device["by_tcp"] - at_device["tcp_dropped"])
+            row["device_rsts"] = at_device
     sampled = {st.inode for st in states}
     for inode, totals in percpu.items():
         if inode in sampled:

@@ -92,6 +92,11 @@ CACHE_MAX = 65536      # distinct addresses / task names remembered (cleared whe
     "uid", "netns", "state", "unread_bytes", "owner_tgid", "family", "lport", "rport", "flags", "tcp_flags",
     "verdict", "hook", "laddr", "raddr", "comm", "owner_comm", "app_errors"))
 KIND_NAMES, VERDICT_NAMES, HOOK_NAMES, NO_REASON = layout.KIND_NAMES, layout.VERDICT_NAMES, layout.HOOK_NAMES, layout.NO_REASON
+HOOK_ICMP_SEND = layout.ENUMS["rsttrace_hook"]["RSTTRACE_HOOK_ICMP_SEND"]
+# ICMP destination-unreachable codes (RFC 792, 1812), as iptables' --reject-with and nft's `reject with
+# icmp` name them: what a REJECT rule answered a TCP segment with (bpf/origin.bpf.c, icmp:icmp_send).
+ICMP_UNREACH_CODES = {0: "NET_UNREACHABLE", 1: "HOST_UNREACHABLE", 2: "PROT_UNREACHABLE", 3: "PORT_UNREACHABLE",
+                      9: "NET_PROHIBITED", 10: "HOST_PROHIBITED", 13: "ADMIN_PROHIBITED"}
 OUTCOME_NAMES = layout.OUTCOME_NAMES
 F_SOFTIRQ, F_LINGER, F_FULLSOCK, F_QUEUES, F_INFERRED, F_ORPHAN = (
     layout.F_SOFTIRQ, layout.F_LINGER, layout.F_FULLSOCK, layout.F_QUEUES, layout.F_INFERRED, layout.F_ORPHAN)
@@ -191,6 +196,8 @@ class Decoder:
             VERDICT_NAMES.get(t[_VERDICT], "none"),
             HOOK_NAMES.get(t[_HOOK]),
         )
+        if t[_HOOK] == HOOK_ICMP_SEND:        # an ICMP error answering the segment: its code, by name
+            ev.kernel_reason = ICMP_UNREACH_CODES.get(kernel_reason, f"CODE_{kernel_reason}")
         if t[_APP_ERRORS]:
             ev.extra["app_errors_kept"] = t[_APP_ERRORS]    # failed syscalls before it (enrich/app.py)
         if kind_value == CONNECTION:

@@ -74,6 +74,8 @@ class Capabilities:
     recv_length: TracepointFormat | None = None      # sock:sock_recv_length (Linux 6.3+)
     kfree_skb: TracepointFormat | None = None        # skb:kfree_skb
     netif_receive_skb: bool = False                  # net:netif_receive_skb (raw tracepoint)
+    net_dev_queue: bool = False                      # net:net_dev_queue (raw tracepoint)
+    icmp_send: bool = False                          # icmp:icmp_send (Linux 6.12+)
     consume_skb: TracepointFormat | None = None      # skb:consume_skb (its `location` since Linux 6.3)
     text_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)   # LOCATED_FUNCTIONS' [start, end)
     prog_load: dict[str, int] = field(default_factory=dict)   # program type -> errno (0 = loads)
@@ -118,6 +120,9 @@ class Capabilities:
         if not self.kfree_skb or not self.kfree_skb.has("rx_sk"):
             return None
         return self._drop_reason("TCP_LISTEN_OVERFLOW")
+
+    def drop_reason(self, wanted: str) -> int | None:
+        return self._drop_reason(wanted) if self.kfree_skb is not None else None
 
     def _drop_reason(self, wanted: str) -> int | None:
         return next((v for v, name in self.kfree_skb.symbols("reason").items() if name == wanted), None)
@@ -310,6 +315,8 @@ def probe(mount_tracefs: bool = True) -> Capabilities:
         caps.recv_length = read_format(caps.tracefs, "sock", "sock_recv_length")
         caps.kfree_skb = read_format(caps.tracefs, "skb", "kfree_skb")
         caps.netif_receive_skb = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "netif_receive_skb"))
+        caps.net_dev_queue = os.path.isdir(os.path.join(caps.tracefs, "events", "net", "net_dev_queue"))
+        caps.icmp_send = os.path.isdir(os.path.join(caps.tracefs, "events", "icmp", "icmp_send"))
         caps.consume_skb = read_format(caps.tracefs, "skb", "consume_skb")
         caps.raw_sys_exit = os.path.isdir(os.path.join(caps.tracefs, "events", "raw_syscalls", "sys_exit"))
         caps.kprobe_pmu = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \

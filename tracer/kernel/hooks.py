@@ -13,6 +13,10 @@
                   tcp:tcp_retransmit_skb / tcp_retransmit_synack for retransmits (off: --no-stories)
     app_errors    the application's failed syscalls and its listeners' accept() calls (bpf/app.bpf.c):
                   raw_syscalls:sys_exit, for APP_SYSCALLS (on: --app-errors)
+    origins       who really sent a reset (bpf/origin.bpf.c): net:net_dev_queue for RSTs made outside TCP
+                  (netfilter REJECTs), icmp:icmp_send for REJECTs answering with ICMP, net:netif_receive_skb
+                  for the TTL of RSTs against the peer's handshake, skb:kfree_skb NO_SOCKET for RSTs that
+                  find no connection (off: --no-origins)
 
 Function hooks enter through fentry where the kernel allows BPF_PROG_TYPE_TRACING (cheaper than a
 kprobe's breakpoint), through kprobes otherwise. `--backend tracepoint|kprobe|fentry` forces one
@@ -31,7 +35,7 @@ from enum import Enum
 from ..errors import UnsupportedKernelError
 from . import bpfsys
 from .capabilities import Capabilities, Coverage
-from .kallsyms import COOKIE_CHECKERS, SYN_CONSUMER
+from .kallsyms import COOKIE_CHECKERS, SYN_CONSUMER, TCP_V6_REPLY
 from .offsets import SYSCALL_NUMBERS
 
 BACKENDS = ("auto", "tracepoint", "kprobe", "fentry")
@@ -121,6 +125,14 @@ class HookPlan:
     app_syscalls: dict[str, tuple[int, int]] = field(default_factory=dict)   # name → (id, number)
     app_offsets: dict[str, int] = field(default_factory=dict)
     app_hook_type: int | None = None        # raw_syscalls:sys_exit as tp_btf (its btf_trace_* id), else raw
+    # Who really sent a reset (bpf/origin.bpf.c): the tracepoints it attaches itself (listen.bpf.c's
+    # programs call it where they run on the same tracepoint)
+    origins: bool = False
+    origin_icmp: bool = False               # icmp:icmp_send (Linux 6.12+)
+    origin_receive_hook: bool = False       # net:netif_receive_skb, where listen.bpf.c does not hook it
+    origin_no_socket: int | None = None     # skb_drop_reason NO_SOCKET: RSTs that find no connection
+    origin_free_hook: bool = False          # skb:kfree_skb, where listen.bpf.c does not hook it
+    tcp_v6_reply: tuple[int, int] | None = None   # tcp_v6_send_response()'s text: its RSTs carry no socket
     # Hook files the loader pastes after the subject files (loader.SUBJECT_FILES), in this order
     files: list[str] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
@@ -195,6 +207,15 @@ class HookPlan:
             for name, (i, nr) in self.app_syscalls.items():
                 out += [f"-DAPP_SYS_{name}={i}", f"-DNR_{name}={nr}"]
             out += [f"-D{name}={value}" for name, value in sorted(self.app_offsets.items())]
+        if self.origins:
+            out.append("-DORIGINS")
+            if self.tcp_v6_reply:
+                out += [f"-DTCP_V6_REPLY_LO={self.tcp_v6_reply[0]:#x}ULL", f"-DTCP_V6_REPLY_HI={self.tcp_v6_reply[1]:#x}ULL"]
+            flags = ((self.origin_icmp, "-DORIGIN_ICMP"), (self.origin_receive_hook, "-DORIGIN_RECEIVE_HOOK"),
+                     (self.origin_free_hook, "-DORIGIN_FREE_HOOK"))
+            out += [macro for chosen, macro in flags if chosen]
+            if self.origin_no_socket is not None:
+                out.append(f"-DORIGIN_NO_SOCKET={self.origin_no_socket}")
         if self.ipv6_reset:
             out.append("-DHAVE_IPV6_RESET")
         if self.synq_full_gt:
@@ -206,10 +227,12 @@ def _fentry(hook: Hook, group: str) -> list[str]:
     return [f"-DFENTRY_{group}"] if hook is Hook.FENTRY else []
 
 
-def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True, app_errors: bool = False) -> HookPlan:
+def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True, app_errors: bool = False,
+               origins: bool = True) -> HookPlan:
     """stories: follow connections hurt by drops and resets (off: --no-stories). app_errors: keep the
     application's failed syscalls and its accept() calls (--app-errors; off by default, for what it
-    costs every syscall of the host: scripts/bench/README.md)."""
+    costs every syscall of the host: scripts/bench/README.md). origins: tell who really sent a reset
+    (off: --no-origins)."""
     if backend == "kprobe" and not caps.kprobes:
         raise UnsupportedKernelError("--backend kprobe: this kernel has no kprobes",
                                      "use --backend auto (see `rsttrace doctor`)")
@@ -230,6 +253,11 @@ def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True, 
     else:
         plan.coverage.hooks["app_errors"] = None
         plan.coverage.notes["app_errors"] = APP_ERRORS_OFF
+    if origins:
+        _plan_origins(plan, caps)
+    else:
+        plan.coverage.hooks["origins"] = None
+        plan.coverage.notes["origins"] = "off: --no-origins"
     plan.ipv6_reset = plan.function_hooks and caps.has_function("tcp_v6_send_reset")
     plan.synq_full_gt = caps.synq_full_gt
     if not caps.softirq_ranges:
@@ -407,6 +435,40 @@ def _plan_stories(plan: HookPlan, caps: Capabilities) -> None:
     cov.blind_spots.append(
         "connections are followed by addresses and ports, not by netns: across a NAT the two ends are two "
         "stories, and a remote client that gives up silently is ended by rsttrace after a while (open)")
+
+
+def _plan_origins(plan: HookPlan, caps: Capabilities) -> None:
+    """Resets TCP did not make, and received ones that do not look like the peer's."""
+    cov = plan.coverage
+    if not (caps.net_dev_queue and caps.netif_receive_skb and "OFF_SKB_SK" in caps.offsets):
+        cov.hooks["origins"] = None
+        cov.notes["origins"] = "no net:net_dev_queue / net:netif_receive_skb tracepoints, or no BTF for sk_buff"
+        return
+    plan.origins = True
+    plan.origin_icmp = caps.icmp_send
+    plan.origin_receive_hook = plan.syn_verdicts is not Hook.NETIF_RECEIVE_SKB
+    if caps.kfree_skb is not None and caps.kfree_skb.has("reason"):
+        plan.origin_no_socket = caps.drop_reason("NO_SOCKET")
+        plan.origin_free_hook = plan.ack_dropped is not Hook.KFREE_SKB
+    plan.tcp_v6_reply = caps.text_ranges.get(TCP_V6_REPLY)
+    hooks = ["net_dev_queue", "netif_receive_skb"]
+    if plan.origin_icmp:
+        hooks.append("icmp_send")
+    if plan.origin_no_socket is not None:
+        hooks.append("kfree_skb")
+    cov.hooks["origins"] = "raw_tracepoint:" + ",".join(hooks)
+    cov.notes["origins"] = ("RSTs made outside TCP (netfilter REJECT) as they leave a device; received RSTs' TTL "
+                            "against the peer's handshake; RSTs that find no connection")
+    if not plan.origin_icmp:
+        cov.blind_spots.append("REJECTs that answer with ICMP are not seen: no icmp:icmp_send tracepoint "
+                               "(Linux 6.12+)")
+    cov.blind_spots.append("REJECTs answering IPv6 with ICMPv6, or IPv4 with net/host unreachable, are not seen "
+                           "(icmpv6_send has no tracepoint; routing failures send those codes too)")
+    if plan.origin_no_socket is None:
+        cov.blind_spots.append("RSTs that find no connection are not seen: skb:kfree_skb has no drop reason")
+    if plan.tcp_v6_reply is None:
+        cov.blind_spots.append("IPv6 RSTs without a socket cannot be told from TCP's own: "
+                               "tcp_v6_send_response not in /proc/kallsyms")
 
 
 def _plan_app(plan: HookPlan, caps: Capabilities) -> None:

@@ -21,8 +21,12 @@ SYN_CONSUMER = "tcp_rcv_state_process"
 # The functions that drop a SYN cookie's ACK with reason NO_SOCKET when tcp_v4/v6_syn_recv_sock() refuses
 # the child — in practice, a full accept queue (bpf/listen.bpf.c, kfree_skb).
 COOKIE_CHECKERS = ("cookie_v4_check", "cookie_v6_check")
-# The kernel functions whose text ranges BPF programs compare a tracepoint's `location` with.
-LOCATED_FUNCTIONS = (SYN_CONSUMER, *COOKIE_CHECKERS)
+# TCP's IPv6 replies (RSTs for no socket, ACKs for TIME_WAIT) leave through it without a socket on the
+# skb, unlike IPv4's: an RST with it on the stack is TCP's own (bpf/origin.bpf.c).
+TCP_V6_REPLY = "tcp_v6_send_response"
+# The kernel functions whose text ranges BPF programs compare a tracepoint's `location` (or a stack
+# frame) with.
+LOCATED_FUNCTIONS = (SYN_CONSUMER, *COOKIE_CHECKERS, TCP_V6_REPLY)
 _CHUNK = 1 << 16
 
 

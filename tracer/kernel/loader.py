@@ -129,13 +129,14 @@ def _quiet_stderr():
 
 # bpf/'s subject files, pasted before the hook files in this order: each uses only those before it.
 # maps.bpf.c comes first because `events` must be the first map declared (its EVENTS_MAP).
-SUBJECT_FILES = ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c", "app.bpf.c")
+SUBJECT_FILES = ("maps.bpf.c", "sock.bpf.c", "syn_verdict.bpf.c", "owners.bpf.c", "story.bpf.c", "app.bpf.c",
+                 "origin.bpf.c")
 # The subject files each hook file uses (a hook file not named here gets them all). Every event
 # passes emit(), which feeds connections' stories and asks for the application's failed syscalls:
 # story.bpf.c and app.bpf.c go with every hook file (they compile to nothing without STORIES,
 # APP_ERRORS).
 HOOK_SUBJECTS = {
-    "rst.bpf.c": ("maps.bpf.c", "sock.bpf.c", "owners.bpf.c", "story.bpf.c", "app.bpf.c"),
+    "rst.bpf.c": ("maps.bpf.c", "sock.bpf.c", "owners.bpf.c", "story.bpf.c", "app.bpf.c", "origin.bpf.c"),
     "netstat.bpf.c": SUBJECT_FILES,
     "listen.bpf.c": SUBJECT_FILES,
     "kprobe.bpf.c": SUBJECT_FILES,
@@ -196,6 +197,8 @@ class RstProgram:
         self.reason_names = {
             "rst_sent": caps.send_reset.symbols("reason") if caps.rst_reason else {},
             "ack_dropped": caps.kfree_skb.symbols("reason") if caps.kfree_skb else {},
+            # an RST that found no socket (bpf/origin.bpf.c) carries the drop reason NO_SOCKET
+            "rst_received": caps.kfree_skb.symbols("reason") if caps.kfree_skb and plan.origins else {},
         }
         if filters.ports:
             table = self.bpf["port_filter"]
@@ -440,6 +443,42 @@ class RstProgram:
             return table[key]
         except KeyError:
             return None
+
+    def _flow_lookup(self, name: str, netns: int, family: int, lport: int, rport: int, laddr: bytes, raddr: bytes):
+        table = self.bpf[name]
+        key = table.Key()
+        key.netns, key.family, key.lport, key.rport = netns, family, lport, rport
+        ctypes.memmove(key.laddr, laddr, len(laddr))
+        ctypes.memmove(key.raddr, raddr, len(raddr))
+        try:
+            return table[key]
+        except KeyError:
+            return None
+
+    def rst_look(self, netns: int, family: int, lport: int, rport: int, laddr: bytes, raddr: bytes):
+        """A received RST's TTL and timestamp option against its flow's handshake (bpf/origin.bpf.c:
+        struct rst_look), or None."""
+        if not self.plan.origins or self.bpf is None:
+            return None
+        return self._flow_lookup("rst_looks", netns, family, lport, rport, laddr, raddr)
+
+    def made_rst(self, family: int, lport: int, rport: int, laddr: bytes, raddr: bytes):
+        """An RST made outside TCP on this host for the flow its receiver sees so (struct made_rst:
+        where and when), or None."""
+        if not self.plan.origins or self.bpf is None:
+            return None
+        return self._flow_lookup("made_rsts", 0, family, lport, rport, laddr, raddr)
+
+    def device_rsts(self) -> dict[int, dict[str, int]]:
+        """RSTs that left through a device, per netns inode: made by TCP, not, forwarded; and TCP's freed
+        before a device (summed over CPUs)."""
+        if not self.plan.origins or self.bpf is None:
+            return {}
+        out: dict[int, dict[str, int]] = {}
+        for key, per_cpu in self.bpf["device_rsts"].items():
+            out[key.value] = {name: sum(getattr(v, name) for v in per_cpu)
+                              for name in ("by_tcp", "not_by_tcp", "forwarded", "tcp_dropped")}
+        return out
 
     def handshakes(self) -> dict[tuple[int, int], int]:
         """Handshakes completed per listener (netns inode, port) of a traced port (bpf/story.bpf.c);

@@ -41,6 +41,9 @@ OFFSETS = (
     ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
     ("OFF_SOCK_PROTOCOL", "sock", "sk_protocol"),
     ("OFF_SOCK_ERR", "sock", "sk_err"),
+    ("OFF_SKB_SK", "sk_buff", "sk"),
+    ("OFF_SKB_IIF", "sk_buff", "skb_iif"),
+    ("OFF_SKB_DATA", "sk_buff", "data"),
 )
 
 # Fields read with a fixed width in the C code: a kernel that changed their type must be refused,
@@ -48,7 +51,7 @@ OFFSETS = (
 SIZES = {"OFF_SOCK_ACK_BACKLOG": 4, "OFF_SOCK_MAX_ACK_BACKLOG": 4, "OFF_ICSK_SYN_QLEN": 4, "OFF_NET_SOMAXCONN": 4,
          "OFF_NET_MAX_SYN_BACKLOG": 4, "OFF_NET_SYNCOOKIES": 1, "OFF_NET_ABORT_ON_OVERFLOW": 1, "OFF_SOCK_NUM": 2,
          "OFF_SKB_NETWORK_HEADER": 2, "OFF_SKB_TRANSPORT_HEADER": 2, "OFF_SOCK_FAMILY": 2, "OFF_SOCK_DPORT": 2, "OFF_INET_SPORT": 2, "OFF_TCP_RCV_NXT": 4, "OFF_TCP_COPIED_SEQ": 4,
-         "OFF_SOCK_PROTOCOL": 2, "OFF_SOCK_ERR": 4}     # sk_protocol: a u16 since Linux 5.6 (a bitfield before)
+         "OFF_SOCK_PROTOCOL": 2, "OFF_SOCK_ERR": 4, "OFF_SKB_IIF": 4}     # sk_protocol: a u16 since Linux 5.6 (a bitfield before)
 
 
 def resolve_offsets(btf: KernelBTF) -> dict[str, int]:

@@ -67,6 +67,13 @@ def event_record(ev: Event) -> dict[str, Any]:
     if "accept" in extra:
         # The listener's accept() calls and SYNs, and why its accept queue is full.
         rec["accept"] = extra["accept"]
+    if "firewall" in extra:
+        # firewall_reject(_icmp): the REJECT rules of that netns that could have sent it (enrich/origins.py).
+        rec["firewall"] = extra["firewall"]
+    if "origin" in extra:
+        # rst_received: its TTL and timestamp option against the peer's handshake, and the REJECT on
+        # this host that made it, if one did (enrich/origins.py).
+        rec["origin"] = extra["origin"]
     if "reset_by" in extra:
         # An rst_received whose sender rsttrace looked for on this host (tracer/enrich/stories.py):
         # that rst_sent, or null where none matched.

@@ -47,9 +47,18 @@ def print_summary(summary: dict, out=stderr) -> None:
                  "late": f" (first read late: {ns.get('events_before_baseline', 0)} events before)"}.get(ns.get("baseline"), "")
         other = ns.get("unexplained", {}).get("TcpExtListenDrops")
         other = f", {other} the kernel counted where no hook saw a drop" if other else ""
+        dev = ns.get("device_rsts")
+        at_device = ""
+        if dev and (dev["by_tcp"] or dev["not_by_tcp"] or dev["tcp_dropped"] or dev.get("unexplained")):
+            at_device = f"; leaving the devices {dev['by_tcp']} by TCP, {dev['not_by_tcp']} not"
+            if dev["tcp_dropped"]:
+                at_device += f", {dev['tcp_dropped']} of TCP's dropped on the way out"
+            if dev.get("unexplained"):
+                at_device += f", {dev['unexplained']} TcpOutRsts unexplained"
+        rejects = f"; {ours['firewall_reject']} by firewall REJECTs" if ours.get("firewall_reject") else ""
         out(f"  netns {name}{since}{gone}: RSTs sent {ours.get('rst_sent', 0)} seen / {_known(k.get('TcpOutRsts'))} "
-            f"counted (TcpOutRsts); listen drops {listen} seen / {_known(k.get('TcpExtListenDrops'))} counted "
-            f"(ListenDrops){other}")
+            f"counted (TcpOutRsts){rejects}{at_device}; listen drops {listen} seen / "
+            f"{_known(k.get('TcpExtListenDrops'))} counted (ListenDrops){other}")
     told = summary.get("connections")
     for c in (told or {}).get("per_listener") or []:
         out("  " + listener_connections(c))
