@@ -155,7 +155,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
  * to a known listener on a traced port, read the queues it meets and replay the verdict. */
 RAW_TRACEPOINT_PROBE(netif_receive_skb)
 {
-#ifdef ORIGINS
+#ifdef ORIGIN_PACKETS
 	origin_received((void *)ctx->args[0]);       /* origin.bpf.c: handshakes' and RSTs' looks */
 #endif
 	if (!have_listeners())
@@ -288,8 +288,10 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 #ifdef ORIGIN_NO_SOCKET
 			if (reason == ORIGIN_NO_SOCKET)
 				origin_freed(ctx, (void *)ctx->args[0]);   /* origin.bpf.c: an RST for no socket */
+#ifdef ORIGIN_PACKETS
 			else
 				origin_dropped(ctx, (void *)ctx->args[0]); /* ... or one of TCP's, dropped */
+#endif
 #endif
 			return 0;
 		}
@@ -297,8 +299,10 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 #ifdef ORIGIN_NO_SOCKET
 		if (reason == ORIGIN_NO_SOCKET)
 			origin_freed(ctx, (void *)ctx->args[0]);
+#ifdef ORIGIN_PACKETS
 		else
 			origin_dropped(ctx, (void *)ctx->args[0]);
+#endif
 #endif
 		return 0;
 #endif

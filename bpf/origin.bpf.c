@@ -2,7 +2,7 @@
  * Uses maps.bpf.c and sock.bpf.c. The TCP tracepoints see only what TCP itself does; three kinds of
  * reset pass by them:
  *
- *   net:net_dev_queue     every packet leaving through a device (Linux 3.x+). An RST that TCP did not
+ *   net:net_dev_queue     (--origins) every packet leaving through a device. An RST that TCP did not
  *                         make — no socket on the skb (TCP's own replies carry its per-CPU control
  *                         socket, Linux 4.x+; IPv6 replies do not, but have tcp_v6_send_response() on
  *                         the stack) and not forwarded (skb_iif 0) — was made by netfilter's REJECT
@@ -13,7 +13,7 @@
  *                         answers with RST, never ICMP, so netfilter's REJECT (nf_send_unreach) or a
  *                         prohibit route sent it. `rst_sent` of hook ICMP_SEND, kernel_reason = ICMP code.
  *                         REJECTs answering net/host unreachable look like routing failures: not kept.
- *   net:netif_receive_skb every packet entering through a device: the TTL (hop limit) and timestamp
+ *   net:netif_receive_skb (--origins) every packet entering through a device: the TTL and timestamp
  *                         option of each flow's SYN or SYN-ACK (peer_looks), and of each RST, compared
  *                         with its flow's (rst_looks). A received RST whose TTL differs from the peer's
  *                         handshake was not sent from where the peer's packets come from: a middlebox
@@ -22,7 +22,10 @@
  *                         host does not have; reported as an `rst_received` without a socket. Any other
  *                         drop of an RST TCP made, on its way out: counted (device_rsts.tcp_dropped).
  *
- *   ORIGINS                 this file is in.
+ *   ORIGINS                 this file is in: ICMP REJECTs and RSTs for no socket, which cost nothing until
+ *                           they happen.
+ *   ORIGIN_PACKETS          --origins: the per-packet hooks as well (net_dev_queue, netif_receive_skb), and
+ *                           the accounting of TCP's RSTs dropped on their way out.
  *   TCP_V6_REPLY_LO/HI      tcp_v6_send_response()'s text: an IPv6 RST from it is TCP's own.
  *   ORIGIN_ICMP             icmp:icmp_send exists.
  *   ORIGIN_RECEIVE_HOOK     this file attaches net:netif_receive_skb itself (listen.bpf.c calls
@@ -38,6 +41,7 @@
 #define SLOT_RST_NO_SOCKET	(HOOK_SLOTS + 6)      /* skb:kfree_skb, an RST for no socket */
 _Static_assert(SCRATCH_SLOTS == HOOK_SLOTS + 7, "origin.bpf.c's scratch slots");
 
+#ifdef ORIGIN_PACKETS
 /* A flow as one end sees it: its netns (0 where the end is not known yet), local side first. */
 struct flow_key {
 	__u32 netns;
@@ -98,7 +102,7 @@ struct packet {
 
 static __always_inline int read_packet(unsigned char *at, struct packet *p, int need_options)
 {
-	__u8 pkt[100];                       /* IP header, TCP header and 40 bytes of options */
+	__u8 pkt[64];                        /* the IP and TCP headers; then the TCP options */
 	if (!at || bpf_probe_read_kernel(pkt, 60, at) != 0)
 		return 0;
 	__u8 version = pkt[0] >> 4, proto;
@@ -139,7 +143,7 @@ static __always_inline int read_packet(unsigned char *at, struct packet *p, int 
 	int optlen = (pkt[hlen + 12] >> 4) * 4 - 20;
 	if (optlen <= 0)
 		return 1;
-	if (bpf_probe_read_kernel(pkt, sizeof(pkt), at + hlen + 20) != 0)
+	if (bpf_probe_read_kernel(pkt, 40, at + hlen + 20) != 0)    /* options: 40 bytes at most */
 		return 1;
 	/* Options: kind 0 ends them, kind 1 is one byte, the rest are kind, length, data. */
 	int i = 0;
@@ -334,6 +338,8 @@ RAW_TRACEPOINT_PROBE(net_dev_queue)
 	return 0;
 }
 
+#endif /* ORIGIN_PACKETS */
+
 #ifdef ORIGIN_ICMP
 /* icmp:icmp_send (raw: skb_in, type, code; Linux 6.12+) — an ICMP error about a received packet. For
  * a TCP segment, a destination unreachable is a REJECT's answer (nf_send_unreach) or a prohibit
@@ -370,6 +376,7 @@ RAW_TRACEPOINT_PROBE(icmp_send)
 #endif
 
 #ifdef ORIGIN_NO_SOCKET
+#ifdef ORIGIN_PACKETS
 /* skb:kfree_skb, any other drop: an RST TCP made, freed on its way out before any device (skb_iif 0;
  * TCP's own: a socket on the skb, or tcp_v6_send_response() on the stack) — TcpOutRsts counted it. */
 static __always_inline void origin_dropped(void *ctx, void *skb)
@@ -398,6 +405,7 @@ static __always_inline void origin_dropped(void *ctx, void *skb)
 	}
 	device_count(sk ? netns_of_sock(sk) : netns_of_skb(skb), TCP_DROPPED);
 }
+#endif /* ORIGIN_PACKETS */
 
 /* skb:kfree_skb with reason NO_SOCKET (Linux 5.17+): a received RST that found no socket — the
  * connection is gone here (restart, a timeout, a crossing RST) while the peer still had it. TCP
@@ -420,7 +428,9 @@ static __always_inline void origin_freed(void *ctx, void *skb)
 		e->flags |= RSTTRACE_F_SOFTIRQ;
 	if (!pid_wanted(e))
 		return;
+#ifdef ORIGIN_PACKETS
 	origin_of_received(e);
+#endif
 	emit(ctx, e);
 }
 
@@ -430,8 +440,10 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
 {
 	if ((__u32)ctx->args[2] == ORIGIN_NO_SOCKET)
 		origin_freed(ctx, (void *)ctx->args[0]);
+#ifdef ORIGIN_PACKETS
 	else
 		origin_dropped(ctx, (void *)ctx->args[0]);
+#endif
 	return 0;
 }
 #endif

@@ -150,7 +150,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 		connector_of(sk, e);
 #endif
 	}
-#ifdef ORIGINS
+#ifdef ORIGIN_PACKETS
 	origin_of_received(e);     /* origin.bpf.c: not from where the peer's packets come from? */
 #endif
 	emit(args, e);

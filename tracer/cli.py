@@ -21,6 +21,7 @@ Examples:
   sudo rsttrace -p 80 -p 443 --reason closed_with_unread_data
   sudo rsttrace -6 --pid 4242 --count 10     # the first 10 resets caused by process 4242, IPv6 only
   sudo rsttrace --comm nginx --port 8080      # what nginx resets towards its upstream on 8080
+  sudo rsttrace --port 8080 --origins         # ... and who really sent each RST (a firewall, the path)
   sudo rsttrace --port 8080 --app-errors      # ... and which syscalls failed just before each abort,
                                              # and why a full accept queue is not drained
   sudo rsttrace --netns blue --container 3f2a # one `ip netns` namespace, one container (id prefix)
@@ -148,10 +149,11 @@ class ContainerType(click.ParamType):
 @click.option("--app-errors-window", type=click.FloatRange(min=0, min_open=True, max=3600), default=5.0,
               show_default=True, metavar="SECONDS",
               help="How long before an RST a failed syscall of its process is still attached to it.")
-@click.option("--origins/--no-origins", default=True, show_default=True,
-              help="Tell who really sent each reset: RSTs and ICMP errors made by firewall REJECT rules (and the "
-                   "rule), received RSTs whose TTL says a middlebox forged them, RSTs that find no connection. "
-                   "Hooks every packet's way in and out of a device.")
+@click.option("--origins/--no-origins", default=False, show_default=True,
+              help="Also tell who really sent each reset: RSTs made by firewall REJECT rules (and the rule), "
+                   "received RSTs whose TTL says a middlebox forged them, every RST leaving a device beside "
+                   "TcpOutRsts. Off by default: two programs then run on every packet of the host. (REJECTs "
+                   "answering with ICMP and RSTs that find no connection are reported either way.)")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")

@@ -10,10 +10,13 @@ from .kernel.hooks import plan_hooks
 
 def run_doctor(as_json: bool) -> int:
     caps = probe()
-    # What --app-errors (off by default) would use here, said as such.
-    coverage = plan_hooks(caps, app_errors=True).coverage
+    # What --app-errors and --origins (off by default) would use here, said as such.
+    coverage = plan_hooks(caps, app_errors=True, origins=True).coverage
     if coverage.hooks.get("app_errors"):
         coverage.notes["app_errors"] = f"with --app-errors (off by default): {coverage.notes['app_errors']}"
+    if (coverage.hooks.get("origins") or "").startswith("raw_tracepoint:net_dev_queue"):
+        coverage.notes["origins"] = ("net_dev_queue and netif_receive_skb with --origins (off by default): "
+                                     f"{coverage.notes['origins']}")
     fatal = None
     if not caps.can_bpf:
         fatal = (EXIT_NOT_ROOT, "rsttrace cannot load BPF programs here — run it as root (sudo)")

@@ -105,7 +105,7 @@ _M = {name: f"@@rsttrace:{name}@@" for name in ("time", "ktime", "laddr", "lport
 _LOCAL, _REMOTE, _UNREAD_MARK = "\0L\0", "\0R\0", "\0U\0"
 
 
-PER_EVENT_EXTRAS = {"reset_by", "origin", "firewall"}
+PER_EVENT_EXTRAS = {"reset_by", "origin", "firewall", "nat"}
 
 
 def supported(sinks: list) -> bool:

@@ -64,7 +64,7 @@ class Options:
     stories: bool = True                                 # connections' stories and RST pairs (--no-stories)
     app_errors: bool = False                             # failed syscalls, accept() calls (--app-errors)
     app_window_s: float = DEFAULT_APP_WINDOW_S           # how long before an RST a failure explains it
-    origins: bool = True                                 # who really sent a reset (--no-origins)
+    origins: bool = False                                # per-packet hooks: who really sent a reset (--origins)
 
 
 class Session:
@@ -238,7 +238,7 @@ class Session:
         if percpu is None:
             percpu = percpu_totals(self.program.netstat_reads())
         written = {inode: dict(c) for inode, c in self.pipeline.netns_counts.items()}
-        if device is None and self.plan.origins:
+        if device is None and self.plan.origin_packets:
             device = self.program.device_rsts()
         rows = reconcile(list(self.sampler.netns.values()), ExactCounts.per_netns(exact), written, percpu,
                          self.sampler.at_start, self.sampler.start_counters, device)
@@ -312,7 +312,7 @@ class Session:
             if self.plan.counted:
                 self.program.flush_netstat(netns_alive())
             percpu = percpu_totals(self.program.netstat_reads())
-            device = self.program.device_rsts() if self.plan.origins else None
+            device = self.program.device_rsts() if self.plan.origin_packets else None
             skipped = self.program.skipped_runs()
             self._refresh_metrics()
         finally:
@@ -340,6 +340,7 @@ class Session:
         if p.app is not None:
             # Failed path calls whose path the kernel could not read from the process's memory.
             summary["app_errors"] = {"paths_unread": stats["app_paths_unread"]}
+        summary["origins"] = self.plan.origin_packets
         p.emit(summary)
         return summary
 

@@ -158,6 +158,7 @@ VARIANTS = {"syn-verdicts-inferred": {SYN_VERDICTS_ENV: "inferred"}, "syn-hook-n
 
 
 APP_ERRORS = "app-errors"
+ORIGINS = "origins"
 
 
 def cases() -> dict[str, tuple[str, str, dict[str, str]]]:
@@ -184,6 +185,12 @@ def cases() -> dict[str, tuple[str, str, dict[str, str]]]:
     for kernel, backend in (("6.18", "auto"), ("6.1", "auto"), ("6.1", "kprobe"), ("6.18-sparse", "auto"),
                             ("5.4-tracepoints-only", "auto")):
         out[f"{kernel}-{backend}-{APP_ERRORS}"] = (kernel, backend, {})
+    # --origins (off by default): the per-packet hooks, beside listen.bpf.c's own on the same tracepoints or not
+    for kernel, backend, env in (("6.18", "auto", {}), ("6.18", "auto", VARIANTS["syn-hook-netif"]),
+                                 ("6.1", "auto", {}), ("6.1", "tracepoint", VARIANTS["syn-hook-netif"]),
+                                 ("5.4-tracepoints-only", "auto", {})):
+        variant = "-syn-hook-netif" if env else ""
+        out[f"{kernel}-{backend}{variant}-{ORIGINS}"] = (kernel, backend, env)
     return out
 
 
@@ -202,7 +209,7 @@ def render(name: str, monkeypatch) -> dict:
     caps = KERNELS[kernel]()
     out: dict = {"kernel": kernel, "backend": backend, "env": env}
     try:
-        plan = plan_hooks(caps, backend, app_errors=name.endswith(APP_ERRORS))
+        plan = plan_hooks(caps, backend, app_errors=name.endswith(APP_ERRORS), origins=name.endswith(ORIGINS))
     except UnsupportedKernelError as err:
         return {**out, "error": err.one_line()}
     cflags = loader.build_cflags(caps, FILTERS, caps.offsets, plan)

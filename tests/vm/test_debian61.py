@@ -24,6 +24,6 @@ def test_kprobe_backend_in_the_debian_61_vm(root):
     assert junit.exists(), "the VM run produced no results"
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    assert int(suite.get("tests")) >= 29
+    assert int(suite.get("tests")) >= 40
     assert int(suite.get("failures")) == 0 and int(suite.get("errors")) == 0 and int(suite.get("skipped")) == 0
     assert r.returncode == 0

@@ -11,7 +11,7 @@ import socket
 from typing import Any
 
 from ..events.decode import Event
-from .firewall import FirewallRules, describe
+from .firewall import FirewallRules, describe, describe_dnat
 
 FIREWALL_REASONS = ("firewall_reject", "firewall_reject_icmp")
 # How long after it was made a REJECT's RST still names the rule behind an RST received for its flow.
@@ -42,6 +42,23 @@ class Origins:
             origin = self.received(ev)
             if origin:
                 ev.extra["origin"] = origin
+        elif ev.kind == "rst_sent" and ev.reason == "no_socket":
+            nat = self.skipped_dnat(ev)
+            if nat:
+                ev.extra["nat"] = nat
+
+    def skipped_dnat(self, ev: Event) -> dict[str, Any] | None:
+        """An RST for no socket from an address:port a DNAT rule of its netns rewrites: the segment should
+        have gone to the backend, and reached this host's own stack instead — conntrack marked it INVALID
+        (its entry lost, or the segment out of window) and it skipped NAT (kubernetes#74839)."""
+        rules = self.rules.dnat_for(ev.netns, ev.local_addr, ev.local_port)
+        if not rules:
+            return None
+        entries = self.rules.conntrack_entries(ev.netns, orig_dst=ev.local_addr, orig_dport=ev.local_port,
+                                               orig_src=ev.remote_addr, orig_sport=ev.remote_port)
+        return {"dnat_rules": [describe_dnat(r) for r in rules],
+                "conntrack": None if entries is None else [
+                    {"state": e.get("state"), "dnat": e.get("dnat"), "flags": e.get("flags")} for e in entries]}
 
     def firewall(self, netns: int, answer: str, port: int, family: str) -> dict[str, Any]:
         found = self.rules.suspects(netns, answer, port=port, family=family)
@@ -114,6 +131,15 @@ def explain(ev: Event, who: str) -> str | None:
         return (f"{who}'s connection {ev.local} ↔ {ev.remote} was reset in the peer's name by something on the path, "
                 f"not by the peer's stack: {origin.get('evidence', 'its TTL differs from the peer')}{sender} — look "
                 f"at firewalls, load balancers and IPS between the two, not at the peer")
+    nat = ev.extra.get("nat")
+    if ev.reason == "no_socket" and nat:
+        live = nat["conntrack"]
+        entry = ("; its conntrack entry is still there: the segment was out of window" if live else
+                 "; no conntrack entry for it now: the entry expired or was deleted" if live is not None else "")
+        return (f"{ev.local} has no connection from {ev.remote}, but {ev.local} is a DNAT address "
+                f"({nat['dnat_rules'][0]}): the segment skipped DNAT because conntrack marked it INVALID, and this "
+                f"host's own stack reset it{entry} — drop INVALID packets before they reach the stack (ct state "
+                f"invalid drop) or set net.netfilter.nf_conntrack_tcp_be_liberal=1 (kubernetes#74839)")
     if ev.kind == "rst_received" and ev.reason == "no_socket":
         return (f"an RST from {ev.remote} reached {ev.local}, a connection this host no longer has: the peer still "
                 f"had it — this end restarted or forgot it, NAT/conntrack state expired, or a load balancer "

@@ -6,7 +6,7 @@ skb_drop_reason, SNMP counters) are kept beside them so users can grep both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..events.decode import Event
 
@@ -472,7 +472,11 @@ def infer_rst_reason(callers: list[str], *, state: str | None, unread: int | Non
         if state == "TIME_WAIT":
             return "time_wait"
         if state in ("LISTEN", "NEW_SYN_RECV"):
-            return "accept_queue_full" if queue_full else "invalid_syn"
+            if queue_full:
+                return "accept_queue_full"
+            if state == "LISTEN" and tcp_flags & TCPHDR_ACK and not tcp_flags & TCPHDR_SYN:
+                return "no_socket"              # an ACK no pending connection matches: TCP_FLAGS since 6.10
+            return "invalid_syn"
         if state in ("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"):
             return "data_after_close"          # tcp_rcv_state_process(): data after shutdown (TCPAbortOnData)
         return "invalid_segment"

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..events.decode import Event, endpoint
 from ..kernel import layout
-from . import reasons
+from . import origins, reasons
 
 # How long after an RST is sent its receipt on this host is taken to be its pair: loopback and veth
 # deliver within microseconds; a second leaves room for a loaded machine, not for a guess.
@@ -188,12 +188,19 @@ class Stories:
         if not by:
             return base
         sent = ev.extra.pop("reset_by_event", None)
+        state = f" in state {ev.state}" if ev.state else ""
+        if by["reason"] == "firewall_reject":       # no socket sent it: a rule, named where it was read
+            if ev.reason == "suspected_injected":    # the explanation names the rule and the TTLs already
+                return f"{base} (its rst_sent, reason firewall_reject)"
+            fw = sent.extra.get("firewall") if sent is not None else None
+            named = origins.rule_text(fw) if fw else "a REJECT rule"
+            return (f"{ev.local} ↔ {ev.remote} reset{state} by a firewall REJECT on this host, not by the peer's "
+                    f"TCP: {named} (its rst_sent, reason firewall_reject)")
         who = _who(by["process"], "a socket nobody holds")
         why = reasons.CATALOG[by["reason"]].title if by["reason"] in reasons.CATALOG else by["reason"]
         if sent is not None and sent.queues and by["reason"] == "accept_queue_full":
             q = sent.queues
             why = f"its accept queue was full ({q['accept_qlen']}/{q['accept_qmax']})"
-        state = f" in state {ev.state}" if ev.state else ""
         return (f"{ev.local} ↔ {ev.remote} reset{state} by {who} on this host: {why} "
                 f"(its rst_sent, reason {by['reason']})")
 

@@ -13,10 +13,11 @@
                   tcp:tcp_retransmit_skb / tcp_retransmit_synack for retransmits (off: --no-stories)
     app_errors    the application's failed syscalls and its listeners' accept() calls (bpf/app.bpf.c):
                   raw_syscalls:sys_exit, for APP_SYSCALLS (on: --app-errors)
-    origins       who really sent a reset (bpf/origin.bpf.c): net:net_dev_queue for RSTs made outside TCP
-                  (netfilter REJECTs), icmp:icmp_send for REJECTs answering with ICMP, net:netif_receive_skb
-                  for the TTL of RSTs against the peer's handshake, skb:kfree_skb NO_SOCKET for RSTs that
-                  find no connection (off: --no-origins)
+    origins       who really sent a reset (bpf/origin.bpf.c): icmp:icmp_send for REJECTs answering with
+                  ICMP, skb:kfree_skb NO_SOCKET for RSTs that find no connection; with --origins (off by
+                  default: every packet of the host pays) net:net_dev_queue for RSTs made outside TCP
+                  (netfilter REJECTs) and net:netif_receive_skb for received RSTs' TTL against the peer's
+                  handshake
 
 Function hooks enter through fentry where the kernel allows BPF_PROG_TYPE_TRACING (cheaper than a
 kprobe's breakpoint), through kprobes otherwise. `--backend tracepoint|kprobe|fentry` forces one
@@ -76,6 +77,8 @@ APP_SYSCALLS = ("open", "openat", "openat2", "creat", "mkdir", "mkdirat", "renam
 APP_SYSCALL_IDS = {name: i for i, name in enumerate(APP_SYSCALLS, start=1)}
 APP_ERRORS_OFF = ("off: --app-errors hooks the syscalls whose failures explain an abort, and the accept() calls "
                   "that tell why an accept queue is full (every syscall of the host then takes the slower tracing entry)")
+ORIGINS_OFF = ("without --origins: a REJECT's RSTs, RSTs forged on the path and the RSTs leaving each device are "
+               "not told (two programs would run on every packet of the host)")
 IO_URING_BLIND_SPOT = ("io_uring's accept and openat never pass through the syscalls: a server that accepts "
                        "through io_uring shows no accept() calls, and its failed opens no app_errors")
 
@@ -127,7 +130,8 @@ class HookPlan:
     app_hook_type: int | None = None        # raw_syscalls:sys_exit as tp_btf (its btf_trace_* id), else raw
     # Who really sent a reset (bpf/origin.bpf.c): the tracepoints it attaches itself (listen.bpf.c's
     # programs call it where they run on the same tracepoint)
-    origins: bool = False
+    origins: bool = False                   # the file is in (what costs nothing until it happens)
+    origin_packets: bool = False            # --origins: the per-packet hooks too
     origin_icmp: bool = False               # icmp:icmp_send (Linux 6.12+)
     origin_receive_hook: bool = False       # net:netif_receive_skb, where listen.bpf.c does not hook it
     origin_no_socket: int | None = None     # skb_drop_reason NO_SOCKET: RSTs that find no connection
@@ -211,8 +215,8 @@ class HookPlan:
             out.append("-DORIGINS")
             if self.tcp_v6_reply:
                 out += [f"-DTCP_V6_REPLY_LO={self.tcp_v6_reply[0]:#x}ULL", f"-DTCP_V6_REPLY_HI={self.tcp_v6_reply[1]:#x}ULL"]
-            flags = ((self.origin_icmp, "-DORIGIN_ICMP"), (self.origin_receive_hook, "-DORIGIN_RECEIVE_HOOK"),
-                     (self.origin_free_hook, "-DORIGIN_FREE_HOOK"))
+            flags = ((self.origin_packets, "-DORIGIN_PACKETS"), (self.origin_icmp, "-DORIGIN_ICMP"),
+                     (self.origin_receive_hook, "-DORIGIN_RECEIVE_HOOK"), (self.origin_free_hook, "-DORIGIN_FREE_HOOK"))
             out += [macro for chosen, macro in flags if chosen]
             if self.origin_no_socket is not None:
                 out.append(f"-DORIGIN_NO_SOCKET={self.origin_no_socket}")
@@ -228,11 +232,11 @@ def _fentry(hook: Hook, group: str) -> list[str]:
 
 
 def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True, app_errors: bool = False,
-               origins: bool = True) -> HookPlan:
+               origins: bool = False) -> HookPlan:
     """stories: follow connections hurt by drops and resets (off: --no-stories). app_errors: keep the
     application's failed syscalls and its accept() calls (--app-errors; off by default, for what it
-    costs every syscall of the host: scripts/bench/README.md). origins: tell who really sent a reset
-    (off: --no-origins)."""
+    costs every syscall of the host: scripts/bench/README.md). origins: also hook every packet to tell
+    who really sent a reset (--origins; off by default, for what it costs every packet)."""
     if backend == "kprobe" and not caps.kprobes:
         raise UnsupportedKernelError("--backend kprobe: this kernel has no kprobes",
                                      "use --backend auto (see `rsttrace doctor`)")
@@ -253,11 +257,7 @@ def plan_hooks(caps: Capabilities, backend: str = "auto", stories: bool = True, 
     else:
         plan.coverage.hooks["app_errors"] = None
         plan.coverage.notes["app_errors"] = APP_ERRORS_OFF
-    if origins:
-        _plan_origins(plan, caps)
-    else:
-        plan.coverage.hooks["origins"] = None
-        plan.coverage.notes["origins"] = "off: --no-origins"
+    _plan_origins(plan, caps, origins)
     plan.ipv6_reset = plan.function_hooks and caps.has_function("tcp_v6_send_reset")
     plan.synq_full_gt = caps.synq_full_gt
     if not caps.softirq_ranges:
@@ -437,28 +437,40 @@ def _plan_stories(plan: HookPlan, caps: Capabilities) -> None:
         "stories, and a remote client that gives up silently is ended by rsttrace after a while (open)")
 
 
-def _plan_origins(plan: HookPlan, caps: Capabilities) -> None:
-    """Resets TCP did not make, and received ones that do not look like the peer's."""
+def _plan_origins(plan: HookPlan, caps: Capabilities, per_packet: bool) -> None:
+    """Resets TCP did not make, and received ones that do not look like the peer's. What runs only when it
+    happens (ICMP REJECTs, RSTs for no socket) always; the per-packet hooks with --origins."""
     cov = plan.coverage
-    if not (caps.net_dev_queue and caps.netif_receive_skb and "OFF_SKB_SK" in caps.offsets):
-        cov.hooks["origins"] = None
-        cov.notes["origins"] = "no net:net_dev_queue / net:netif_receive_skb tracepoints, or no BTF for sk_buff"
-        return
-    plan.origins = True
     plan.origin_icmp = caps.icmp_send
-    plan.origin_receive_hook = plan.syn_verdicts is not Hook.NETIF_RECEIVE_SKB
     if caps.kfree_skb is not None and caps.kfree_skb.has("reason"):
         plan.origin_no_socket = caps.drop_reason("NO_SOCKET")
         plan.origin_free_hook = plan.ack_dropped is not Hook.KFREE_SKB
-    plan.tcp_v6_reply = caps.text_ranges.get(TCP_V6_REPLY)
-    hooks = ["net_dev_queue", "netif_receive_skb"]
+    packets = per_packet and caps.net_dev_queue and caps.netif_receive_skb and "OFF_SKB_SK" in caps.offsets
+    plan.origin_packets = bool(packets)
+    plan.origins = plan.origin_packets or plan.origin_icmp or plan.origin_no_socket is not None
+    if not plan.origins:
+        cov.hooks["origins"] = None
+        cov.notes["origins"] = "no icmp:icmp_send, no drop reasons in skb:kfree_skb" + ("" if per_packet else
+                                                                                          "; " + ORIGINS_OFF)
+        return
+    plan.origin_receive_hook = plan.origin_packets and plan.syn_verdicts is not Hook.NETIF_RECEIVE_SKB
+    plan.tcp_v6_reply = caps.text_ranges.get(TCP_V6_REPLY) if plan.origin_packets else None
+    hooks = ["net_dev_queue", "netif_receive_skb"] if plan.origin_packets else []
     if plan.origin_icmp:
         hooks.append("icmp_send")
     if plan.origin_no_socket is not None:
         hooks.append("kfree_skb")
     cov.hooks["origins"] = "raw_tracepoint:" + ",".join(hooks)
-    cov.notes["origins"] = ("RSTs made outside TCP (netfilter REJECT) as they leave a device; received RSTs' TTL "
-                            "against the peer's handshake; RSTs that find no connection")
+    told = ["REJECTs answering with ICMP" if plan.origin_icmp else "",
+            "RSTs that find no connection" if plan.origin_no_socket is not None else ""]
+    if plan.origin_packets:
+        told += ["RSTs made outside TCP (netfilter REJECT) as they leave a device",
+                 "received RSTs' TTL against the peer's handshake"]
+    cov.notes["origins"] = "; ".join(t for t in told if t)
+    if not plan.origin_packets:
+        cov.notes["origins"] += "; " + (ORIGINS_OFF if not per_packet else
+                                       "no net:net_dev_queue / net:netif_receive_skb, or no BTF for sk_buff: "
+                                       "a REJECT's RSTs and forged RSTs are not told")
     if not plan.origin_icmp:
         cov.blind_spots.append("REJECTs that answer with ICMP are not seen: no icmp:icmp_send tracepoint "
                                "(Linux 6.12+)")
@@ -466,7 +478,7 @@ def _plan_origins(plan: HookPlan, caps: Capabilities) -> None:
                            "(icmpv6_send has no tracepoint; routing failures send those codes too)")
     if plan.origin_no_socket is None:
         cov.blind_spots.append("RSTs that find no connection are not seen: skb:kfree_skb has no drop reason")
-    if plan.tcp_v6_reply is None:
+    if plan.origin_packets and plan.tcp_v6_reply is None:
         cov.blind_spots.append("IPv6 RSTs without a socket cannot be told from TCP's own: "
                                "tcp_v6_send_response not in /proc/kallsyms")
 

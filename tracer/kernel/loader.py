@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import BPFRefusedError, UnsupportedKernelError
 from . import layout
@@ -458,21 +457,21 @@ class RstProgram:
     def rst_look(self, netns: int, family: int, lport: int, rport: int, laddr: bytes, raddr: bytes):
         """A received RST's TTL and timestamp option against its flow's handshake (bpf/origin.bpf.c:
         struct rst_look), or None."""
-        if not self.plan.origins or self.bpf is None:
+        if not self.plan.origin_packets or self.bpf is None:
             return None
         return self._flow_lookup("rst_looks", netns, family, lport, rport, laddr, raddr)
 
     def made_rst(self, family: int, lport: int, rport: int, laddr: bytes, raddr: bytes):
         """An RST made outside TCP on this host for the flow its receiver sees so (struct made_rst:
         where and when), or None."""
-        if not self.plan.origins or self.bpf is None:
+        if not self.plan.origin_packets or self.bpf is None:
             return None
         return self._flow_lookup("made_rsts", 0, family, lport, rport, laddr, raddr)
 
     def device_rsts(self) -> dict[int, dict[str, int]]:
         """RSTs that left through a device, per netns inode: made by TCP, not, forwarded; and TCP's freed
         before a device (summed over CPUs)."""
-        if not self.plan.origins or self.bpf is None:
+        if not self.plan.origin_packets or self.bpf is None:
             return {}
         out: dict[int, dict[str, int]] = {}
         for key, per_cpu in self.bpf["device_rsts"].items():

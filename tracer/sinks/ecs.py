@@ -91,7 +91,7 @@ def event_document(rec: dict, host: dict) -> dict[str, Any]:
             "ktime_ns": rec["ktime_ns"],
         },
     }
-    for extra in ("app_errors", "accept", "reset_by", "firewall", "origin"):
+    for extra in ("app_errors", "accept", "reset_by", "firewall", "origin", "nat"):
         if extra in rec:
             doc["rsttrace"][extra] = rec[extra]
     process = _process(proc)

@@ -70,6 +70,10 @@ def event_record(ev: Event) -> dict[str, Any]:
     if "firewall" in extra:
         # firewall_reject(_icmp): the REJECT rules of that netns that could have sent it (enrich/origins.py).
         rec["firewall"] = extra["firewall"]
+    if "nat" in extra:
+        # rst_sent no_socket from an address a DNAT rule of its netns rewrites (enrich/origins.py): the
+        # segment skipped NAT (conntrack INVALID).
+        rec["nat"] = extra["nat"]
     if "origin" in extra:
         # rst_received: its TTL and timestamp option against the peer's handshake, and the REJECT on
         # this host that made it, if one did (enrich/origins.py).

@@ -68,6 +68,9 @@ def print_summary(summary: dict, out=stderr) -> None:
     app = summary.get("app_errors")
     if app and app.get("paths_unread"):
         out(f"  {app['paths_unread']} failed path calls whose path could not be read from the process's memory")
+    if summary.get("origins") is False and summary["exact_counts"].get("rst_received", {}).get("peer_reset"):
+        out("  hint: --origins tells whether a received RST came from the peer, a firewall REJECT on this host "
+            "or a box on the path (the TTL), and names the REJECT rule")
     if app is None and _app_side_would_tell(summary["exact_counts"]):
         out("  hint: --app-errors names the failed syscalls behind an application's aborts, and why a full "
             "accept queue is not drained (not accepting, accept() failing, accepting too slowly)")

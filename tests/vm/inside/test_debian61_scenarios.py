@@ -8,6 +8,7 @@ tests/vm/test_debian61.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pwd
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from conftest import (BURST, REPO, RSTTRACE, Background, Netns, Tracer, drop_final_acks, drop_syn_acks, events)
+from netpaths import ClosedService, ForgottenConnection, PathReset
 
 PORT = 8100
 NGINX = str(REPO / "scripts" / "repro" / "nginx_incident.py")
@@ -48,13 +50,22 @@ def run(request, validator):
     names = ["closed", "unread4", "unread6", "linger", "burst", "overflow", "cookies", "nocookies", "nginx", "story",
              "idle", "emfile", "slow"]
     sc = {n: Scenario(Netns(f"vm-{n}")) for n in names}
+    stack = contextlib.ExitStack()
     try:
         sc["overflow"].ns.sysctl("net.ipv4.tcp_abort_on_overflow", 1)
         sc["cookies"].ns.sysctl("net.ipv4.tcp_syncookies", 1)
         sc["nocookies"].ns.sysctl("net.ipv4.tcp_syncookies", 0)
         for n in ("cookies", "nocookies"):
             drop_syn_acks(sc[n].ns, PORT)
-        t = Tracer(["--json", "--backend", backend, "--port", str(PORT), "--app-errors"], validator)
+        # Who really sent an RST (bpf/origin.bpf.c): a REJECT rule, a router forging one, a server
+        # that forgot the connection, a client that did (tests/netpaths.py; set up before rsttrace starts)
+        paths = {"reject": ClosedService(backend="nft", answer="tcp-reset", connections=2, port=PORT),
+                 "reject_icmp": ClosedService(backend="iptables", answer="icmp", connections=2, port=PORT),
+                 "pathreset": PathReset(port=PORT), "forgot": ForgottenConnection("listener", port=PORT),
+                 "rst_in": ForgottenConnection("rst_in", port=PORT)}
+        for path in paths.values():
+            stack.enter_context(path)
+        t = Tracer(["--json", "--backend", backend, "--port", str(PORT), "--app-errors", "--origins"], validator)
         t.wait_attached(timeout=300)
         for s in sc.values():
             s.before = s.ns.counters()
@@ -96,10 +107,12 @@ def run(request, validator):
         for n, s in sc.items():
             if not s.after:
                 s.after = s.ns.counters()
+        results = {name: path.run() for name, path in paths.items()}
         ov_server = [p for p in (server,)]  # noqa: F841  (servers stopped above or by their timeout)
         records = t.stop(timeout=120)
-        yield sc, records, backend
+        yield sc, records, backend, paths, results
     finally:
+        stack.close()
         for s in sc.values():
             s.ns.delete()
 
@@ -115,7 +128,7 @@ def rsts_match_kernel(records, s):
 
 
 def test_coverage_names_the_function_hooks_and_the_startup(run):
-    _, records, backend = run
+    _, records, backend, *_ = run
     cov = records[0]
     assert cov["type"] == "coverage" and cov["kernel"].startswith("6.1.")
     rst, syn, ack = EXPECTED_ENTRY[backend]
@@ -126,7 +139,7 @@ def test_coverage_names_the_function_hooks_and_the_startup(run):
 
 
 def test_closed_port_is_no_listener_and_blames_nobody(run):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc["closed"]
     [rst] = rsts_match_kernel(records, s)
     assert rst["reason"] == "no_listener" and rst["kernel_reason"] is None
@@ -138,7 +151,7 @@ def test_closed_port_is_no_listener_and_blames_nobody(run):
 
 @pytest.mark.parametrize("name,addr", [("unread4", "127.0.0.1"), ("unread6", "::1")])
 def test_close_with_unread_data_is_inferred_from_tcp_close(run, name, addr):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc[name]
     [rst] = rsts_match_kernel(records, s)
     assert rst["reason"] == "closed_with_unread_data"
@@ -150,14 +163,14 @@ def test_close_with_unread_data_is_inferred_from_tcp_close(run, name, addr):
 
 
 def test_linger_zero_is_inferred_from_tcp_disconnect(run):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc["linger"]
     [rst] = rsts_match_kernel(records, s)
     assert rst["reason"] == "linger_zero" and rst["process"]["pid"] == s.facts["server_pid"]
 
 
 def test_burst_syn_drops_match_listen_overflows(run):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc["burst"]
     drops = ours(records, s, event="syn_dropped")
     acks = ours(records, s, event="ack_dropped")
@@ -180,7 +193,7 @@ def test_burst_syn_drops_match_listen_overflows(run):
 
 
 def test_final_ack_overflow_with_abort_on_overflow(run):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc["overflow"]
     acks = ours(records, s, event="ack_dropped")
     assert acks and all(a["reason"] == "accept_queue_full" for a in acks)
@@ -193,7 +206,7 @@ def test_final_ack_overflow_with_abort_on_overflow(run):
 def test_clients_that_gave_up_each_have_their_story(run):
     """Every burst client that gave up has a `never_established` record: its port, no errno, its SYN
     drops and retransmits, and the end inside its close() on its own clock."""
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc["story"]
     stories = {r["client"]["port"]: r for r in records if r["type"] == "connection"
                and (r["server"]["netns"] or {}).get("inode") == s.ns.inode}
@@ -219,7 +232,7 @@ def test_clients_that_gave_up_each_have_their_story(run):
 
 
 def test_reset_clients_name_the_rst_that_reset_them(run):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc["overflow"]
     reset = [r for r in records if r["type"] == "connection" and r["outcome"] == "reset"
              and r["client"]["port"] in (40000, 40001)]
@@ -231,7 +244,7 @@ def test_reset_clients_name_the_rst_that_reset_them(run):
 
 
 def test_syn_flood_cookies_and_queue_full_match_counters(run):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     c, n = sc["cookies"], sc["nocookies"]
     cookies = ours(records, c, event="syn_cookie")
     assert c.delta("TcpExtSyncookiesSent") > 0 and len(cookies) == c.delta("TcpExtSyncookiesSent")
@@ -242,7 +255,7 @@ def test_syn_flood_cookies_and_queue_full_match_counters(run):
 
 
 def test_nginx_worker_that_aborts_its_upstream_is_named(run):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc["nginx"]
     big = [d for d in s.facts["downloads"] if d["path"] == "/big"]
     [worker] = s.facts["worker_pids"]
@@ -275,7 +288,7 @@ def test_nginx_worker_that_aborts_its_upstream_is_named(run):
 @pytest.mark.parametrize("mode,cause", [("idle", "not_accepting"), ("emfile", "accept_failing"),
                                         ("slow", "accepting_slowly")])
 def test_why_the_accept_queue_is_full_is_told_from_the_servers_syscalls(run, mode, cause):
-    sc, records, _ = run
+    sc, records, _, *_ = run
     s = sc[mode]
     drops = [r for r in ours(records, s) if r["event"] in ("syn_dropped", "ack_dropped")
              and r["reason"] == "accept_queue_full"]
@@ -306,3 +319,69 @@ def test_doctor_reports_kprobes_fentry_and_no_reason():
     assert checks["tracepoint tcp:tcp_send_reset"]["detail"] == "present, no reason field"
     assert doc["coverage"]["hooks"]["rst_sent"]["hook"].startswith("fentry:")   # auto: fentry where allowed
     assert doc["can_trace"] is True
+
+
+# -- who really sent it (bpf/origin.bpf.c) on 6.1: the same checks as tests/kernel/test_who_sent_it.py --
+
+def test_a_reject_rules_rst_is_the_firewalls(run):
+    _, records, _, paths, results = run
+    s, r = paths["reject"], results["reject"]
+    on_wire = r.rsts(s.server, direction="out")
+    assert r.client_errors == ["ECONNREFUSED"] * 2 and len(on_wire) == 2
+    sent = events(records, event="rst_sent", netns__inode=s.server.inode)
+    assert sorted((e["reason"], e["remote"]["port"]) for e in sent) == sorted(("firewall_reject", p.dport) for p in on_wire)
+    assert all(e["firewall"]["rules"][0]["handle"] == s.rule["handle"] for e in sent)
+    assert r.delta[s.server.name]["TcpOutRsts"] == 0
+
+
+def test_a_reject_rules_icmp_answer_is_the_firewalls(run):
+    _, records, _, paths, results = run
+    s, r = paths["reject_icmp"], results["reject_icmp"]
+    unreachables = r.packets(s.server, direction="out", proto="icmp")
+    assert r.client_errors == ["ECONNREFUSED"] * 2 and len(unreachables) >= 2
+    sent = events(records, event="rst_sent", netns__inode=s.server.inode)
+    assert sorted((e["reason"], e["kernel_reason"], e["remote"]["port"]) for e in sent) == sorted(
+        ("firewall_reject_icmp", "PORT_UNREACHABLE", p.sport) for p in unreachables)
+    assert "-j REJECT" in sent[0]["firewall"]["rules"][0]["text"]
+
+
+def test_a_reset_forged_on_the_path_is_told_by_its_ttl(run):
+    _, records, _, paths, results = run
+    s, r = paths["pathreset"], results["pathreset"]
+    assert r.client_errors == ["ECONNRESET"] and not r.rsts(s.server) and (r.rst_ttl, r.server_ttl) == (64, 63)
+    [got] = events(records, event="rst_received", netns__inode=s.client.inode)
+    assert got["reason"] == "suspected_injected"
+    assert (got["origin"]["ttl"], got["origin"]["peer_ttl"]) == (64, 63)
+    assert got["origin"]["made_by"]["netns"]["inode"] == s.router.inode
+    [made] = events(records, event="rst_sent", netns__inode=s.router.inode)
+    assert made["reason"] == "firewall_reject"
+
+
+def test_a_segment_of_a_forgotten_connection_to_a_listening_port(run):
+    _, records, _, paths, results = run
+    s, r = paths["forgot"], results["forgot"]
+    assert r.client_errors == ["ECONNRESET"]
+    [p] = r.rsts(s.server, direction="out")
+    [sent] = events(records, event="rst_sent", netns__inode=s.server.inode)
+    assert sent["reason"] == "no_socket" and sent["state"] == "LISTEN"
+    assert (sent["remote"]["addr"], sent["remote"]["port"]) == (p.dst, p.dport)
+
+
+def test_an_rst_for_a_connection_this_host_forgot(run):
+    _, records, _, paths, results = run
+    s, r = paths["rst_in"], results["rst_in"]
+    [p] = r.rsts(s.client, direction="in")
+    [got] = events(records, event="rst_received", netns__inode=s.client.inode)
+    assert (got["reason"], got["kernel_reason"]) == ("no_socket", "NO_SOCKET")
+    assert (got["local"]["port"], got["remote"]["port"]) == (p.dport, p.sport)
+
+
+def test_doctor_says_what_origins_cannot_see_on_61():
+    out = subprocess.run([*RSTTRACE, "doctor", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    doc = json.loads(out.stdout)
+    hooks = doc["coverage"]["hooks"]["origins"]["hook"]
+    assert hooks.startswith("raw_tracepoint:net_dev_queue,netif_receive_skb"), hooks
+    assert "kfree_skb" in hooks                          # RSTs that find no connection: 5.17+'s drop reasons
+    # Debian's 6.1 has icmp:icmp_send (upstream 6.12+, backported): the REJECTs that answer with ICMP are seen
+    assert "icmp_send" in hooks, hooks
+    assert not any("icmp:icmp_send" in b for b in doc["coverage"]["blind_spots"]), doc["coverage"]["blind_spots"]
