@@ -306,6 +306,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
         return rsttrace, None
     if tool == "rsttrace_nostories":    # connections' stories off (bpf/story.bpf.c, its hooks)
         return rsttrace + ["--no-stories"], None
+    if tool == "rsttrace_origins":      # origins' per-packet hooks on too (bpf/origin.bpf.c; off by default)
+        return rsttrace + ["--origins"], None
     if tool == "rsttrace_app_errors":   # failed syscalls and accept() calls (bpf/app.bpf.c, its syscall hooks)
         return rsttrace + ["--app-errors"], None
     if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
@@ -319,8 +321,10 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
                 {**os.environ, "PYTHONPATH": base})
     if tool == "bpftrace":
         return ["bpftrace", "-e", bpftrace_program(ports)], None
-    if tool == "empty":          # empty programs on rsttrace's hooks; ports do not matter
+    if tool == "empty":          # empty programs on the hooks rsttrace attaches by default; ports do not matter
         return ["/usr/bin/python3", str(BENCH / "empty_programs.py")], None
+    if tool == "empty_origins":  # the same and the per-packet hooks of --origins (rsttrace --origins' floor)
+        return ["/usr/bin/python3", str(BENCH / "empty_programs.py"), "--origins"], None
     if tool == "bcc":
         headers = kernel_headers()
         if headers is None:
@@ -332,7 +336,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
 
 READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in",
                "rsttrace_base": "attached in", "rsttrace_nostories": "attached in", "rsttrace_app_errors": "attached in",
-               "bpftrace": "Attaching", "bcc": "Tracing TCP resets", "empty": "attached: empty programs"}
+               "rsttrace_origins": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
+               "empty": "attached: empty programs", "empty_origins": "attached: empty programs"}
 
 
 def peers_available() -> list[str]:
@@ -705,7 +710,7 @@ def program_times(ids: set[int]) -> dict[int, tuple[str, int, int]]:
 
 HOOK_NAMES = ("inet_sock_set_state", "consume_skb", "netif_receive_skb", "kfree_skb", "sk_data_ready",
               "sock_recv_length", "tcp__tcp_send_reset", "tcp__tcp_receive_reset", "tcp__tcp_retransmit_skb",
-              "tcp__tcp_retransmit_synack")
+              "tcp__tcp_retransmit_synack", "net_dev_queue", "icmp_send")
 
 
 def hook_of(name: str, prog_id: int, tracepoints: dict[int, str]) -> str:
@@ -727,6 +732,20 @@ def tracepoint_of(pid: int) -> dict[int, str]:
     """Program id → the tracepoint it is attached to through a perf event of process `pid`."""
     out = subprocess.run(["bpftool", "perf", "show", "-j"], capture_output=True, text=True, timeout=30).stdout
     return {p["prog_id"]: p.get("tracepoint", "") for p in json.loads(out or "[]") if p.get("pid") == pid}
+
+
+def hook_runs(tool: str, before: dict, after: dict, tracepoints: dict[int, str]) -> dict[str, tuple[int, int]]:
+    """hook → (runs, ns run) of `tool`'s programs between two program_times() (programs that did not
+    run are left out)."""
+    hooks = {}
+    for pid, (name, ns_run, count) in after.items():
+        ns0, count0 = before.get(pid, (name, 0, 0))[1:]
+        if count > count0:
+            hook = hook_of(name, pid, tracepoints)
+            if hook in hooks:
+                raise RuntimeError(f"{tool} has two programs on {hook}")
+            hooks[hook] = (count - count0, ns_run - ns0)
+    return hooks
 
 
 def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_on: int | None = None,
@@ -759,15 +778,8 @@ def bpf_run_time(exe: str, tool: str, ports: list[int], seconds: float, listen_o
                 listener.stop()
             if holder:
                 holder.close()
-    hooks = {}
-    for pid, (name, ns_run, count) in after.items():
-        ns0, count0 = before.get(pid, (name, 0, 0))[1:]
-        if count > count0:
-            hook = hook_of(name, pid, tracepoints)
-            if hook in hooks:
-                raise RuntimeError(f"{tool} has two programs on {hook}")
-            hooks[hook] = {"runs_per_conn": (count - count0) / storm["ops"],
-                           "ns_per_run": (ns_run - ns0) / (count - count0)}
+    hooks = {hook: {"runs_per_conn": runs / storm["ops"], "ns_per_run": ns_run / runs}
+             for hook, (runs, ns_run) in hook_runs(tool, before, after, tracepoints).items()}
     total = sum(h["runs_per_conn"] * h["ns_per_run"] for h in hooks.values())
     cpu_ns_per_conn = 1e9 * storm["cpu_s"] / storm["ops"]
     return {"ns_per_conn": total, "cpu_us_per_conn": cpu_ns_per_conn / 1e3, "share_pct": 100 * total / cpu_ns_per_conn,
