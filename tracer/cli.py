@@ -28,6 +28,7 @@ Examples:
   sudo rsttrace --port 8080 --duration 60 --json | jq .explanation
   sudo rsttrace --format ecs -o /var/log/rsttrace/rsttrace.json --max-rate 200   # for a SIEM's log shipper
   sudo rsttrace --syslog udp:127.0.0.1:514 --metrics 127.0.0.1:9465 -o /dev/null # syslog + Prometheus only
+  sudo rsttrace --otlp http://127.0.0.1:4318 -o /dev/null # OpenTelemetry logs to a Collector's otlp receiver
   sudo kill -HUP $(pidof -x rsttrace)         # after rotating --output: reopen it (logrotate's postrotate)
   sudo rsttrace doctor                       # what this kernel lets rsttrace see
   rsttrace explain closed_with_unread_data   # what a reason means and what to change
@@ -128,6 +129,10 @@ class ContainerType(click.ParamType):
 @click.option("--syslog-facility", type=click.Choice(["daemon", "kern", "user", "auth", "authpriv", "syslog",
                                                       *[f"local{i}" for i in range(8)]]),
               default="daemon", show_default=True, help="Syslog facility for --syslog.")
+@click.option("--otlp", "otlp_url", metavar="URL",
+              help="Also send events (and connections, losses, the summary) as OpenTelemetry log records, "
+                   "OTLP/HTTP JSON POSTed to URL/v1/logs, e.g. http://127.0.0.1:4318 (a Collector's otlp "
+                   "receiver); batched and retried, what cannot be sent is counted.")
 @click.option("--metrics", "metrics_address", metavar="ADDR:PORT",
               help="Serve Prometheus metrics at http://ADDR:PORT/metrics (exact in-kernel counts, queue gauges; "
                    ":PORT for every address).")
@@ -159,7 +164,7 @@ class ContainerType(click.ParamType):
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
 def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, fmt, output,
-         syslog_target, syslog_facility, metrics_address, max_rate, ring_mb, backend, no_stories, app_errors,
+         syslog_target, syslog_facility, otlp_url, metrics_address, max_rate, ring_mb, backend, no_stories, app_errors,
          app_errors_window, origins, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
@@ -175,13 +180,19 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
     chosen = {f for f, on in (("json", as_json), ("plain", plain), (fmt, bool(fmt))) if on}
     if len(chosen) > 1:
         raise click.UsageError(f"choose one output format (got {', '.join(sorted(chosen))})")
-    syslog = metrics = None
+    syslog = metrics = otlp = None
     if syslog_target is not None:
         from .sinks.syslog import SyslogTarget
         try:
             syslog = SyslogTarget.parse(syslog_target)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--syslog") from None
+    if otlp_url is not None:
+        from .sinks.otlp import OtlpEndpoint
+        try:
+            otlp = OtlpEndpoint.parse(otlp_url)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--otlp") from None
     if metrics_address is not None:
         from .sinks.metrics import parse_listen_address
         try:
@@ -209,7 +220,7 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         origins=origins,
     )
     run_trace(options, fmt=next(iter(chosen), None), output=output, syslog=syslog,
-              syslog_facility=syslog_facility, metrics=metrics)
+              syslog_facility=syslog_facility, metrics=metrics, otlp=otlp)
 
 
 def use_ui(fmt: str | None, output: str | None) -> bool:
@@ -219,7 +230,7 @@ def use_ui(fmt: str | None, output: str | None) -> bool:
 
 
 def open_sinks(fmt: str | None, output: str | None, syslog=None, syslog_facility: str = "daemon",
-               metrics=None) -> tuple[list, bool]:
+               metrics=None, otlp=None) -> tuple[list, bool]:
     """The sinks a run writes to, and whether the first is the terminal UI. Each failure to open one
     is a one-line error, before anything is loaded into the kernel."""
     from .sinks.jsonl import JsonSink
@@ -244,6 +255,10 @@ def open_sinks(fmt: str | None, output: str | None, syslog=None, syslog_facility
             except OSError as err:
                 raise RsttraceError(f"cannot reach syslog at {syslog.text}: {err.strerror or err}",
                                     "is rsyslog/syslog-ng running and listening there?") from err
+        if otlp is not None:
+            # Nothing to open: a receiver that is not up yet is retried, and its losses counted.
+            from .sinks.otlp import OtlpSink
+            sinks.append(OtlpSink(otlp))
         if metrics is not None:
             from .sinks.metrics import MetricsSink
             try:
@@ -258,12 +273,12 @@ def open_sinks(fmt: str | None, output: str | None, syslog=None, syslog_facility
 
 
 def run_trace(options, fmt: str | None = None, output: str | None = None, syslog=None,
-              syslog_facility: str = "daemon", metrics=None) -> None:
+              syslog_facility: str = "daemon", metrics=None, otlp=None) -> None:
     from .session import Session, install_signal_handlers
     from .sinks.plain import stderr
     from .sinks.summary import print_summary
 
-    sinks, ui = open_sinks(fmt, output, syslog, syslog_facility, metrics)
+    sinks, ui = open_sinks(fmt, output, syslog, syslog_facility, metrics, otlp)
     session = Session(options, sinks, started_at=STARTED)
     install_signal_handlers(session, on_terminal=ui or (output in (None, "-") and sys.stdout.isatty()))
     try:
@@ -290,6 +305,13 @@ def run_trace(options, fmt: str | None = None, output: str | None = None, syslog
         finally:
             for sink in sinks:
                 sink.close()
+    if summary:
+        # Delivery counts as they stand after the sinks' exit flush (the summary record has them
+        # as they stood when it was made, before itself was sent).
+        for sink in sinks:
+            delivery = getattr(sink, "delivery", None)
+            if delivery is not None:
+                summary = {**summary, "otlp": delivery()}
     print_summary(summary)
 
 

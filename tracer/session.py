@@ -262,8 +262,20 @@ class Session:
             stats = self.program.stats()
             stats["suppressed"] = self.pipeline.limit.total_held_back if self.pipeline.limit else 0
             stats["skipped_runs"] = self.program.skipped_runs()
+            delivered = self._delivery()
+            if delivered is not None:
+                stats["otlp"] = delivered
             for sink in wanting:
                 sink.update_counts(rows, stats)
+
+    def _delivery(self, settle: bool = False) -> dict | None:
+        """What the OTLP sink (--otlp) made of the records so far; with `settle`, after sending what
+        is queued (bounded: its exit flush)."""
+        for sink in self.sinks:
+            counts = getattr(sink, "settle" if settle else "delivery", None)
+            if counts is not None:
+                return counts()
+        return None
 
     def _end_stories(self, idle: bool) -> None:
         """Stories whose ends were silent (idle), or all still open (exit): `connection` records."""
@@ -341,6 +353,9 @@ class Session:
             # Failed path calls whose path the kernel could not read from the process's memory.
             summary["app_errors"] = {"paths_unread": stats["app_paths_unread"]}
         summary["origins"] = self.plan.origin_packets
+        delivered = self._delivery(settle=True)
+        if delivered is not None:
+            summary["otlp"] = delivered
         p.emit(summary)
         return summary
 

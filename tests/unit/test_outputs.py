@@ -210,6 +210,7 @@ def test_rate_limit_windows():
 @pytest.mark.parametrize("args,says", [
     (["--syslog", "tcp:1.2.3.4:514"], "not a syslog target"),
     (["--metrics", "9465"], "not ADDR:PORT"),
+    (["--otlp", "collector:4318"], "not an OTLP/HTTP URL"),
     (["--format", "xml"], "'xml' is not one of"),
     (["--json", "--format", "ecs"], "choose one output format"),
     (["--max-rate", "0"], "--max-rate"),

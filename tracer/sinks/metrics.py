@@ -218,6 +218,15 @@ class MetricsSink:
                "on that CPU (their events are missing from rsttrace_events_total), by attach point")
         for hook, n in sorted((stats.get("skipped_runs") or {}).items()):
             out.append(f"rsttrace_bpf_runs_skipped_total{_labels(hook=hook)} {n}")
+        otlp = stats.get("otlp")
+        if otlp:
+            family("rsttrace_otlp_log_records_total", "counter",
+                   "Records handed to --otlp, by what became of them: sent, failed (refused, partially rejected or "
+                   "given up after retries), dropped_queue_full, unsent_at_exit")
+            for outcome in ("sent", "failed", "dropped_queue_full", "unsent_at_exit"):
+                out.append(f"rsttrace_otlp_log_records_total{_labels(outcome=outcome)} {otlp[outcome]}")
+            family("rsttrace_otlp_log_records_pending", "gauge", "Records queued for --otlp or being sent")
+            out.append(f"rsttrace_otlp_log_records_pending {otlp['pending']}")
         family("rsttrace_hook_attached", "gauge", "1 if rsttrace sees this event kind on this kernel (label hook: how)")
         for event, hook in sorted(self._coverage.items()):
             out.append(f"rsttrace_hook_attached{_labels(event=event, hook=hook or 'none')} {1 if hook else 0}")

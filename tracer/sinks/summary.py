@@ -19,6 +19,9 @@ def print_summary(summary: dict, out=stderr) -> None:
     if summary.get("unwritten"):
         out(f"rsttrace: {summary['unwritten']} records were still in the ring buffer when writing gave up "
             f"after {DRAIN_S:.0f} s (counted below)")
+    otlp = summary.get("otlp")
+    if otlp:
+        out(f"rsttrace: --otlp {otlp['endpoint']}: {otlp_line(otlp)}")
     skipped = summary.get("skipped_runs") or {}
     if skipped:
         out(f"rsttrace: the kernel skipped {sum(skipped.values())} runs of rsttrace's programs ("
@@ -93,6 +96,17 @@ def listener_connections(c: dict) -> str:
     return (f"port {c['port']} (netns {c.get('netns_name') or c['netns']}): {done}connections hurt: {c['never_established']} never "
             f"established, {c['established_late']} established late{late}, {c['client_only']} established on "
             f"the client only, {c['reset']} reset, {c['open']} without an end")
+
+
+def otlp_line(otlp: dict) -> str:
+    """What became of the log records handed to the OTLP sink (sinks/otlp.py), in a line."""
+    text = f"{otlp['sent']} log records sent"
+    for key, what in (("failed", "failed (refused, or given up after retries)"),
+                      ("dropped_queue_full", "dropped (queue full)"), ("unsent_at_exit", "unsent at exit"),
+                      ("pending", "still queued")):
+        if otlp.get(key):
+            text += f", {otlp[key]} {what}"
+    return text
 
 
 def _known(value: int | None) -> str:
