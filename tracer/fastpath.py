@@ -4,7 +4,7 @@ not per event.
 A storm repeats one event thousands of times a second: same kind, kernel reason, stack, process,
 netns — only the connection (addresses, ports, socket, unread bytes) and the time differ. For such
 events the first one of each shape goes the normal way (Pipeline.handle: decode, classify,
-attribute, explain, record, JSON) and its JSON line becomes a template: the line orjson writes for
+attribute, explain, record, JSON) and its JSON line becomes a template: the line the JSON encoder writes for
 that very record with each per-event field replaced by a marker, split at the markers. The next
 events of that shape fill the template straight from the raw record: no Event, no record dict, no
 encoding of the constant part, the key and the whole line made in one step each. The template is
@@ -36,14 +36,13 @@ import time
 from collections import Counter
 from typing import Protocol
 
-import orjson
 
 from .enrich import reasons, stories
 from .enrich.stories import PAIR_WINDOW_NS
 from .kernel import layout
 from .enrich.attribution import Attributor
 from .events.decode import AF_INET, AF_INET6, CACHE_MAX, RING_RECORD, Decoder, Event
-from .sinks import records
+from .sinks import jsonenc, records
 from .sinks.ratelimit import RateLimit
 
 
@@ -168,7 +167,7 @@ class Template:
         if sock["unread_bytes"] is not None:    # None for minisockets: the whole shape alike
             sock["unread_bytes"] = _M["unread"]
         rec["explanation"] = _M["explanation"]
-        line = orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS).replace(b"%", b"%%")
+        line = jsonenc.dumps(rec).replace(b"%", b"%%")
         order: list[str] = []
         at = -1
         for name, form, values in _SLOTS:
@@ -207,7 +206,7 @@ def _explanation_format(ev: Event) -> tuple[bytes, list[str]]:
 
 
 def _json_inner(text: str) -> bytes:
-    return orjson.dumps(text)[1:-1]
+    return jsonenc.dumps(text)[1:-1]
 
 
 class FastPath:

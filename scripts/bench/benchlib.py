@@ -308,6 +308,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
         return rsttrace + ["--no-stories"], None
     if tool == "rsttrace_origins":      # origins' per-packet hooks on too (bpf/origin.bpf.c; off by default)
         return rsttrace + ["--origins"], None
+    if tool == "rsttrace_stdlib_json":  # JSON by the standard library, as without orjson (tracer/sinks/jsonenc.py)
+        return rsttrace, {**os.environ, "RSTTRACE_JSON": "stdlib"}
     if tool == "rsttrace_app_errors":   # failed syscalls and accept() calls (bpf/app.bpf.c, its syscall hooks)
         return rsttrace + ["--app-errors"], None
     if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
@@ -336,7 +338,7 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
 
 READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in",
                "rsttrace_base": "attached in", "rsttrace_nostories": "attached in", "rsttrace_app_errors": "attached in",
-               "rsttrace_origins": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
+               "rsttrace_origins": "attached in", "rsttrace_stdlib_json": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
                "empty": "attached: empty programs", "empty_origins": "attached: empty programs"}
 
 

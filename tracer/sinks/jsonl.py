@@ -1,17 +1,12 @@
 """JSON lines: one record per line — rsttrace's own shape (schema/rsttrace-v1.schema.json) or, with
 --format ecs, the same record as an Elastic Common Schema document (schema/rsttrace-ecs-v1.schema.json).
 
-Encoded with orjson: the same JSON as the standard library's compact, non-ASCII-escaping output
-(int keys become strings there too), several times faster: in a reset storm json.dumps was a large
-share of every event's cost."""
+Encoded by jsonenc.py: orjson where installed (in a reset storm json.dumps was a large share of every
+event's cost), else the standard library, byte for byte the same."""
 from __future__ import annotations
 
-import orjson
-
-from . import ecs
+from . import ecs, jsonenc
 from .output import LineOutput
-
-_OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
 class JsonSink:
@@ -24,7 +19,7 @@ class JsonSink:
 
     def emit(self, record: dict) -> None:
         doc = record if self._host is None else ecs.to_ecs(record, self._host)
-        self.output.write_bytes(orjson.dumps(doc, option=_OPTIONS))
+        self.output.write_bytes(jsonenc.dumps(doc))
 
     def flush(self) -> None:
         self.output.flush()

@@ -11,9 +11,9 @@ The records syslog gets (syslog.SENT_TYPES: events, `connection`, `lost`, `suppr
 (network.*, server.* / client.*, process.*, event.name) and the rest of the record under rsttrace.*,
 nested objects flattened to dotted keys (rsttrace.queues.accept_qlen), lists as arrays.
 
-Written with the standard library's http.client (and orjson, rsttrace's JSON encoder), not the
+Written with the standard library's http.client (and jsonenc.py, rsttrace's JSON encoder), not the
 OpenTelemetry SDK: the SDK is not packaged in Debian 12, and rsttrace must run from Debian's python3
-with nothing but bcc, click, rich and orjson. OTLP/HTTP JSON is a stable part of the OTLP spec, and
+with nothing but bcc, click and rich. OTLP/HTTP JSON is a stable part of the OTLP spec, and
 one POST of a fixed shape is all a log exporter needs.
 
 Delivery never blocks the event path: emit() converts the record and appends it to a bounded queue
@@ -40,9 +40,9 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import orjson
 
 from .. import __version__
+from . import jsonenc
 from .records import severity_of, one_line
 from .syslog import SENT_TYPES
 
@@ -294,8 +294,8 @@ class OtlpSink:
         self._say = say
         self._traced_ports: frozenset[int] = frozenset()
         # A request is these bytes around the batch's records, joined by commas.
-        self._head = (b'{"resourceLogs":[{"resource":' + orjson.dumps({"attributes": resource_attributes()})
-                      + b',"scopeLogs":[{"scope":' + orjson.dumps({"name": "rsttrace", "version": __version__})
+        self._head = (b'{"resourceLogs":[{"resource":' + jsonenc.dumps({"attributes": resource_attributes()})
+                      + b',"scopeLogs":[{"scope":' + jsonenc.dumps({"name": "rsttrace", "version": __version__})
                       + b',"logRecords":[')
         self._tail = b"]}]}]}"
         self._cv = threading.Condition()
@@ -325,7 +325,7 @@ class OtlpSink:
         if kind not in SENT_TYPES:
             return
         # Kept encoded: a queued record costs its JSON (~2 KB), not a tree of dicts and strings.
-        entry = orjson.dumps(log_record(record, self._traced_ports))
+        entry = jsonenc.dumps(log_record(record, self._traced_ports))
         with self._cv:
             if self._final:
                 self._counts["unsent_at_exit"] += 1
@@ -528,10 +528,10 @@ class OtlpSink:
         if 200 <= status < 300:
             rejected, message = 0, ""
             try:
-                partial = (orjson.loads(data) or {}).get("partialSuccess") or {} if data else {}
+                partial = (jsonenc.loads(data) or {}).get("partialSuccess") or {} if data else {}
                 rejected = int(partial.get("rejectedLogRecords") or 0)
                 message = str(partial.get("errorMessage") or "")
-            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            except (jsonenc.DecodeError, AttributeError, TypeError, ValueError):
                 pass
             return DONE, rejected, message
         why = f"HTTP {status} {resp.reason}".rstrip()
