@@ -194,7 +194,13 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--otlp") from None
     if metrics_address is not None:
-        from .sinks.metrics import parse_listen_address
+        try:
+            from .sinks.metrics import parse_listen_address
+        except ImportError as err:    # only --metrics needs prometheus_client
+            if not (err.name or "").startswith("prometheus_client"):
+                raise
+            raise RsttraceError("--metrics needs the Python package prometheus_client, which is not installed",
+                                "apt install python3-prometheus-client, or pip install prometheus_client") from None
         try:
             metrics = parse_listen_address(metrics_address)
         except ValueError as err:

@@ -284,11 +284,47 @@ def prometheus(root, tmp_path):
         prom.proc.wait(timeout=15)
 
 
+class ScrapeRecorder:
+    """A loopback HTTP relay between Prometheus and rsttrace's /metrics: it passes the scrape on as it
+    came (Accept header included) and notes the Accept header asked and the Content-Type answered."""
+
+    def __init__(self, target: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.seen: list[tuple[str, str]] = []
+        recorder = self
+
+        class Relay(BaseHTTPRequestHandler):
+            def do_GET(self):
+                accept = self.headers.get("Accept", "")
+                request = urllib.request.Request(f"http://{target}{self.path}", headers={"Accept": accept})
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    body, content_type = resp.read(), resp.headers["Content-Type"]
+                recorder.seen.append((accept, content_type))
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.address = "127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_prometheus_scrapes_exact_counts_and_queue_gauges(netns, tracer, prometheus, tmp_path):
     port = free_port()
     out = tmp_path / "rsttrace.json"
     t = tracer("--json", "-o", str(out), "--port", str(PORT), "--metrics", f"127.0.0.1:{port}")
-    prometheus.start(f"127.0.0.1:{port}")
+    relay = ScrapeRecorder(f"127.0.0.1:{port}")           # Prometheus scrapes rsttrace through it
+    prometheus.start(relay.address)
     before = netns.counters()
     server = Background(netns, "server", "127.0.0.1", str(PORT), "5", "25")      # listens, never accepts
     clients = json.loads(netns.run("/usr/bin/python3", BURST, "clients", "127.0.0.1", str(PORT), "40", "2").stdout)
@@ -322,6 +358,13 @@ def test_prometheus_scrapes_exact_counts_and_queue_gauges(netns, tracer, prometh
     assert prometheus.query("rsttrace_records_lost_total")[0]["value"][1] == "0"
     hooks = {r["metric"]["event"]: r["metric"]["hook"] for r in prometheus.query("rsttrace_hook_attached == 1")}
     assert hooks["rst_sent"] == "tracepoint:tcp:tcp_send_reset"
+    # Prometheus asked for OpenMetrics, got it from prometheus_client, and took every scrape: the
+    # counters above came in that format, under the names of the text format (X_total).
+    assert [r["value"][1] for r in prometheus.query('up{job="rsttrace"}')] == ["1"]
+    relay.close()
+    assert relay.seen and all(accept.startswith("application/openmetrics-text")
+                              and content_type.startswith("application/openmetrics-text; version=1.0.0")
+                              for accept, content_type in relay.seen), relay.seen
     t.stop()
     assert read_json_lines(out)[-1]["exact_counts"]["syn_dropped"]["accept_queue_full"] == overflows
 

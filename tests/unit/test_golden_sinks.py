@@ -679,7 +679,7 @@ def normalise(text: str) -> str:
                   '"type":"linux"', text)
     text = re.sub(r"^(<\d+>1 \S+) " + re.escape(HOSTNAME[:255]) + rf" rsttrace {PID} ", r"\1 <hostname> rsttrace <pid> ",
                   text, flags=re.M)
-    text = re.sub(r"^rsttrace_last_update_timestamp_seconds \d+\.\d+$", "rsttrace_last_update_timestamp_seconds "
+    text = re.sub(r"^rsttrace_last_update_timestamp_seconds \S+$", "rsttrace_last_update_timestamp_seconds "
                   "<timestamp>", text, flags=re.M)
     return text
 
@@ -757,16 +757,20 @@ def capture_syslog(tmp_path) -> str:
     return "".join(d.decode() + "\n" for d in got)
 
 
-def capture_metrics(tmp_path) -> str:
+def capture_metrics(tmp_path, openmetrics: bool = False) -> str:
     """The exposition a scrape gets after the run (the session hands the exact counts over as it
-    does when a scrape asks: Session._refresh_metrics)."""
+    does when a scrape asks: Session._refresh_metrics): the text format 0.0.4, or OpenMetrics."""
     sink = MetricsSink(("127.0.0.1", 0))
     try:
         result, _ = emit_all([sink])
         sink.update_counts(result.count_rows, STATS)
-        return sink.render()
+        return sink.render(openmetrics=openmetrics)
     finally:
         sink.close()
+
+
+def capture_openmetrics(tmp_path) -> str:
+    return capture_metrics(tmp_path, openmetrics=True)
 
 
 class Clock:
@@ -802,6 +806,7 @@ CAPTURES = {
     "plain-exit.txt": capture_plain_exit,
     "syslog.txt": capture_syslog,
     "metrics.prom": capture_metrics,
+    "metrics.openmetrics": capture_openmetrics,
     "ui.txt": capture_ui,
 }
 SINKS = GOLDEN / "sinks"

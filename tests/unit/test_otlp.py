@@ -576,5 +576,5 @@ def test_exit_summary_and_metrics_say_what_became_of_the_log_records():
     finally:
         sink.close()
     for outcome, n in (("sent", 90), ("failed", 4), ("dropped_queue_full", 5), ("unsent_at_exit", 1)):
-        assert f'rsttrace_otlp_log_records_total{{outcome="{outcome}"}} {n}\n' in text
-    assert "rsttrace_otlp_log_records_pending 0\n" in text
+        assert f'rsttrace_otlp_log_records_total{{outcome="{outcome}"}} {n}.0\n' in text
+    assert "rsttrace_otlp_log_records_pending 0.0\n" in text

@@ -107,6 +107,17 @@ def test_syslog_targets(text, ok):
 # -- Prometheus ---------------------------------------------------------------------------------
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*\})? -?[0-9.e+]+$')
+OPENMETRICS = "application/openmetrics-text"
+# What Debian 12's prometheus (2.42) sends when it scrapes (scrape/scrape.go, acceptHeader).
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def series(name: str, **labels: object) -> str:
+    """A sample's key in samples(): its name and labels, the labels in name order."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
 
 
 def row(event="rst_sent", reason="no_listener", netns=1, port=80, count=1, name="blue"):
@@ -122,14 +133,26 @@ def sink():
 
 
 def samples(text: str) -> dict[str, float]:
+    """The text format 0.0.4, checked line by line, parsed by prometheus_client's own parser too."""
+    from prometheus_client.parser import text_string_to_metric_families
     out = {}
     for line in text.splitlines():
         if line.startswith("#"):
             continue
         assert SAMPLE.match(line), line
-        name, value = line.rsplit(" ", 1)
-        out[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = series(s.name, **s.labels)
+            assert key not in out, key
+            out[key] = s.value
     return out
+
+
+def om_families(text: str) -> dict:
+    """OpenMetrics, parsed by prometheus_client's strict OpenMetrics parser (it wants the # EOF)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    assert text.endswith("# EOF\n")
+    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 def test_exposition_is_valid_text_format(sink):
@@ -137,10 +160,24 @@ def test_exposition_is_valid_text_format(sink):
     sink.update_counts([row(), row(reason="closed_with_unread_data", count=2)],
                        {"submitted": 3, "lost": 0, "skipped_runs": {"tracepoint:tcp:tcp_receive_reset": 7}})
     got = samples(sink.render())
-    assert got['rsttrace_events_total{event="rst_sent",reason="no_listener",netns="blue",port="80"}'] == 1
-    assert got['rsttrace_hook_attached{event="ack_dropped",hook="none"}'] == 0
+    assert got[series("rsttrace_events_total", event="rst_sent", reason="no_listener", netns="blue", port=80)] == 1
+    assert got[series("rsttrace_hook_attached", event="ack_dropped", hook="none")] == 0
     assert got["rsttrace_records_delivered_total"] == 3
-    assert got['rsttrace_bpf_runs_skipped_total{hook="tracepoint:tcp:tcp_receive_reset"}'] == 7
+    assert got[series("rsttrace_bpf_runs_skipped_total", hook="tracepoint:tcp:tcp_receive_reset")] == 7
+
+
+def test_openmetrics_has_the_same_families_and_samples_as_the_text_format(sink):
+    sink.emit(every_record_type()[0])
+    sink.update_counts([row(), row(reason="closed_with_unread_data", count=2)],
+                       {"submitted": 3, "lost": 0, "skipped_runs": {"tracepoint:tcp:tcp_receive_reset": 7},
+                        "otlp": {"sent": 1, "failed": 0, "dropped_queue_full": 0, "unsent_at_exit": 0, "pending": 2}})
+    text = sink.render()
+    classic = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
+    om = om_families(sink.render(openmetrics=True))
+    # A counter X_total is the family X in OpenMetrics, its sample still X_total: the same series.
+    assert {(name + "_total" if family.type == "counter" else name): family.type for name, family in om.items()} == classic
+    assert {series(s.name, **s.labels): s.value for f in om.values() for s in f.samples} == samples(text)
+    assert om["rsttrace_events"].samples[0].name == "rsttrace_events_total"
 
 
 def test_port_labels_are_bounded_and_series_stay_monotonic(sink, monkeypatch):
@@ -153,11 +190,14 @@ def test_port_labels_are_bounded_and_series_stay_monotonic(sink, monkeypatch):
     rows[0]["count"] = 11
     sink.update_counts(rows, {})
     second = samples(sink.render())
-    series = [k for k in second if k.startswith("rsttrace_events_total")]
-    assert len(series) == 4
-    assert second['rsttrace_events_total{event="rst_sent",reason="no_listener",netns="blue",port="other"}'] == 500
-    assert all(second[k] >= v for k, v in first.items() if k.startswith("rsttrace_events_total"))
-    assert second['rsttrace_events_total{event="rst_sent",reason="no_listener",netns="blue",port="80"}'] == 11
+    for got in (second, {series(s.name, **s.labels): s.value
+                         for f in om_families(sink.render(openmetrics=True)).values() for s in f.samples}):
+        events = [k for k in got if k.startswith("rsttrace_events_total")]
+        assert len(events) == 4
+        assert got[series("rsttrace_events_total", event="rst_sent", reason="no_listener", netns="blue",
+                          port="other")] == 500
+        assert all(got[k] >= v for k, v in first.items() if k.startswith("rsttrace_events_total"))
+        assert got[series("rsttrace_events_total", event="rst_sent", reason="no_listener", netns="blue", port=80)] == 11
 
 
 def test_netns_labels_are_bounded(sink, monkeypatch):
@@ -165,18 +205,86 @@ def test_netns_labels_are_bounded(sink, monkeypatch):
     sink.update_counts([row(netns=n, name=None, port=80 + n) for n in range(10)], {})
     netns = {re.search(r'netns="([^"]+)"', k).group(1) for k in samples(sink.render()) if "events_total" in k}
     assert netns == {"0", "1", "other"}
+    om = om_families(sink.render(openmetrics=True))
+    assert {s.labels["netns"] for s in om["rsttrace_events"].samples} == {"0", "1", "other"}
+
+
+def test_listener_gauges_are_bounded(sink, monkeypatch):
+    monkeypatch.setattr(metrics, "MAX_LISTENERS", 2)
+    listeners = [{"netns": {"inode": 1, "name": "blue"}, "local": {"addr": "127.0.0.1", "port": p},
+                  "accept_qlen": 1, "accept_qmax": 5, "drops": 0} for p in (80, 81, 82)]
+    sink.emit({"type": "listeners", "listeners": listeners})
+    got = samples(sink.render())
+    assert len([k for k in got if k.startswith("rsttrace_listener_accept_queue_length")]) == 2
+    assert got["rsttrace_listeners_not_shown"] == 1
+
+
+def test_label_values_are_escaped(sink):
+    name = 'a"b\\c\nd'
+    sink.update_counts([row(name=name)], {})
+    text = sink.render()
+    assert 'netns="a\\"b\\\\c\\nd"' in text
+    assert series("rsttrace_events_total", event="rst_sent", reason="no_listener", netns=name, port=80) in samples(text)
+    om = om_families(sink.render(openmetrics=True))
+    assert om["rsttrace_events"].samples[0].labels["netns"] == name
+
+
+def scrape(sink, accept: str | None = None) -> tuple[str, str]:
+    host, port = sink.address
+    request = urllib.request.Request(f"http://{host}:{port}/metrics", headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return resp.headers["Content-Type"], resp.read().decode()
 
 
 def test_scrape_over_http_serves_fresh_counts_or_the_last_ones(sink):
     host, port = sink.address
     sink.update_counts([row(count=5)], {})
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
-        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        body = resp.read().decode()                 # nobody refreshed: the last counts, after SCRAPE_WAIT_S
-    assert 'port="80"} 5' in body
+    content_type, body = scrape(sink)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    # nobody refreshed: the last counts, after SCRAPE_WAIT_S
+    assert samples(body)[series("rsttrace_events_total", event="rst_sent", reason="no_listener", netns="blue",
+                                port=80)] == 5
     assert sink.wants_counts()                      # ... and the session is asked for fresh ones
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://{host}:{port}/other", timeout=5)
+
+
+@pytest.mark.parametrize("accept,openmetrics", [
+    (None, False),
+    ("text/plain;version=0.0.4", False),
+    ("*/*", False),
+    (PROMETHEUS_ACCEPT, True),
+    ("application/openmetrics-text", True),
+    ("application/openmetrics-text; version=1.0.0", True),
+    # prometheus_client reads no q: OpenMetrics, offered at all, wins
+    ("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;version=1.0.0;q=0.1", True),
+])
+def test_scrape_negotiates_openmetrics_by_the_accept_header(sink, accept, openmetrics):
+    sink.update_counts([row(count=5)], {"submitted": 4})
+    content_type, body = scrape(sink, accept)
+    if openmetrics:
+        assert content_type.startswith(OPENMETRICS + "; version=1.0.0")
+        om = om_families(body)
+        assert om["rsttrace_records_delivered"].samples[0].value == 4
+    else:
+        assert content_type.startswith("text/plain; version=0.0.4")
+        assert "# EOF" not in body and samples(body)["rsttrace_records_delivered_total"] == 4
+
+
+def test_metrics_without_prometheus_client_is_a_one_line_error(tmp_path):
+    # A prometheus_client that cannot be imported: only --metrics needs it, and says so.
+    (tmp_path / "prometheus_client").mkdir()
+    (tmp_path / "prometheus_client" / "__init__.py").write_text("raise ImportError('gone', name='prometheus_client')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[2]}"}
+    proc = subprocess.run([sys.executable, "-m", "tracer", "--metrics", "127.0.0.1:9465"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--metrics needs the Python package prometheus_client" in proc.stderr
+    # Nothing else imports it.
+    proc = subprocess.run([sys.executable, "-c", "import sys, tracer.cli, tracer.session, tracer.sinks.otlp, "
+                           "tracer.sinks.syslog; assert 'prometheus_client' not in sys.modules"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("text,expected", [("127.0.0.1:9465", ("127.0.0.1", 9465)), (":9465", ("0.0.0.0", 9465)),

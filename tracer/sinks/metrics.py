@@ -1,4 +1,9 @@
-"""--metrics ADDR:PORT: a Prometheus exposition endpoint (text format 0.0.4) at /metrics.
+"""--metrics ADDR:PORT: a Prometheus exposition endpoint at /metrics, through prometheus_client.
+
+A custom collector (the sink itself, in a private CollectorRegistry: no process or platform metrics)
+builds the metric families on each scrape; prometheus_client writes them, as OpenMetrics when the
+scraper's Accept header asks for it (Prometheus does), else in the text format 0.0.4. rsttrace keeps
+its own HTTP server: bound before anything is loaded, closed when rsttrace exits.
 
 Counters come from the kernel's exact per-key counts, read when a scrape arrives (the session reads
 the BPF map and hands over plain rows: a sink never touches BPF), so they are exact even when the
@@ -20,6 +25,12 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 
@@ -43,14 +54,6 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def _label_value(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(**labels: object) -> str:
-    return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items()) + "}"
-
-
 class MetricsSink:
     ignores_events = True        # counts come from the kernel's exact counts, not from event records
     def __init__(self, address: tuple[str, int]):
@@ -68,6 +71,9 @@ class MetricsSink:
         self._delays: dict[tuple[str, str], list[int]] = {}          # (netns, port) → cumulative buckets, count
         self._delay_sums: dict[tuple[str, str], float] = {}
         self._updated_at = 0.0
+        # A private registry holding this sink only: no process or platform collectors, nothing global.
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,9 +81,11 @@ class MetricsSink:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "rsttrace serves /metrics")
                     return
-                body = sink.scrape().encode()
+                # OpenMetrics when the scraper asks for it (Prometheus does), else the text format 0.0.4.
+                encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                body = sink.scrape(encoder)
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -160,27 +168,36 @@ class MetricsSink:
         return label
 
     # -- from a scrape (HTTP thread) ---------------------------------------------------------
-    def scrape(self) -> str:
+    def scrape(self, encoder=generate_latest) -> bytes:
         with self._lock:
             seen = self._generation
             self._wanted = True
             self._lock.wait_for(lambda: self._generation != seen, timeout=SCRAPE_WAIT_S)
-            return self.render()
+        return encoder(self._registry)
 
-    def render(self) -> str:
-        out: list[str] = []
+    def render(self, openmetrics: bool = False) -> str:
+        """The exposition of what the sink holds now: the classic text format (0.0.4), or OpenMetrics."""
+        return (generate_openmetrics if openmetrics else generate_latest)(self._registry).decode()
 
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
+    def collect(self):
+        """The metric families, for prometheus_client (CollectorRegistry.collect, on a scrape's thread)."""
+        with self._lock:
+            return self._families()
 
-        family("rsttrace_info", "gauge", "rsttrace build and kernel (value 1)")
-        out.append(f"rsttrace_info{_labels(version=__version__, kernel=self._kernel, schema='rsttrace/1')} 1")
-        family("rsttrace_events_total", "counter",
-               "Events seen by rsttrace's kernel programs, counted in the kernel (exact: includes records lost "
-               "or suppressed), by event, reason, network namespace and service port")
-        for (event, reason, netns, port), n in sorted(self._events.items()):
-            out.append(f"rsttrace_events_total{_labels(event=event, reason=reason, netns=netns, port=port)} {n}")
+    def _families(self) -> list:
+        out: list = []
+        info = GaugeMetricFamily("rsttrace_info", "rsttrace build and kernel (value 1)",
+                                 labels=("version", "kernel", "schema"))
+        info.add_metric((__version__, self._kernel, "rsttrace/1"), 1)
+        out.append(info)
+        events = CounterMetricFamily(
+            "rsttrace_events_total",
+            "Events seen by rsttrace's kernel programs, counted in the kernel (exact: includes records lost "
+            "or suppressed), by event, reason, network namespace and service port",
+            labels=("event", "reason", "netns", "port"))
+        for key, n in sorted(self._events.items()):
+            events.add_metric(key, n)
+        out.append(events)
         stats = self._stats
         for name, key, help_text in (
                 ("rsttrace_records_delivered_total", "submitted", "Event records the kernel put into the ring buffer"),
@@ -193,61 +210,70 @@ class MetricsSink:
                                                                    "rsttrace_events_total)"),
                 ("rsttrace_events_uncounted_total", "uncounted", "Events that found the in-kernel count map full "
                                                                   "(missing from rsttrace_events_total)")):
-            family(name, "counter", help_text)
-            out.append(f"{name} {stats.get(key, 0)}")
-        family("rsttrace_connections_total", "counter",
-               "Connections hurt by a drop (or a SYN retransmit), by how their story ended, under the server's "
-               "network namespace and port (`connection` records)")
-        for (outcome, netns, port), n in sorted(self._connections.items()):
-            out.append(f"rsttrace_connections_total{_labels(outcome=outcome, netns=netns, port=port)} {n}")
-        family("rsttrace_connect_delay_seconds", "histogram",
-               "Delay drops added to connections that were established in the end, by server netns and port")
-        for (netns, port), counts in sorted(self._delays.items()):
-            for bound, n in zip(DELAY_BUCKETS, counts):
-                out.append(f"rsttrace_connect_delay_seconds_bucket{_labels(netns=netns, port=port, le=bound)} {n}")
-            out.append(f"rsttrace_connect_delay_seconds_bucket{_labels(netns=netns, port=port, le='+Inf')} {counts[-1]}")
-            out.append(f"rsttrace_connect_delay_seconds_sum{_labels(netns=netns, port=port)} "
-                       f"{self._delay_sums[(netns, port)]:.6f}")
-            out.append(f"rsttrace_connect_delay_seconds_count{_labels(netns=netns, port=port)} {counts[-1]}")
-        family("rsttrace_connections_not_followed_total", "counter",
-               "Drops and SYN retransmits of connections rsttrace could not follow (the kernel's story map was "
-               "full): once per SYN lost, so more than the connections left out")
-        out.append(f"rsttrace_connections_not_followed_total {stats.get('stories_full', 0)}")
-        family("rsttrace_bpf_runs_skipped_total", "counter",
-               "Runs of rsttrace's BPF programs the kernel skipped because a BPF program was already running "
-               "on that CPU (their events are missing from rsttrace_events_total), by attach point")
+            out.append(CounterMetricFamily(name, help_text, value=stats.get(key, 0)))
+        connections = CounterMetricFamily(
+            "rsttrace_connections_total",
+            "Connections hurt by a drop (or a SYN retransmit), by how their story ended, under the server's "
+            "network namespace and port (`connection` records)",
+            labels=("outcome", "netns", "port"))
+        for key, n in sorted(self._connections.items()):
+            connections.add_metric(key, n)
+        out.append(connections)
+        delay = HistogramMetricFamily(
+            "rsttrace_connect_delay_seconds",
+            "Delay drops added to connections that were established in the end, by server netns and port",
+            labels=("netns", "port"))
+        for labels, counts in sorted(self._delays.items()):
+            buckets = [(floatToGoString(bound), n) for bound, n in zip(DELAY_BUCKETS, counts)]
+            delay.add_metric(labels, buckets + [("+Inf", counts[-1])], self._delay_sums[labels])
+        out.append(delay)
+        out.append(CounterMetricFamily(
+            "rsttrace_connections_not_followed_total",
+            "Drops and SYN retransmits of connections rsttrace could not follow (the kernel's story map was "
+            "full): once per SYN lost, so more than the connections left out", value=stats.get("stories_full", 0)))
+        skipped = CounterMetricFamily(
+            "rsttrace_bpf_runs_skipped_total",
+            "Runs of rsttrace's BPF programs the kernel skipped because a BPF program was already running "
+            "on that CPU (their events are missing from rsttrace_events_total), by attach point", labels=("hook",))
         for hook, n in sorted((stats.get("skipped_runs") or {}).items()):
-            out.append(f"rsttrace_bpf_runs_skipped_total{_labels(hook=hook)} {n}")
+            skipped.add_metric((hook,), n)
+        out.append(skipped)
         otlp = stats.get("otlp")
         if otlp:
-            family("rsttrace_otlp_log_records_total", "counter",
-                   "Records handed to --otlp, by what became of them: sent, failed (refused, partially rejected or "
-                   "given up after retries), dropped_queue_full, unsent_at_exit")
+            records = CounterMetricFamily(
+                "rsttrace_otlp_log_records_total",
+                "Records handed to --otlp, by what became of them: sent, failed (refused, partially rejected or "
+                "given up after retries), dropped_queue_full, unsent_at_exit", labels=("outcome",))
             for outcome in ("sent", "failed", "dropped_queue_full", "unsent_at_exit"):
-                out.append(f"rsttrace_otlp_log_records_total{_labels(outcome=outcome)} {otlp[outcome]}")
-            family("rsttrace_otlp_log_records_pending", "gauge", "Records queued for --otlp or being sent")
-            out.append(f"rsttrace_otlp_log_records_pending {otlp['pending']}")
-        family("rsttrace_hook_attached", "gauge", "1 if rsttrace sees this event kind on this kernel (label hook: how)")
+                records.add_metric((outcome,), otlp[outcome])
+            out.append(records)
+            out.append(GaugeMetricFamily("rsttrace_otlp_log_records_pending", "Records queued for --otlp or being sent",
+                                         value=otlp["pending"]))
+        hooks = GaugeMetricFamily("rsttrace_hook_attached",
+                                  "1 if rsttrace sees this event kind on this kernel (label hook: how)",
+                                  labels=("event", "hook"))
         for event, hook in sorted(self._coverage.items()):
-            out.append(f"rsttrace_hook_attached{_labels(event=event, hook=hook or 'none')} {1 if hook else 0}")
+            hooks.add_metric((event, hook or "none"), 1 if hook else 0)
+        out.append(hooks)
         rows = sorted(self._listeners, key=lambda r: (r["netns"]["inode"], r["local"]["port"], r["local"]["addr"]))
         for name, field, help_text in (
                 ("rsttrace_listener_accept_queue_length", "accept_qlen", "Connections waiting in the accept queue"),
                 ("rsttrace_listener_accept_queue_limit", "accept_qmax", "Accept queue limit: min(listen() backlog, somaxconn)"),
                 ("rsttrace_listener_drops", "drops", "Listen drops the kernel counted for this listener")):
-            family(name, "gauge", help_text)
+            family = GaugeMetricFamily(name, help_text, labels=("netns", "addr", "port"))
             for row in rows[:MAX_LISTENERS]:
                 if row.get(field) is None:
                     continue
-                labels = _labels(netns=self._netns_label.get(row["netns"]["inode"])
-                                 or row["netns"]["name"] or row["netns"]["inode"],
-                                 addr=row["local"]["addr"], port=row["local"]["port"])
-                out.append(f"{name}{labels} {row[field]}")
-        family("rsttrace_listeners_not_shown", "gauge", f"Listeners beyond the first {MAX_LISTENERS} (not exported)")
-        out.append(f"rsttrace_listeners_not_shown {max(0, len(rows) - MAX_LISTENERS)}")
-        family("rsttrace_last_update_timestamp_seconds", "gauge", "When the counts were last read from the kernel")
-        out.append(f"rsttrace_last_update_timestamp_seconds {self._updated_at:.3f}")
-        return "\n".join(out) + "\n"
+                netns = (self._netns_label.get(row["netns"]["inode"]) or row["netns"]["name"]
+                         or row["netns"]["inode"])
+                family.add_metric((str(netns), str(row["local"]["addr"]), str(row["local"]["port"])), row[field])
+            out.append(family)
+        out.append(GaugeMetricFamily("rsttrace_listeners_not_shown",
+                                     f"Listeners beyond the first {MAX_LISTENERS} (not exported)",
+                                     value=max(0, len(rows) - MAX_LISTENERS)))
+        out.append(GaugeMetricFamily("rsttrace_last_update_timestamp_seconds",
+                                     "When the counts were last read from the kernel", value=round(self._updated_at, 3)))
+        return out
 
     def close(self) -> None:
         if self._thread.ident is not None:      # shutdown() waits for a serve_forever() that never ran
