@@ -81,32 +81,61 @@ def describe(rule: RejectRule) -> str:
 
 # -- parsing (pure: tests feed it captured output) ----------------------------------------------
 
+class _Index(NamedTuple):
+    """One `nft -j -a list ruleset` output, by what its items are."""
+    table_handles: dict[tuple[str, str], int]        # (family, table) → handle: where `nft -a` texts are keyed
+    chains: dict[tuple[str, str, str], list[dict]]   # (family, table, chain) → its rules in order (none: [])
+    base: set[tuple[str, str, str]]                  # the chains a hook enters
+    sets: dict[tuple[str, str, str], dict]           # named sets and maps
+
+    def text_of(self, r: dict, texts: dict) -> str | None:
+        """A rule's text from rule_texts(), keyed by family, table handle and rule handle."""
+        family, table = r.get("family"), r.get("table")
+        return texts.get((family, self.table_handles.get((family, table)), r.get("handle")))
+
+
+def _index(ruleset: dict, kinds: tuple[str, ...]) -> _Index:
+    """The items of `kinds` (table, chain, rule, set, map) the caller reads; the others are not looked at,
+    so an item of a shape only another reader needs cannot cost this one its rules."""
+    index = _Index({}, {}, set(), {})
+    for item in ruleset.get("nftables") or []:
+        if not isinstance(item, dict):
+            continue
+        kind = next((k for k in kinds if k in item), None)
+        if kind is None:
+            continue
+        value = item[kind]
+        if kind in ("set", "map") and not isinstance(value, dict):
+            continue                        # a set of a shape nft never gives: left out
+        family, table = value.get("family"), value.get("table")
+        if kind == "table":
+            index.table_handles[(family, value.get("name"))] = value.get("handle")
+        elif kind == "chain":
+            index.chains.setdefault((family, table, value.get("name")), [])
+            if value.get("hook"):
+                index.base.add((family, table, value.get("name")))
+        elif kind == "rule":
+            index.chains.setdefault((family, table, value.get("chain")), []).append(value)
+        else:                               # a set or map
+            index.sets[(family, table, value.get("name"))] = value
+    return index
+
+
 def reject_rules(ruleset: dict, text: str = "", saves: dict[str, str] | None = None) -> list[RejectRule]:
     """The REJECT rules of one `nft -j -a list ruleset` output, in ruleset order, with their text
     from `nft -a list ruleset` and their iptables line from `ip(6)tables-nft-save` (by family)."""
-    items = ruleset.get("nftables") or []
-    table_handles: dict[tuple[str, str], int] = {}
-    chains: dict[tuple[str, str, str], list[dict]] = {}
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        if "table" in item:
-            t = item["table"]
-            table_handles[(t.get("family"), t.get("name"))] = t.get("handle")
-        elif "rule" in item:
-            r = item["rule"]
-            chains.setdefault((r.get("family"), r.get("table"), r.get("chain")), []).append(r)
+    index = _index(ruleset, ("table", "rule"))
     texts = rule_texts(text)
     saved = {family: save_lines(out) for family, out in (saves or {}).items()}
     found = []
-    for (family, table, chain), rules in chains.items():
+    for (family, table, chain), rules in index.chains.items():
         lines = saved.get(family, {}).get((table, chain), [])
         # iptables-nft-save lists a chain's rules in the kernel's order, as nft does: the nth line is
         # the nth rule only while both saw the same chain (same count; a REJECT on both sides).
         aligned = lines if len(lines) == len(rules) else []
         for i, r in enumerate(rules):
             line = aligned[i] if aligned and _target(aligned[i]) == "REJECT" else None
-            rule = _reject_rule(r, texts.get((family, table_handles.get((family, table)), r.get("handle"))), line)
+            rule = _reject_rule(r, index.text_of(r, texts), line)
             if rule:
                 found.append(rule)
     return found
@@ -404,30 +433,8 @@ def dnat_rules(ruleset: dict, text: str = "", saves: dict[str, str] | None = Non
     """The DNAT rules of one `nft -j -a list ruleset` output, in ruleset order, with their text from
     `nft -a list ruleset`, their iptables line from `ip(6)tables-nft-save [-t nat]` (by family), and
     the ways into their chains."""
-    items = ruleset.get("nftables") or []
-    table_handles: dict[tuple[str, str], int] = {}
-    chains: dict[tuple[str, str, str], list[dict]] = {}
-    base: set[tuple[str, str, str]] = set()
-    sets: dict[tuple[str, str, str], dict] = {}
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        if "table" in item:
-            t = item["table"]
-            table_handles[(t.get("family"), t.get("name"))] = t.get("handle")
-        elif "chain" in item:
-            c = item["chain"]
-            chains.setdefault((c.get("family"), c.get("table"), c.get("name")), [])
-            if c.get("hook"):
-                base.add((c.get("family"), c.get("table"), c.get("name")))
-        elif "rule" in item:
-            r = item["rule"]
-            chains.setdefault((r.get("family"), r.get("table"), r.get("chain")), []).append(r)
-        else:
-            for kind in ("set", "map"):
-                if isinstance(item.get(kind), dict):
-                    s = item[kind]
-                    sets[(s.get("family"), s.get("table"), s.get("name"))] = s
+    index = _index(ruleset, ("table", "chain", "rule", "set", "map"))
+    chains, base, sets = index.chains, index.base, index.sets
     texts = rule_texts(text)
     saved = {family: save_lines(out) for family, out in (saves or {}).items()}
     lines: dict[tuple[str, str, str], list[str | None]] = {}
@@ -443,8 +450,7 @@ def dnat_rules(ruleset: dict, text: str = "", saves: dict[str, str] | None = Non
         for r, line in zip(rules, lines[key]):
             if line is not None and _target(line) != "DNAT":
                 line = None
-            rule = _dnat_rule(r, texts.get((family, table_handles.get((family, table)), r.get("handle"))), line,
-                              sets, _paths(key, entries, base, memo))
+            rule = _dnat_rule(r, index.text_of(r, texts), line, sets, _paths(key, entries, base, memo))
             if rule:
                 found.append(rule)
     return found
@@ -913,11 +919,6 @@ def read_ruleset(ns_path: str | None) -> Ruleset:
     got = _read_once(ns_path)
     # The JSON and the text are two reads, not one snapshot: a rule changed between them has no text.
     return got if all(r.text for r in (*got.rejects, *got.dnat)) else _read_once(ns_path)
-
-
-def read_rules(ns_path: str | None) -> list[RejectRule]:
-    """The REJECT rules of the netns at `ns_path` (None: the calling thread's own). Raises _Failed."""
-    return read_ruleset(ns_path).rejects
 
 
 def _read_once(ns_path: str | None) -> Ruleset:
