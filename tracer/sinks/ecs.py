@@ -11,7 +11,7 @@ import platform
 import socket
 from typing import Any
 
-from .records import SYSLOG_SEVERITY, one_line
+from .records import EVENT_EXTRAS, SYSLOG_SEVERITY, one_line
 
 ECS_VERSION = "8.11.0"
 SCHEMA = "rsttrace-ecs/1"
@@ -91,7 +91,7 @@ def event_document(rec: dict, host: dict) -> dict[str, Any]:
             "ktime_ns": rec["ktime_ns"],
         },
     }
-    for extra in ("app_errors", "accept", "reset_by", "firewall", "origin", "nat"):
+    for extra in EVENT_EXTRAS:
         if extra in rec:
             doc["rsttrace"][extra] = rec[extra]
     process = _process(proc)

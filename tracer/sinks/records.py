@@ -28,6 +28,20 @@ def base(record_type: str, ns: int | None = None) -> dict[str, Any]:
     return {"schema": SCHEMA, "type": record_type, "time": rfc3339(ns if ns is not None else time.time_ns())}
 
 
+# What enrichment found out about an event beyond the kernel's record, each a field of its own when
+# there is something to say (docs/json.md), in this order:
+#   app_errors  RSTs: the process's failed syscalls in the window before it (enrich/app.py)
+#   accept      accept-queue drops: the listener's accept() calls and SYNs, and why its queue is full
+#   firewall    firewall_reject(_icmp): the REJECT rules of that netns that could have sent it (enrich/origins.py)
+#   nat         rst_sent no_socket from an address a DNAT rule of its netns rewrites: the segment skipped
+#               NAT, conntrack marked it INVALID (enrich/origins.py)
+#   origin      rst_received: its TTL and timestamp option against the peer's handshake, and the REJECT
+#               on this host that made it, if one did (enrich/origins.py)
+#   reset_by    rst_received: the rst_sent of this host that caused it, or null where none matched
+#               (enrich/stories.py)
+EVENT_EXTRAS = ("app_errors", "accept", "firewall", "nat", "origin", "reset_by")
+
+
 def event_record(ev: Event) -> dict[str, Any]:
     rec = {
         "schema": SCHEMA,
@@ -60,28 +74,9 @@ def event_record(ev: Event) -> dict[str, Any]:
             "task_on_cpu": {"pid": ev.task_pid, "comm": ev.task_comm},
         },
     }
-    extra = ev.extra
-    if "app_errors" in extra:
-        # The process's failed syscalls in the window before this RST (tracer/enrich/app.py).
-        rec["app_errors"] = extra["app_errors"]
-    if "accept" in extra:
-        # The listener's accept() calls and SYNs, and why its accept queue is full.
-        rec["accept"] = extra["accept"]
-    if "firewall" in extra:
-        # firewall_reject(_icmp): the REJECT rules of that netns that could have sent it (enrich/origins.py).
-        rec["firewall"] = extra["firewall"]
-    if "nat" in extra:
-        # rst_sent no_socket from an address a DNAT rule of its netns rewrites (enrich/origins.py): the
-        # segment skipped NAT (conntrack INVALID).
-        rec["nat"] = extra["nat"]
-    if "origin" in extra:
-        # rst_received: its TTL and timestamp option against the peer's handshake, and the REJECT on
-        # this host that made it, if one did (enrich/origins.py).
-        rec["origin"] = extra["origin"]
-    if "reset_by" in extra:
-        # An rst_received whose sender rsttrace looked for on this host (tracer/enrich/stories.py):
-        # that rst_sent, or null where none matched.
-        rec["reset_by"] = extra["reset_by"]
+    for name in EVENT_EXTRAS:
+        if name in ev.extra:
+            rec[name] = ev.extra[name]
     return rec
 
 
