@@ -128,15 +128,7 @@ static __always_inline int read_packet(unsigned char *at, struct packet *p, int 
 		return 0;                    /* neither a handshake nor a reset: the common case, done */
 	p->seg.sport = (__u16)pkt[hlen] << 8 | pkt[hlen + 1];
 	p->seg.dport = (__u16)pkt[hlen + 2] << 8 | pkt[hlen + 3];
-	if (version == 4) {
-		p->seg.family = AF_INET;
-		__builtin_memcpy(p->seg.saddr, pkt + 12, 4);
-		__builtin_memcpy(p->seg.daddr, pkt + 16, 4);
-	} else {
-		p->seg.family = AF_INET6;
-		__builtin_memcpy(p->seg.saddr, pkt + 8, 16);
-		__builtin_memcpy(p->seg.daddr, pkt + 24, 16);
-	}
+	ip_addresses(pkt, version, &p->seg);
 	p->seg.ok = 1;
 	if (!need_options)
 		return 1;
@@ -167,6 +159,21 @@ static __always_inline int read_packet(unsigned char *at, struct packet *p, int 
 			break;
 		i += len;
 	}
+	return 1;
+}
+
+/* A TCP RST on its way out (net_dev_queue) or freed (kfree_skb): its headers, the socket on the skb
+ * (TCP's own RSTs carry one, IPv6 replies aside) and the device it came in by (0: made on this host).
+ * 0 when the skb holds no RST. */
+static __always_inline int read_rst_skb(void *skb, struct packet *p, void **sk, __u32 *iif)
+{
+	unsigned char *head = 0;
+	__u16 nh = 0, th = 0;
+	read_skb_offsets(skb, &head, &nh, &th);
+	if (!head || nh == (__u16)~0U || !read_packet(head + nh, p, 0) || !p->seg.ok || !(p->seg.flags & TCPHDR_RST))
+		return 0;
+	bpf_probe_read_kernel(sk, sizeof(*sk), skb + OFF_SKB_SK);
+	bpf_probe_read_kernel(iif, sizeof(*iif), skb + OFF_SKB_IIF);
 	return 1;
 }
 
@@ -282,17 +289,12 @@ static __always_inline void device_count(__u32 netns, int what)
 RAW_TRACEPOINT_PROBE(net_dev_queue)
 {
 	void *skb = (void *)ctx->args[0];
-	unsigned char *head = 0;
-	__u16 nh = 0, th = 0;
-	read_skb_offsets(skb, &head, &nh, &th);
 	struct packet p = {};
-	if (!head || !read_packet(head + nh, &p, 0) || !(p.seg.flags & TCPHDR_RST) || !p.seg.ok)
-		return 0;
-	__u32 netns = netns_of_skb(skb);
 	void *sk = 0;
 	__u32 iif = 0;
-	bpf_probe_read_kernel(&sk, sizeof(sk), skb + OFF_SKB_SK);
-	bpf_probe_read_kernel(&iif, sizeof(iif), skb + OFF_SKB_IIF);
+	if (!read_rst_skb(skb, &p, &sk, &iif))
+		return 0;
+	__u32 netns = netns_of_skb(skb);
 	if (sk || iif) {
 		device_count(netns, iif ? AT_DEVICE_FORWARDED : AT_DEVICE_BY_TCP);
 		return 0;
@@ -381,16 +383,11 @@ RAW_TRACEPOINT_PROBE(icmp_send)
  * TCP's own: a socket on the skb, or tcp_v6_send_response() on the stack) — TcpOutRsts counted it. */
 static __always_inline void origin_dropped(void *ctx, void *skb)
 {
-	unsigned char *head = 0;
-	__u16 nh = 0, th = 0;
-	read_skb_offsets(skb, &head, &nh, &th);
 	struct packet p = {};
-	if (!head || nh == (__u16)~0U || !read_packet(head + nh, &p, 0) || !p.seg.ok || !(p.seg.flags & TCPHDR_RST))
-		return;
 	void *sk = 0;
 	__u32 iif = 0;
-	bpf_probe_read_kernel(&sk, sizeof(sk), skb + OFF_SKB_SK);
-	bpf_probe_read_kernel(&iif, sizeof(iif), skb + OFF_SKB_IIF);
+	if (!read_rst_skb(skb, &p, &sk, &iif))
+		return;
 	if (iif)
 		return;          /* received: not on its way out */
 	if (!sk) {

@@ -107,6 +107,20 @@ struct segment {
 	__u8 daddr[16];
 };
 
+/* The family and addresses of an IPv4 (version 4) or IPv6 header read into `ip`. */
+static __always_inline void ip_addresses(const __u8 *ip, __u8 version, struct segment *seg)
+{
+	if (version == 4) {
+		seg->family = AF_INET;
+		__builtin_memcpy(seg->saddr, ip + 12, 4);
+		__builtin_memcpy(seg->daddr, ip + 16, 4);
+	} else {
+		seg->family = AF_INET6;
+		__builtin_memcpy(seg->saddr, ip + 8, 16);
+		__builtin_memcpy(seg->daddr, ip + 24, 16);
+	}
+}
+
 /* The IP and TCP headers of a segment, in as few reads as possible: this runs for every packet
  * the host receives (netif_receive_skb), so a non-TCP or non-SYN packet must cost little — two reads,
  * no copying. `syn_only`: stop (seg->ok 0) unless it is a SYN without ACK or RST, before the
@@ -148,15 +162,7 @@ static __always_inline void parse_segment_if(void *skb, int transport_known, int
 		return;
 	seg->sport = (__u16)tcp[0] << 8 | tcp[1];
 	seg->dport = (__u16)tcp[2] << 8 | tcp[3];
-	if (version == 4) {
-		seg->family = AF_INET;
-		__builtin_memcpy(seg->saddr, pkt + 12, 4);
-		__builtin_memcpy(seg->daddr, pkt + 16, 4);
-	} else {
-		seg->family = AF_INET6;
-		__builtin_memcpy(seg->saddr, pkt + 8, 16);
-		__builtin_memcpy(seg->daddr, pkt + 24, 16);
-	}
+	ip_addresses(pkt, version, seg);
 	seg->ok = 1;
 }
 
