@@ -277,11 +277,13 @@ static __always_inline int storm_absorbs(struct rsttrace_event *e, struct rsttra
 	return 1;
 }
 
-/* The port a count is kept under (the metrics' `port` label). A listener event's is the listening
- * port. An RST's is the traced port where --port names one of its two; else, for an RST answering a
- * SYN, the port the SYN was for; else the lower of the two (ephemeral ports come from the top of
- * the range). Never the connection's own ephemeral port where --port says which is the service's:
- * that would make a key, and a metric series, per connection. */
+/* The port a count is kept under (the metrics' `port` label): the service's port, never a
+ * connection's own ephemeral port, which would make a key, and a metric series, per connection.
+ * A listener event's is the listening port. An RST's is the traced port where --port names one of
+ * its two; else the local port where that is a listener's: the SYN it answered was for it, the
+ * socket is the listener or its request, or a full socket its child; else, on a full socket, the
+ * remote port (connect()ed, so the peer is the service); else, with no socket to tell by, the lower
+ * of the two (ephemeral ports come from the top of the range). */
 static __always_inline __u16 service_port(struct rsttrace_event *e)
 {
 	if (e->kind == RSTTRACE_CONNECTION)     /* ended by the client's socket: the server is remote */
@@ -298,6 +300,15 @@ static __always_inline __u16 service_port(struct rsttrace_event *e)
 #endif
 	if ((e->tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) == TCPHDR_SYN)
 		return e->lport;
+	if (e->skaddr && (e->state == TCP_LISTEN || e->state == TCP_NEW_SYN_RECV))
+		return e->lport;
+	if (e->flags & RSTTRACE_F_FULLSOCK) {
+		/* A listener's child is a copy of it (sk_clone_lock(), every kernel): it keeps the
+		 * listener's nonzero backlog limit. A connect()ed socket never listened: 0. */
+		__u32 backlog_limit = 0;
+		bpf_probe_read_kernel(&backlog_limit, sizeof(backlog_limit), (void *)e->skaddr + OFF_SOCK_MAX_ACK_BACKLOG);
+		return backlog_limit ? e->lport : e->rport;
+	}
 	return e->rport < e->lport ? e->rport : e->lport;
 }
 

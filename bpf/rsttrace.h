@@ -156,8 +156,8 @@ struct rsttrace_event {
 struct rsttrace_count_key {
 	__u32 kind;
 	__u32 kernel_reason;
-	__u16 service_port;     /* listener events: the listening port; RSTs: the traced one of the two
-	                         * ports, else the lower (maps.bpf.c service_port()) — bounds the keys */
+	__u16 service_port;     /* the service's port, never an ephemeral one where a socket tells
+	                         * (maps.bpf.c service_port()) — bounds the keys */
 	__u8 tcp_flags;
 	__u8 flags;             /* RSTTRACE_F_LINGER | _INFERRED | _ORPHAN | _HAVE_SOCKET | _UNREAD */
 	__u8 linger_zero;

@@ -369,30 +369,36 @@ def test_prometheus_scrapes_exact_counts_and_queue_gauges(netns, tracer, prometh
     assert read_json_lines(out)[-1]["exact_counts"]["syn_dropped"]["accept_queue_full"] == overflows
 
 
-def test_resets_of_a_service_in_the_ephemeral_range_are_counted_under_its_port(netns, tracer):
+@pytest.mark.parametrize("traced", ["--port", "every port"])
+def test_resets_of_a_service_in_the_ephemeral_range_are_counted_under_its_port(netns, tracer, traced):
     # A service on 47811, inside the kernel's ephemeral range, whose clients' ports are lower: each
-    # reset it sends and each its clients receive counts under the traced port, not under the
-    # client's port (one series per connection, until the label cap).
+    # reset it sends, each its clients send, and each either side receives counts under the
+    # service's port, not under the client's (one series per connection, until the label cap) —
+    # whether --port names it or rsttrace has to tell the listener's side by itself.
     service = 47811
     netns.sysctl("net.ipv4.ip_local_port_range", "20000 20999")
     port = free_port()
-    t = tracer("--json", "--port", str(service), "--metrics", f"127.0.0.1:{port}")
+    t = tracer("--json", *(["--port", str(service)] if traced == "--port" else []),
+               "--metrics", f"127.0.0.1:{port}")
     clients = {netns.scenario("unread_close", "127.0.0.1", service)["client_port"] for _ in range(3)}
-    assert len(clients) == 3 and all(p < service for p in clients)
+    clients |= {netns.scenario("client_abort", "127.0.0.1", service)["client_port"] for _ in range(2)}
+    assert len(clients) == 5 and all(p < service for p in clients)
 
     def ours():
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         return [line for line in text.splitlines()
                 if line.startswith("rsttrace_events_total{") and f'netns="{netns.name}"' in line]
-    def six_counted():
+    def ten_counted():
         rows = ours()
-        return rows if sum(float(row.split()[-1]) for row in rows) >= 6 else None
-    lines = wait_for(six_counted, 15, "the six resets in the metrics")
+        return rows if sum(float(row.split()[-1]) for row in rows) >= 10 else None
+    lines = wait_for(ten_counted, 15, "the ten resets in the metrics")
     t.stop()
     assert {re.search(r'port="(\d+)"', line).group(1) for line in lines} == {str(service)}, lines
-    by_reason = {re.search(r'reason="(\w+)"', line).group(1): float(line.split()[-1]) for line in lines}
-    assert by_reason == {"closed_with_unread_data": 3, "peer_reset": 3}, lines
+    by_reason = {(re.search(r'event="(\w+)"', line).group(1), re.search(r'reason="(\w+)"', line).group(1)):
+                 float(line.split()[-1]) for line in lines}
+    assert by_reason == {("rst_sent", "closed_with_unread_data"): 3, ("rst_received", "peer_reset"): 5,
+                         ("rst_sent", "linger_zero"): 2}, lines
 
 
 def test_metrics_port_in_use_is_a_one_line_error(root):

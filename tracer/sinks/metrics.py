@@ -15,8 +15,9 @@ Label cardinality is bounded, and stays monotonic:
   - netns: the first MAX_NETNS namespaces seen get their own value (`ip netns` name or inode), any
     later one is "other";
   - port: the *service* port (the listener's port; for RSTs the traced one of the two ports,
-    else the lower: bpf/maps.bpf.c service_port()): the first MAX_PORTS (netns, port) pairs seen
-    get their own value, any later one is "other".
+    else the local one where it is a listener's, else the remote one: bpf/maps.bpf.c
+    service_port()): the first MAX_PORTS (netns, port) pairs seen get their own value, any later
+    one is "other".
   A pair, once given a label, keeps it, so every series only ever grows.
 """
 from __future__ import annotations
