@@ -29,6 +29,7 @@ Examples:
   sudo rsttrace --format ecs -o /var/log/rsttrace/rsttrace.json --max-rate 200   # for a SIEM's log shipper
   sudo rsttrace --syslog udp:127.0.0.1:514 --metrics 127.0.0.1:9465 -o /dev/null # syslog + Prometheus only
   sudo rsttrace --otlp http://127.0.0.1:4318 -o /dev/null # OpenTelemetry logs to a Collector's otlp receiver
+  sudo OTEL_EXPORTER_OTLP_HEADERS="api-key=$KEY" rsttrace --otlp https://otlp.example:4318 -o /dev/null
   sudo kill -HUP $(pidof -x rsttrace)         # after rotating --output: reopen it (logrotate's postrotate)
   sudo rsttrace doctor                       # what this kernel lets rsttrace see
   rsttrace explain closed_with_unread_data   # what a reason means and what to change
@@ -133,6 +134,10 @@ class ContainerType(click.ParamType):
               help="Also send events (and connections, losses, the summary) as OpenTelemetry log records, "
                    "OTLP/HTTP JSON POSTed to URL/v1/logs, e.g. http://127.0.0.1:4318 (a Collector's otlp "
                    "receiver); batched and retried, what cannot be sent is counted.")
+@click.option("--otlp-header", "otlp_headers", metavar="NAME=VALUE", multiple=True,
+              help="A request header for --otlp (repeatable), e.g. an API key; default: from "
+                   "OTEL_EXPORTER_OTLP_LOGS_HEADERS or OTEL_EXPORTER_OTLP_HEADERS (k1=v1,k2=v2, keeps secrets "
+                   "out of the process list).")
 @click.option("--metrics", "metrics_address", metavar="ADDR:PORT",
               help="Serve Prometheus metrics at http://ADDR:PORT/metrics (exact in-kernel counts, queue gauges; "
                    ":PORT for every address).")
@@ -164,7 +169,7 @@ class ContainerType(click.ParamType):
 @click.version_option(__version__, "-V", "--version", prog_name="rsttrace")
 @click.pass_context
 def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_filter, as_json, plain, fmt, output,
-         syslog_target, syslog_facility, otlp_url, metrics_address, max_rate, ring_mb, backend, no_stories, app_errors,
+         syslog_target, syslog_facility, otlp_url, otlp_headers, metrics_address, max_rate, ring_mb, backend, no_stories, app_errors,
          app_errors_window, origins, duration, count):
     """Explain every TCP reset on this host: who sent it, why, and what to change.
 
@@ -187,12 +192,21 @@ def main(ctx, ports, pid, comms, netns, cgroups, containers, ipv4, ipv6, reason_
             syslog = SyslogTarget.parse(syslog_target)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--syslog") from None
+    if otlp_headers and otlp_url is None:
+        raise click.UsageError("--otlp-header needs --otlp URL")
     if otlp_url is not None:
-        from .sinks.otlp import OtlpEndpoint
+        import dataclasses
+        from .sinks.otlp import OtlpEndpoint, otlp_header, otlp_headers_from_env
         try:
             otlp = OtlpEndpoint.parse(otlp_url)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--otlp") from None
+        try:
+            headers = (tuple(otlp_header(h) for h in otlp_headers) if otlp_headers
+                       else otlp_headers_from_env(os.environ))
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--otlp-header") from None
+        otlp = dataclasses.replace(otlp, headers=headers)
     if metrics_address is not None:
         try:
             from .sinks.metrics import parse_listen_address

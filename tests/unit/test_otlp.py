@@ -9,6 +9,7 @@ about speed (the one about time is a lower bound: a Retry-After was honoured).
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import gzip
 import json
 import socket
@@ -22,7 +23,8 @@ import pytest
 
 import tracer
 from tracer.sinks import records
-from tracer.sinks.otlp import OtlpEndpoint, OtlpSink, SENT_TYPES, server_side
+from tracer.sinks.otlp import (OtlpEndpoint, OtlpSink, SENT_TYPES, otlp_header, otlp_headers_from_env,
+                               server_side)
 
 WAIT_S = 20.0          # bound of every wait for a condition
 
@@ -547,6 +549,63 @@ def test_the_session_asks_the_sink_for_its_counts(receiver):
 def test_credentials_in_the_url_are_refused():
     with pytest.raises(ValueError, match="credentials"):
         OtlpEndpoint.parse("http://user:secret@collector:4318")
+
+
+def test_extra_headers_reach_the_receiver_and_ours_stay_ours(receiver):
+    r = receiver()
+    endpoint = dataclasses.replace(OtlpEndpoint.parse(r.url), headers=(("Authorization", "Bearer s3cret"),
+                                                                       ("X-Scope-OrgID", "tenant-1")))
+    sink = OtlpSink(endpoint, batch_interval_s=0.05, say=lambda line: None)
+    sink.start()
+    sink.emit(lost(1))
+    sink.close()
+    [post] = r.posts
+    assert post.headers["Authorization"] == "Bearer s3cret" and post.headers["X-Scope-OrgID"] == "tenant-1"
+    assert post.headers["Content-Type"] == "application/json" and len(post.log_records) == 1
+    assert "s3cret" not in endpoint.url
+
+
+@pytest.mark.parametrize("text,header", [
+    ("Authorization=Bearer abc=def", ("Authorization", "Bearer abc=def")),
+    (" api-key = k1 ", ("api-key", "k1")),
+    ("X-Empty=", ("X-Empty", "")),
+])
+def test_otlp_header_options(text, header):
+    assert otlp_header(text) == header
+
+
+@pytest.mark.parametrize("text,why", [
+    ("Authorization", "not NAME=VALUE"), ("=v", "not NAME=VALUE"), ("bad name=v", "not NAME=VALUE"),
+    ("Content-Type=text/plain", "sets this header itself"), ("Host=x", "sets this header itself"),
+    ("X-Key=a\r\nInjected: 1", "line break"),
+])
+def test_bad_otlp_headers_are_refused_without_echoing_the_value(text, why):
+    with pytest.raises(ValueError, match=why) as err:
+        otlp_header(text)
+    assert "Injected" not in str(err.value) and "text/plain" not in str(err.value)
+
+
+def test_headers_from_the_opentelemetry_variables():
+    both = {"OTEL_EXPORTER_OTLP_HEADERS": "a=1", "OTEL_EXPORTER_OTLP_LOGS_HEADERS": "api-key=k%3D1%2C2, tenant=t"}
+    assert otlp_headers_from_env(both) == (("api-key", "k=1,2"), ("tenant", "t"))       # the logs signal's first
+    assert otlp_headers_from_env({"OTEL_EXPORTER_OTLP_HEADERS": "a=1,,"}) == (("a", "1"),)
+    assert otlp_headers_from_env({}) == ()
+    with pytest.raises(ValueError, match="^OTEL_EXPORTER_OTLP_HEADERS: 'oops' is not NAME=VALUE"):
+        otlp_headers_from_env({"OTEL_EXPORTER_OTLP_HEADERS": "oops"})
+
+
+@pytest.mark.parametrize("argv,env,error", [
+    (["--otlp-header", "a=1"], {}, "--otlp-header needs --otlp URL"),
+    (["--otlp", "http://127.0.0.1:4318", "--otlp-header", "Authorization"], {},
+     "Invalid value for --otlp-header: 'Authorization' is not NAME=VALUE"),
+    (["--otlp", "http://127.0.0.1:4318"], {"OTEL_EXPORTER_OTLP_HEADERS": "k=a\nb"},
+     "Invalid value for --otlp-header: OTEL_EXPORTER_OTLP_HEADERS: k: a header value cannot hold a line break"),
+])
+def test_bad_headers_are_a_usage_error_before_anything_loads(argv, env, error):
+    from click.testing import CliRunner
+    from tracer.cli import main
+    result = CliRunner(env=env).invoke(main, argv)
+    assert result.exit_code == 2 and error in result.output, result.output
 
 
 def test_open_sinks_adds_the_otlp_sink_beside_the_line_output():

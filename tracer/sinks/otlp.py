@@ -30,6 +30,7 @@ import calendar
 import gzip
 import http.client
 import math
+import re
 import socket
 import sys
 import threading
@@ -38,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 from .. import __version__
@@ -65,13 +66,51 @@ SERVER_SOURCES = ("listener_owner", "port_listener")
 _NOT_RSTTRACE = ("schema", "type", "time", "explanation")     # in the envelope or the body instead
 
 
+# HTTP's token characters (RFC 9110): what a header's name may be made of.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_OWN_HEADERS = ("content-type", "content-encoding", "content-length", "host", "transfer-encoding", "connection")
+# The OpenTelemetry exporters' variables for extra request headers (the logs signal's first):
+# "key1=value1,key2=value2", values percent-encoded.
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_LOGS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+
+
+def otlp_header(text: str, *, percent_encoded: bool = False) -> tuple[str, str]:
+    """NAME=VALUE as a request header (an API key, Authorization for a Collector behind a proxy);
+    ValueError naming what is wrong, never the value (it is often a secret)."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if percent_encoded:
+        value = unquote(value)
+    if not sep or not _TOKEN.match(name):
+        raise ValueError(f"{name or text[:20]!r} is not NAME=VALUE with an HTTP header name")
+    if name.lower() in _OWN_HEADERS:
+        raise ValueError(f"{name}: rsttrace sets this header itself")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"{name}: a header value cannot hold a line break or NUL")
+    return name, value
+
+
+def otlp_headers_from_env(environ) -> tuple[tuple[str, str], ...]:
+    """Headers from OTEL_EXPORTER_OTLP_LOGS_HEADERS, else OTEL_EXPORTER_OTLP_HEADERS (as the SDKs read them)."""
+    for variable in HEADER_VARIABLES:
+        text = environ.get(variable, "").strip()
+        if text:
+            try:
+                return tuple(otlp_header(item, percent_encoded=True) for item in text.split(",") if item.strip())
+            except ValueError as err:
+                raise ValueError(f"{variable}: {err}") from None
+    return ()
+
+
 @dataclass(frozen=True)
 class OtlpEndpoint:
-    """Where log records go: the URL's scheme, host, port and path (…/v1/logs)."""
+    """Where log records go: the URL's scheme, host, port and path (…/v1/logs), and the extra request
+    headers the receiver wants (kept out of `url`, which is printed)."""
     scheme: str
     host: str
     port: int
     path: str
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def url(self) -> str:
@@ -502,7 +541,8 @@ class OtlpSink:
         """One POST: (DONE, records rejected, message), (RETRY, why, Retry-After or None), or
         (REJECTED, why, None). A kept-alive connection the receiver closed meanwhile is reopened
         once at no cost of an attempt."""
-        headers = {"Content-Type": "application/json", "User-Agent": f"rsttrace/{__version__}"}
+        headers = {"User-Agent": f"rsttrace/{__version__}", **dict(self.endpoint.headers),
+                   "Content-Type": "application/json"}
         if self.compress:
             headers["Content-Encoding"] = "gzip"
         for reused in (self._conn is not None, False):
