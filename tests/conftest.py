@@ -107,6 +107,24 @@ def make_netns(root):
         ns.delete()
 
 
+@pytest.fixture
+def rsyslog(root, tmp_path):
+    """Debian's rsyslogd on a private unix socket and a loopback UDP port (tests/receivers.py)."""
+    from receivers import Rsyslog
+    r = Rsyslog(tmp_path / "rsyslog")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def prometheus(root, tmp_path):
+    """Debian's prometheus on loopback; the test's start(*targets) runs it (tests/receivers.py)."""
+    from receivers import Prometheus
+    p = Prometheus(tmp_path / "prometheus")
+    yield p
+    p.close()
+
+
 class Tracer:
     """rsttrace as a user runs it: a separate process, JSON lines on stdout."""
 

@@ -11,39 +11,21 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import BURST, REPO, Background, events
+from receivers import free_port, wait_for
 
 PORT = random.randrange(20000, 30000)
 ECS_SCHEMA = REPO / "schema" / "rsttrace-ecs-v1.schema.json"
 UNREAD = 1000          # bytes the unread_close scenario's client sends and its server never reads
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
 
 
 def read_json_lines(*paths: Path) -> list[dict]:
@@ -147,62 +129,6 @@ def test_output_dash_is_stdout(netns, tracer):
 
 # -- --syslog against a real rsyslogd ---------------------------------------------------------
 
-RSYSLOG_CONF = """
-global(workDirectory="{dir}")
-module(load="imuxsock" SysSock.Use="off")
-module(load="imudp")
-input(type="imuxsock" Socket="{dir}/log.sock" UseSpecialParser="off" ParseHostname="on" IgnoreTimestamp="off")
-input(type="imudp" Address="127.0.0.1" Port="{udp_port}")
-template(name="fields" type="list" option.jsonf="on") {{
-  property(outname="facility" name="syslogfacility-text" format="jsonf")
-  property(outname="severity" name="syslogseverity-text" format="jsonf")
-  property(outname="time" name="timereported" dateFormat="rfc3339" format="jsonf")
-  property(outname="app" name="app-name" format="jsonf")
-  property(outname="procid" name="procid" format="jsonf")
-  property(outname="msgid" name="msgid" format="jsonf")
-  property(outname="sd" name="structured-data" format="jsonf")
-  property(outname="msg" name="msg" format="jsonf")
-  property(outname="input" name="inputname" format="jsonf")
-}}
-*.* action(type="omfile" file="{dir}/received.json" template="fields")
-"""
-
-
-@pytest.fixture
-def rsyslog(root, tmp_path):
-    """Debian's rsyslogd on a private unix socket and a loopback UDP port, writing what it parsed
-    (RFC 5424 fields: MSGID, STRUCTURED-DATA, ...) as JSON lines. The host's /dev/log is untouched."""
-    rsyslogd = shutil.which("rsyslogd")
-    assert rsyslogd, "rsyslogd missing: scripts/setup installs Debian's rsyslog"
-    d = tmp_path / "rsyslog"
-    d.mkdir()
-    udp_port = free_port()
-    (d / "rsyslog.conf").write_text(RSYSLOG_CONF.format(dir=d, udp_port=udp_port))
-    proc = subprocess.Popen([rsyslogd, "-n", "-f", str(d / "rsyslog.conf"), "-i", str(d / "rsyslogd.pid")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(lambda: (d / "log.sock").exists() or proc.poll() is not None, 15, "rsyslogd's socket")
-    assert proc.poll() is None, proc.stderr.read()
-    proc.dir, proc.udp_port = d, udp_port
-    yield proc
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-SD_PARAM = re.compile(r'(\w+)="((?:[^"\\\]]|\\.)*)"')
-
-
-def received(rsyslog, count: int) -> list[dict]:
-    path = rsyslog.dir / "received.json"
-    text = wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= count and path.read_text(),
-                    15, f"rsyslog to write {count} messages")
-    out = []
-    for line in text.splitlines():
-        msg = json.loads(line)
-        msg["params"] = {k: re.sub(r"\\(.)", r"\1", v) for k, v in SD_PARAM.findall(msg["sd"])}
-        out.append(msg)
-    return out
-
-
 @pytest.mark.parametrize("transport", ["unix", "udp"])
 def test_syslog_messages_parsed_by_rsyslog_carry_the_events(netns, tracer, rsyslog, transport):
     target = f"unix:{rsyslog.dir}/log.sock" if transport == "unix" else f"udp:127.0.0.1:{rsyslog.udp_port}"
@@ -216,7 +142,7 @@ def test_syslog_messages_parsed_by_rsyslog_carry_the_events(netns, tracer, rsysl
     json_events = events(records, netns__inode=netns.inode)
 
     # coverage + every event + summary, each parsed by rsyslog as RFC 5424 (MSGID and SD filled in).
-    msgs = received(rsyslog, len(events(records)) + 2)
+    msgs = rsyslog.received(len(events(records)) + 2)
     assert {m["input"] for m in msgs} == {"imuxsock" if transport == "unix" else "imudp"}
     assert all(m["app"] == "rsttrace" and m["procid"] == str(t.proc.pid) and m["facility"] == "local3" for m in msgs)
     assert msgs[0]["msgid"] == "coverage" and msgs[-1]["msgid"] == "summary"
@@ -243,46 +169,6 @@ def test_syslog_target_that_nobody_listens_on_is_a_one_line_error(root, tmp_path
 
 
 # -- --metrics scraped by a real Prometheus ---------------------------------------------------
-
-@pytest.fixture
-def prometheus(root, tmp_path):
-    """Debian's prometheus, scraping targets added by the test every second, on loopback."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus missing: scripts/setup installs Debian's prometheus"
-    d = tmp_path / "prometheus"
-    d.mkdir()
-    port = free_port()
-
-    class Prometheus:
-        url = f"http://127.0.0.1:{port}"
-
-        def start(self, target: str):
-            (d / "prometheus.yml").write_text(
-                "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-                f"scrape_configs: [{{job_name: rsttrace, static_configs: [{{targets: ['{target}']}}]}}]\n")
-            self.proc = subprocess.Popen(
-                [binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_for(lambda: self.get("/-/ready", raw=True), 30, "prometheus to be ready")
-
-        def get(self, path: str, raw: bool = False):
-            try:
-                with urllib.request.urlopen(self.url + path, timeout=5) as resp:
-                    body = resp.read().decode()
-            except OSError:
-                return None
-            return body if raw else json.loads(body)
-
-        def query(self, promql: str) -> list[dict]:
-            answer = self.get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
-            return answer["data"]["result"] if answer and answer["status"] == "success" else []
-
-    prom = Prometheus()
-    yield prom
-    if getattr(prom, "proc", None):
-        prom.proc.terminate()
-        prom.proc.wait(timeout=15)
-
 
 class ScrapeRecorder:
     """A loopback HTTP relay between Prometheus and rsttrace's /metrics: it passes the scrape on as it

@@ -4,66 +4,14 @@ The sink's delivery rules (batches, retries, a receiver that is down or slow) ar
 tests/unit/test_otlp.py against the same kind of receiver."""
 from __future__ import annotations
 
-import gzip
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 from conftest import delta, events
+from receivers import OtlpReceiver, attrs
 
 PORT = 8331
 
 
-class Receiver:
-    """An OTLP/HTTP logs endpoint on loopback: keeps every log record it is sent."""
-
-    def __init__(self):
-        self.records: list[dict] = []
-        self.resources: list[dict] = []
-        got = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                request = json.loads(body)
-                for rl in request["resourceLogs"]:
-                    got.resources.append(rl["resource"])
-                    for sl in rl["scopeLogs"]:
-                        got.records.extend(sl["logRecords"])
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def attrs(record: dict) -> dict:
-    out = {}
-    for kv in record["attributes"]:
-        (kind, v), = kv["value"].items()
-        out[kv["key"]] = int(v) if kind == "intValue" else v
-    return out
-
-
 def test_every_record_reaches_the_otlp_receiver(tracer, netns):
-    receiver = Receiver()
+    receiver = OtlpReceiver()
     try:
         t = tracer("--json", "--port", str(PORT), "--netns", str(netns.inode), "--otlp", receiver.url)
         before = netns.counters()
