@@ -146,6 +146,7 @@ class OtlpReceiver:
     def __init__(self):
         self.records: list[dict] = []
         self.resources: list[dict] = []
+        self.record_resources: list[dict] = []     # the resource of each of `records`
         got = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -158,6 +159,7 @@ class OtlpReceiver:
                     got.resources.append(rl["resource"])
                     for sl in rl["scopeLogs"]:
                         got.records.extend(sl["logRecords"])
+                        got.record_resources.extend([rl["resource"]] * len(sl["logRecords"]))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "2")

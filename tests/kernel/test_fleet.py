@@ -202,8 +202,18 @@ def test_a_fleet_of_three_hosts_exports_each_hosts_resets_to_shared_consumers(
             summaries[ns_name] = {tuple(k.removeprefix(prefix).split(".")): v for k, v in a.items()
                                   if k.startswith(prefix)}
     assert summaries == {hosts[name].name: expected[name] for name in names}
-    # Every record each rsttrace handed over arrived: its summary's `sent`, and the summary itself.
-    assert len(logs) == sum(records[name][-1]["otlp"]["sent"] + 1 for name in names)
+    # Every record each rsttrace handed over arrived, under its own resource (service.instance.id:
+    # one per rsttrace process): its summary's `sent`, and the summary itself.
+    by_instance: dict[str, list[dict]] = {}
+    for record, resource in zip(logs, receiver.record_resources, strict=True):
+        by_instance.setdefault(attrs(resource)["service.instance.id"], []).append(attrs(record))
+    host_of_instance = {}
+    for instance, mine in by_instance.items():
+        [inode] = {a["rsttrace.netns.inode"] for a in mine if "rsttrace.netns.inode" in a}
+        host_of_instance[instance] = next(name for name in names if hosts[name].inode == inode)
+    assert sorted(host_of_instance.values()) == sorted(names)
+    assert {host_of_instance[i]: len(mine) for i, mine in by_instance.items()} == \
+        {name: records[name][-1]["otlp"]["sent"] + 1 for name in names}
 
     # rsyslogd: every record the three sent (coverage, events, stories, summary), told apart by PROCID.
     sent = {name: [r for r in records[name] if r["type"] in SENT_TYPES] for name in names}

@@ -15,6 +15,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -193,10 +194,13 @@ def test_a_recorded_run_arrives_as_otlp_logs_with_semantic_conventions(receiver)
                                             "aggregate", "summary"}
     assert sink.delivery() == {"endpoint": r.url + "/v1/logs", "sent": len(sent), "failed": 0,
                                "dropped_queue_full": 0, "unsent_at_exit": 0, "pending": 0, "retries": 0}
+    instances: dict[str, str] = {}           # the same instance in every request of one process
     for post in r.posts:
         assert post.path == "/v1/logs" and post.headers["Content-Type"] == "application/json"
         (resource_logs,) = post.doc["resourceLogs"]
         resource = {a["key"]: value(a["value"]) for a in resource_logs["resource"]["attributes"]}
+        instance = resource.pop("service.instance.id")
+        assert str(uuid.UUID(instance)) == instance and instance == instances.setdefault("one", instance)
         assert resource == {"service.name": "rsttrace", "service.version": tracer.__version__,
                             "host.name": socket.gethostname(), "os.type": "linux"}
         (scope_logs,) = resource_logs["scopeLogs"]

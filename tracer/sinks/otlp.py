@@ -1,7 +1,8 @@
 """--otlp URL: records as OpenTelemetry log records, over OTLP/HTTP with the JSON encoding.
 
     POST URL/v1/logs   Content-Type: application/json   Content-Encoding: gzip
-    {"resourceLogs": [{"resource": {"attributes": [service.name, service.version, host.name, os.type]},
+    {"resourceLogs": [{"resource": {"attributes": [service.name, service.version, service.instance.id,
+                                                    host.name, os.type]},
                        "scopeLogs": [{"scope": {"name": "rsttrace", "version": ...},
                                       "logRecords": [one per record, batched]}]}]}
 
@@ -35,6 +36,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -290,8 +292,10 @@ def log_record(rec: dict, traced_ports: frozenset[int] = frozenset(), observed_n
 
 
 def resource_attributes() -> list[dict[str, Any]]:
-    attrs = {"service.name": "rsttrace", "service.version": __version__, "host.name": socket.gethostname(),
-             "os.type": "linux"}
+    # service.instance.id tells apart the rsttrace processes of one host (one per netns, one per
+    # container runtime's pod network): a random UUID per process, as the conventions ask.
+    attrs = {"service.name": "rsttrace", "service.version": __version__, "service.instance.id": str(uuid.uuid4()),
+             "host.name": socket.gethostname(), "os.type": "linux"}
     return [{"key": k, "value": any_value(v)} for k, v in attrs.items()]
 
 
