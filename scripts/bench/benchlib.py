@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import gzip
 import json
 import math
 import os
@@ -298,6 +299,47 @@ def kernel_headers() -> str | None:
     return None
 
 
+class OtlpSink:
+    """An OTLP/HTTP receiver on loopback for --otlp runs: counts the log records it is sent, answers
+    200 at once (its own CPU is the bench process's, not the tracer's)."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        sink = self
+        self.records = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                body = json.loads(body)
+                sink.records += sum(len(scope["logRecords"]) for res in body["resourceLogs"]
+                                    for scope in res["scopeLogs"])
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+_OTLP_SINK: OtlpSink | None = None
+
+
+def otlp_sink() -> OtlpSink:
+    global _OTLP_SINK
+    if _OTLP_SINK is None:
+        _OTLP_SINK = OtlpSink()
+    return _OTLP_SINK
+
+
 def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict | None]:
     """argv and environment of each tracer, writing its records to `output`."""
     port_arg = ",".join(map(str, ports))
@@ -310,6 +352,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
         return rsttrace + ["--origins"], None
     if tool == "rsttrace_stdlib_json":  # JSON by the standard library, as without orjson (tracer/sinks/jsonenc.py)
         return rsttrace, {**os.environ, "RSTTRACE_JSON": "stdlib"}
+    if tool == "rsttrace_otlp":         # every record also sent over OTLP/HTTP (tracer/sinks/otlp.py)
+        return rsttrace + ["--otlp", otlp_sink().url], None
     if tool == "rsttrace_app_errors":   # failed syscalls and accept() calls (bpf/app.bpf.c, its syscall hooks)
         return rsttrace + ["--app-errors"], None
     if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
@@ -338,7 +382,8 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
 
 READY_WORDS = {"rsttrace": "attached in", "rsttrace_compiled": "attached in", "rsttrace_storm": "attached in",
                "rsttrace_base": "attached in", "rsttrace_nostories": "attached in", "rsttrace_app_errors": "attached in",
-               "rsttrace_origins": "attached in", "rsttrace_stdlib_json": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
+               "rsttrace_origins": "attached in", "rsttrace_stdlib_json": "attached in",
+               "rsttrace_otlp": "attached in", "bpftrace": "Attaching", "bcc": "Tracing TCP resets",
                "empty": "attached: empty programs", "empty_origins": "attached: empty programs"}
 
 
