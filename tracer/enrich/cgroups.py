@@ -13,12 +13,19 @@ create after the container id, so the id can be read from the path:
 
 On hybrid (v1 + v2) hosts the runtime may name only the v1 hierarchies, so every line is read.
 conmon (crio-conmon-…, libpod-conmon-…) is the runtime's monitor, not the container: not matched.
+A Kubernetes container's pod names come from the runtime's state on the node (pods.py).
+
+/proc/<pid>/cgroup and mountinfo give paths relative to the reader's cgroup namespace. In a container
+with its own (rsttrace as a DaemonSet), a host process's path reads /../../kubepods.slice/…; with the
+host's hierarchy mounted (mountinfo root /../..), the path below that mount is the host's path.
 """
 from __future__ import annotations
 
 import os
 import re
 import time
+
+from .pods import Pods
 
 _PREFIXED = re.compile(r"^(docker|cri-containerd|crio|libpod)-([0-9a-f]{64})(?:\.scope)?$")
 _BARE = re.compile(r"^[0-9a-f]{64}$")
@@ -76,17 +83,38 @@ def container_of_paths(v2: str | None, paths: list[str]) -> dict | None:
     return None
 
 
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+def cgroup2_mount_and_root(mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+    """(mount point, root) of the cgroup v2 hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on
+    hybrid hosts; root is the cgroup the mount shows, relative to this process's cgroup namespace
+    (mountinfo's 4th field). A later mount at the same point hides the earlier one: it wins."""
+    found = None
     try:
         with open(mountinfo) as f:
             for line in f:
                 left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return left.split()[4]
+                fields = left.split()
+                if right.split(" ", 1)[0] == "cgroup2" and len(fields) > 4:
+                    if found is None or found[0] == fields[4]:
+                        found = (fields[4], fields[3])
     except OSError:
         pass
-    return None
+    return found
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v2 hierarchy is mounted."""
+    found = cgroup2_mount_and_root(mountinfo)
+    return found[0] if found else None
+
+
+def below_mount(path: str, root: str) -> str | None:
+    """A cgroup path from /proc/PID/cgroup as a path below a cgroup2 mount of `root` (both relative to
+    the reader's cgroup namespace); None where that mount does not show the cgroup."""
+    shown = [p for p in root.split("/") if p]
+    parts = [p for p in path.split("/") if p]
+    if parts[:len(shown)] != shown or ".." in parts[len(shown):]:
+        return None
+    return "/" + "/".join(parts[len(shown):])
 
 
 def path_matches(path: str | None, prefix: str) -> bool:
@@ -102,10 +130,11 @@ class Cgroups:
     only after its process exited; the ttl bounds how long a moved or reused pid is misnamed), and
     kept after the process exits so that its late events are still placed."""
 
-    def __init__(self, ttl: float = 5.0, proc: str = "/proc"):
+    def __init__(self, ttl: float = 5.0, proc: str = "/proc", pods: Pods | None = None):
         self.ttl = ttl
         self.proc = proc
-        self.mount = cgroup2_mount()
+        self.mount, self.mount_root = cgroup2_mount_and_root() or (None, "/")
+        self.pods = pods if pods is not None else Pods()
         self._cache: dict[int, tuple[float, dict | None, dict | None]] = {}
         self.reads = 0
 
@@ -119,13 +148,17 @@ class Cgroups:
         v2, paths = parse_proc_cgroup(text)
         cgroup = None
         if v2 is not None:
-            cgroup = {"id": None, "path": v2}
-            if self.mount:
+            path = below_mount(v2, self.mount_root)
+            cgroup = {"id": None, "path": v2 if path is None else path}
+            if self.mount and path is not None:
                 try:
-                    cgroup["id"] = os.stat(self.mount + (v2 if v2 != "/" else "")).st_ino
+                    cgroup["id"] = os.stat(self.mount + (path if path != "/" else "")).st_ino
                 except OSError:
-                    pass   # another cgroup namespace, or the cgroup is already gone
-        return cgroup, container_of_paths(v2, paths)
+                    pass   # the cgroup is already gone
+        container = container_of_paths(v2, paths)
+        if container and container["pod_uid"]:
+            container["pod"] = self.pods.of(container)
+        return cgroup, container
 
     def of(self, pid: int) -> tuple[dict | None, dict | None]:
         """(cgroup, container) of process `pid`; (None, None) when it is gone and was never read."""
