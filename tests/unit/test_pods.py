@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 from test_records import sample_event
-from tracer.enrich.cgroups import Cgroups, below_mount, cgroup2_mount_and_root
+from tracer.enrich.cgroups import Cgroups, below, cgroup2_mount_and_root, host_path, namespace_root
 from tracer.enrich.pods import CONTAINERD_BUNDLES, CRIO_CONTAINERS, MAX_CONFIG_BYTES, Pods
 from tracer.sinks import records
 from tracer.sinks.ecs import event_document, host_fields
@@ -213,22 +213,40 @@ def test_the_visible_cgroup2_mount_and_the_cgroup_it_shows(tmp_path, text, found
     assert cgroup2_mount_and_root(str(path)) == found
 
 
-@pytest.mark.parametrize("path, root, below", [
+@pytest.mark.parametrize("path, ns_root, host", [
     ("/kubepods.slice/x.scope", "/", "/kubepods.slice/x.scope"),                      # on the host
     ("/", "/", "/"),
-    ("/../../../kubepods.slice/x.scope", "/../../..", "/kubepods.slice/x.scope"),      # host's hierarchy mounted
-    ("/../../..", "/../../..", "/"),
-    ("/", "/../../..", None),               # rsttrace's own: the names of the levels between are not shown
-    ("/../../../kubepods.slice/x.scope", "/", None),                                   # only its own mounted
-    ("/../x.scope", "/../../..", None),
+    # rsttrace's pod at /kubepods.slice/p.slice/agent.scope: a neighbour, the host's root, itself
+    ("/../../q.slice/x.scope", "/kubepods.slice/p.slice/agent.scope", "/kubepods.slice/q.slice/x.scope"),
+    ("/../../..", "/kubepods.slice/p.slice/agent.scope", "/"),
+    ("/", "/kubepods.slice/p.slice/agent.scope", "/kubepods.slice/p.slice/agent.scope"),
+    # where the namespace's place is unknown: what leaves it cannot be placed
+    ("/../../q.slice/x.scope", None, None),
+    ("/x.scope", None, "/x.scope"),
 ])
-def test_a_host_process_path_read_in_a_cgroup_namespace_is_placed_below_the_mount(path, root, below):
-    assert below_mount(path, root) == below
+def test_a_path_read_in_a_cgroup_namespace_is_placed_as_the_host_names_it(path, ns_root, host):
+    assert host_path(path, ns_root) == host
+
+
+@pytest.mark.parametrize("path, top, inside", [
+    ("/kubepods.slice/x.scope", "/", "/kubepods.slice/x.scope"),
+    ("/kubepods.slice/x.scope", "/kubepods.slice", "/x.scope"),
+    ("/kubepods.slice", "/kubepods.slice", "/"),
+    ("/kubepods.slicex/x.scope", "/kubepods.slice", None),
+    ("/", "/kubepods.slice", None),
+])
+def test_a_cgroup_is_found_below_the_cgroup_a_mount_shows(path, top, inside):
+    assert below(path, top) == inside
+
+
+def test_in_the_hosts_own_cgroup_namespace_paths_are_left_as_read():
+    assert namespace_root() in ("/", None)        # None: this host's pid 1 cannot be asked
+    assert host_path("/system.slice/x.scope", namespace_root()) == "/system.slice/x.scope"
 
 
 def test_a_host_process_seen_from_a_cgroup_namespace_keeps_its_path_when_not_mounted(node):
     cgroups = cgroups_on(node)
-    cgroups.mount, cgroups.mount_root = "/nonexistent-cgroup-mount", "/"
+    cgroups.ns_root, cgroups.mount_shows = None, "/"
     uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
     node.containerd(cid, "shop", "web-1", uid, "nginx")
     path = f"/../../kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-containerd-{cid}.scope"

@@ -16,16 +16,23 @@ conmon (crio-conmon-…, libpod-conmon-…) is the runtime's monitor, not the co
 A Kubernetes container's pod names come from the runtime's state on the node (pods.py).
 
 /proc/<pid>/cgroup and mountinfo give paths relative to the reader's cgroup namespace. In a container
-with its own (rsttrace as a DaemonSet), a host process's path reads /../../kubepods.slice/…; with the
-host's hierarchy mounted (mountinfo root /../..), the path below that mount is the host's path.
+with one of its own (rsttrace as a DaemonSet), a host process's path reads /../kubepods.slice/…,
+relative to rsttrace's own cgroup: where that cgroup is, as the host names it, is asked once from a
+thread that enters the host's cgroup namespace (pid 1's, with hostPID), and every path is then the
+host's. The host's hierarchy mounted in the container (mountinfo root: /../..) gives the ids.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import posixpath
 import re
+import threading
 import time
 
 from .pods import Pods
+
+CLONE_NEWCGROUP = 0x02000000
 
 _PREFIXED = re.compile(r"^(docker|cri-containerd|crio|libpod)-([0-9a-f]{64})(?:\.scope)?$")
 _BARE = re.compile(r"^[0-9a-f]{64}$")
@@ -107,14 +114,85 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     return found[0] if found else None
 
 
-def below_mount(path: str, root: str) -> str | None:
-    """A cgroup path from /proc/PID/cgroup as a path below a cgroup2 mount of `root` (both relative to
-    the reader's cgroup namespace); None where that mount does not show the cgroup."""
-    shown = [p for p in root.split("/") if p]
-    parts = [p for p in path.split("/") if p]
-    if parts[:len(shown)] != shown or ".." in parts[len(shown):]:
+def _cgroupns(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/cgroup").st_ino
+    except OSError:
         return None
-    return "/" + "/".join(parts[len(shown):])
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def host_namespace() -> str | None:
+    """A /proc/PID/ns/cgroup of the host's cgroup namespace, None where this process is in it:
+    pid 1's (hostPID), else, where pid 1's cannot be read, the nearest ancestor's outside this
+    process's namespace (the runtime's shim that started the container)."""
+    own = _cgroupns("self")
+    if own is None:
+        return None                                     # no cgroup namespaces
+    first = _cgroupns(1)
+    if first is not None:
+        return None if first == own else "/proc/1/ns/cgroup"
+    pid = os.getpid()
+    for _ in range(64):
+        pid = _parent(pid)
+        if pid <= 1:
+            return None
+        ns = _cgroupns(pid)
+        if ns is not None and ns != own:
+            return f"/proc/{pid}/ns/cgroup"
+    return None
+
+
+def namespace_root() -> str | None:
+    """Where this process's cgroup namespace is rooted, as the host's names it: "/" in the host's
+    own; None where that cannot be known (no CAP_SYS_ADMIN to enter the host's namespace).
+    setns() moves only the calling thread: a short-lived one asks."""
+    host_ns = host_namespace()
+    if host_ns is None:
+        return "/"
+    found: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            fd = os.open(host_ns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWCGROUP) != 0:
+                    return
+            finally:
+                os.close(fd)
+            with open("/proc/thread-self/cgroup") as f:
+                found.append(parse_proc_cgroup(f.read())[0])
+        except OSError:
+            pass
+    thread = threading.Thread(target=ask, name="rsttrace-cgroupns", daemon=True)
+    thread.start()
+    thread.join()
+    return found[0] if found and found[0] and found[0].startswith("/") else None
+
+
+def host_path(path: str, ns_root: str | None) -> str | None:
+    """A path read in this process's cgroup namespace (/proc/PID/cgroup, mountinfo) as the host's
+    namespace names it; None where it leaves the namespace and the namespace's place is unknown."""
+    if ns_root is None:
+        return None if ".." in path.split("/") else path
+    return posixpath.normpath(posixpath.join(ns_root, path.lstrip("/")))
+
+
+def below(path: str, top: str) -> str | None:
+    """`path` relative to its ancestor `top` ("/…"), or None where `top` is not an ancestor."""
+    if top == "/" or path == top:
+        return path[len(top.rstrip("/")):] or "/"
+    return path[len(top):] if path.startswith(top + "/") else None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def path_matches(path: str | None, prefix: str) -> bool:
@@ -133,7 +211,9 @@ class Cgroups:
     def __init__(self, ttl: float = 5.0, proc: str = "/proc", pods: Pods | None = None):
         self.ttl = ttl
         self.proc = proc
-        self.mount, self.mount_root = cgroup2_mount_and_root() or (None, "/")
+        self.mount, mount_root = cgroup2_mount_and_root() or (None, "/")
+        self.ns_root = namespace_root()
+        self.mount_shows = host_path(mount_root, self.ns_root)     # the cgroup the mount's root is
         self.pods = pods if pods is not None else Pods()
         self._cache: dict[int, tuple[float, dict | None, dict | None]] = {}
         self.reads = 0
@@ -148,11 +228,12 @@ class Cgroups:
         v2, paths = parse_proc_cgroup(text)
         cgroup = None
         if v2 is not None:
-            path = below_mount(v2, self.mount_root)
+            path = host_path(v2, self.ns_root)
             cgroup = {"id": None, "path": v2 if path is None else path}
-            if self.mount and path is not None:
+            inside = below(path, self.mount_shows) if path is not None and self.mount_shows is not None else None
+            if self.mount and inside is not None:
                 try:
-                    cgroup["id"] = os.stat(self.mount + (path if path != "/" else "")).st_ino
+                    cgroup["id"] = os.stat(self.mount + (inside if inside != "/" else "")).st_ino
                 except OSError:
                     pass   # the cgroup is already gone
         container = container_of_paths(v2, paths)
