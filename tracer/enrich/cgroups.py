@@ -13,12 +13,26 @@ create after the container id, so the id can be read from the path:
 
 On hybrid (v1 + v2) hosts the runtime may name only the v1 hierarchies, so every line is read.
 conmon (crio-conmon-…, libpod-conmon-…) is the runtime's monitor, not the container: not matched.
+A Kubernetes container's pod names come from the runtime's state on the node (pods.py).
+
+/proc/<pid>/cgroup and mountinfo give paths relative to the reader's cgroup namespace. In a container
+with one of its own (rsttrace as a DaemonSet), a host process's path reads /../kubepods.slice/…,
+relative to rsttrace's own cgroup: where that cgroup is, as the host names it, is asked once from a
+thread that enters the host's cgroup namespace (pid 1's, with hostPID), and every path is then the
+host's. The host's hierarchy mounted in the container (mountinfo root: /../..) gives the ids.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import posixpath
 import re
+import threading
 import time
+
+from .pods import Pods
+
+CLONE_NEWCGROUP = 0x02000000
 
 _PREFIXED = re.compile(r"^(docker|cri-containerd|crio|libpod)-([0-9a-f]{64})(?:\.scope)?$")
 _BARE = re.compile(r"^[0-9a-f]{64}$")
@@ -76,17 +90,109 @@ def container_of_paths(v2: str | None, paths: list[str]) -> dict | None:
     return None
 
 
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+def cgroup2_mount_and_root(mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+    """(mount point, root) of the cgroup v2 hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on
+    hybrid hosts; root is the cgroup the mount shows, relative to this process's cgroup namespace
+    (mountinfo's 4th field). A later mount at the same point hides the earlier one: it wins."""
+    found = None
     try:
         with open(mountinfo) as f:
             for line in f:
                 left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return left.split()[4]
+                fields = left.split()
+                if right.split(" ", 1)[0] == "cgroup2" and len(fields) > 4:
+                    if found is None or found[0] == fields[4]:
+                        found = (fields[4], fields[3])
     except OSError:
         pass
+    return found
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v2 hierarchy is mounted."""
+    found = cgroup2_mount_and_root(mountinfo)
+    return found[0] if found else None
+
+
+def _cgroupns(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/cgroup").st_ino
+    except OSError:
+        return None
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def host_namespace() -> str | None:
+    """A /proc/PID/ns/cgroup of the host's cgroup namespace, None where this process is in it:
+    pid 1's (hostPID), else, where pid 1's cannot be read, the nearest ancestor's outside this
+    process's namespace (the runtime's shim that started the container)."""
+    own = _cgroupns("self")
+    if own is None:
+        return None                                     # no cgroup namespaces
+    first = _cgroupns(1)
+    if first is not None:
+        return None if first == own else "/proc/1/ns/cgroup"
+    pid = os.getpid()
+    for _ in range(64):
+        pid = _parent(pid)
+        if pid <= 1:
+            return None
+        ns = _cgroupns(pid)
+        if ns is not None and ns != own:
+            return f"/proc/{pid}/ns/cgroup"
     return None
+
+
+def namespace_root() -> str | None:
+    """Where this process's cgroup namespace is rooted, as the host's names it: "/" in the host's
+    own; None where that cannot be known (no CAP_SYS_ADMIN to enter the host's namespace).
+    setns() moves only the calling thread: a short-lived one asks."""
+    host_ns = host_namespace()
+    if host_ns is None:
+        return "/"
+    found: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            fd = os.open(host_ns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWCGROUP) != 0:
+                    return
+            finally:
+                os.close(fd)
+            with open("/proc/thread-self/cgroup") as f:
+                found.append(parse_proc_cgroup(f.read())[0])
+        except OSError:
+            pass
+    thread = threading.Thread(target=ask, name="rsttrace-cgroupns", daemon=True)
+    thread.start()
+    thread.join()
+    return found[0] if found and found[0] and found[0].startswith("/") else None
+
+
+def host_path(path: str, ns_root: str | None) -> str | None:
+    """A path read in this process's cgroup namespace (/proc/PID/cgroup, mountinfo) as the host's
+    namespace names it; None where it leaves the namespace and the namespace's place is unknown."""
+    if ns_root is None:
+        return None if ".." in path.split("/") else path
+    return posixpath.normpath(posixpath.join(ns_root, path.lstrip("/")))
+
+
+def below(path: str, top: str) -> str | None:
+    """`path` relative to its ancestor `top` ("/…"), or None where `top` is not an ancestor."""
+    if top == "/" or path == top:
+        return path[len(top.rstrip("/")):] or "/"
+    return path[len(top):] if path.startswith(top + "/") else None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def path_matches(path: str | None, prefix: str) -> bool:
@@ -102,10 +208,13 @@ class Cgroups:
     only after its process exited; the ttl bounds how long a moved or reused pid is misnamed), and
     kept after the process exits so that its late events are still placed."""
 
-    def __init__(self, ttl: float = 5.0, proc: str = "/proc"):
+    def __init__(self, ttl: float = 5.0, proc: str = "/proc", pods: Pods | None = None):
         self.ttl = ttl
         self.proc = proc
-        self.mount = cgroup2_mount()
+        self.mount, mount_root = cgroup2_mount_and_root() or (None, "/")
+        self.ns_root = namespace_root()
+        self.mount_shows = host_path(mount_root, self.ns_root)     # the cgroup the mount's root is
+        self.pods = pods if pods is not None else Pods()
         self._cache: dict[int, tuple[float, dict | None, dict | None]] = {}
         self.reads = 0
 
@@ -119,13 +228,18 @@ class Cgroups:
         v2, paths = parse_proc_cgroup(text)
         cgroup = None
         if v2 is not None:
-            cgroup = {"id": None, "path": v2}
-            if self.mount:
+            path = host_path(v2, self.ns_root)
+            cgroup = {"id": None, "path": v2 if path is None else path}
+            inside = below(path, self.mount_shows) if path is not None and self.mount_shows is not None else None
+            if self.mount and inside is not None:
                 try:
-                    cgroup["id"] = os.stat(self.mount + (v2 if v2 != "/" else "")).st_ino
+                    cgroup["id"] = os.stat(self.mount + (inside if inside != "/" else "")).st_ino
                 except OSError:
-                    pass   # another cgroup namespace, or the cgroup is already gone
-        return cgroup, container_of_paths(v2, paths)
+                    pass   # the cgroup is already gone
+        container = container_of_paths(v2, paths)
+        if container and container["pod_uid"]:
+            container["pod"] = self.pods.of(container)
+        return cgroup, container
 
     def of(self, pid: int) -> tuple[dict | None, dict | None]:
         """(cgroup, container) of process `pid`; (None, None) when it is gone and was never read."""

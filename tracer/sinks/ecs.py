@@ -102,6 +102,12 @@ def event_document(rec: dict, host: dict) -> dict[str, Any]:
     container = proc.get("container")
     if container:
         doc["container"] = {"id": container["id"], "runtime": container["runtime"]}
+        pod = container.get("pod")
+        if pod:
+            if pod["container"]:
+                doc["container"]["name"] = pod["container"]
+            doc["orchestrator"] = {"type": "kubernetes", "namespace": pod["namespace"],
+                                   "resource": {"type": "pod", "name": pod["name"]}}
     return doc
 
 

@@ -221,6 +221,11 @@ def _process_attributes(proc: dict | None, out: dict[str, Any]) -> dict[str, Any
         out["container.id"] = container.get("id")
         if container.get("pod_uid"):
             out["k8s.pod.uid"] = container["pod_uid"]
+        pod = container.get("pod")
+        if pod:
+            out["k8s.namespace.name"], out["k8s.pod.name"] = pod["namespace"], pod["name"]
+            if pod["container"]:
+                out["k8s.container.name"] = pod["container"]
     return rest
 
 
