@@ -14,7 +14,8 @@ def _first_existing(*candidates: Path) -> Path:
 
 
 # In a checkout (and an editable install) bpf/ and schema/ sit beside tracer/; a wheel carries
-# them inside the package as tracer/bpf and tracer/schema (see pyproject.toml).
+# them inside the package as tracer/bpf and tracer/schema (see pyproject.toml), and so does the
+# Debian package, which installs that wheel into /usr/lib/python3/dist-packages.
 BPF_DIR = _first_existing(_PACKAGE / "bpf", _PACKAGE.parent / "bpf")
 SCHEMA_DIR = _first_existing(_PACKAGE / "schema", _PACKAGE.parent / "schema")
 KERNEL_HEADERS_DIR = BPF_DIR / "kernel-headers"
