@@ -141,9 +141,11 @@ class Prometheus:
 # -- OTLP/HTTP --------------------------------------------------------------------------------
 
 class OtlpReceiver:
-    """An OTLP/HTTP logs endpoint on loopback: keeps every log record and resource it is sent."""
+    """An OTLP/HTTP logs endpoint on loopback: keeps every log record and resource it is sent, or,
+    with keep=False (a benchmark's storm), only counts the records."""
 
-    def __init__(self):
+    def __init__(self, keep: bool = True):
+        self.received = 0
         self.records: list[dict] = []
         self.resources: list[dict] = []
         self.record_resources: list[dict] = []     # the resource of each of `records`
@@ -156,10 +158,12 @@ class OtlpReceiver:
                     body = gzip.decompress(body)
                 request = json.loads(body)
                 for rl in request["resourceLogs"]:
-                    got.resources.append(rl["resource"])
                     for sl in rl["scopeLogs"]:
-                        got.records.extend(sl["logRecords"])
-                        got.record_resources.extend([rl["resource"]] * len(sl["logRecords"]))
+                        got.received += len(sl["logRecords"])
+                        if keep:
+                            got.resources.append(rl["resource"])
+                            got.records.extend(sl["logRecords"])
+                            got.record_resources.extend([rl["resource"]] * len(sl["logRecords"]))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "2")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import gzip
 import json
 import math
 import os
@@ -31,6 +30,7 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parents[1].resolve() and VENV_PYTHO
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from conftest import Background, Netns as TestNetns, prog_ids_of      # noqa: E402
+from receivers import OtlpReceiver                                    # noqa: E402
 from tracer.enrich import counters                        # noqa: E402
 
 BENCH = REPO / "scripts" / "bench"
@@ -299,44 +299,15 @@ def kernel_headers() -> str | None:
     return None
 
 
-class OtlpSink:
-    """An OTLP/HTTP receiver on loopback for --otlp runs: counts the log records it is sent, answers
-    200 at once (its own CPU is the bench process's, not the tracer's)."""
-
-    def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        sink = self
-        self.records = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                body = json.loads(body)
-                sink.records += sum(len(scope["logRecords"]) for res in body["resourceLogs"]
-                                    for scope in res["scopeLogs"])
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+_OTLP_SINK: OtlpReceiver | None = None
 
 
-_OTLP_SINK: OtlpSink | None = None
-
-
-def otlp_sink() -> OtlpSink:
+def otlp_sink() -> OtlpReceiver:
+    """The receiver of every --otlp run: on loopback, counting what it gets (its CPU is this
+    process's, not the tracer's)."""
     global _OTLP_SINK
     if _OTLP_SINK is None:
-        _OTLP_SINK = OtlpSink()
+        _OTLP_SINK = OtlpReceiver(keep=False)
     return _OTLP_SINK
 
 
