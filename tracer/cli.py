@@ -302,7 +302,7 @@ def run_trace(options, fmt: str | None = None, output: str | None = None, syslog
     session = Session(options, sinks, started_at=STARTED)
     install_signal_handlers(session, on_terminal=ui or (output in (None, "-") and sys.stdout.isatty()))
     try:
-        caps = session.start()
+        session.start()
         if ui:
             # The screen's header shows the coverage, and it prints its own final summary on close.
             session.run()

@@ -4,7 +4,6 @@ the reasons this kernel states itself (tcp:tcp_send_reset `reason`, 6.10+). The 
 run in the Debian 6.1 VM tier (tests/vm/)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, RSTTRACE, Tracer, events, prog_ids_of
+from conftest import REPO, RSTTRACE, events, prog_ids_of
 
 PORT = random.randrange(20000, 30000)   # not a port other suites running beside this one use
 

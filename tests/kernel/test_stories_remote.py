@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 from collections import Counter
 
 from conftest import REPO, Background, delta, drop_final_acks, events, unexplained
-from test_stories import (STORY, StoryStuck, brief, by_client_port, check_against_client, check_refs, counted_drops,
+from test_stories import (StoryStuck, brief, by_client_port, check_against_client, check_refs, counted_drops,
                           extra_stories)
 
 PORT = 8200
@@ -194,9 +193,9 @@ def remote_established_late(server_ns, client_ns, tracer, tmp_path):
     t = start_tracer(tracer, "--netns", server_ns.name)
     server = SlowServer(server_ns, tmp_path, SERVER_ADDR, 5, 0.05)
     try:
-        s_before, c_before = server_ns.counters(), client_ns.counters()
+        s_before = server_ns.counters()
         facts = run_clients(client_ns, tmp_path, SERVER_ADDR, 0, 40, 5.0, 3.0)
-        s_after, c_after = server_ns.counters(), client_ns.counters()
+        s_after = server_ns.counters()
     finally:
         server.stop()
     records = t.stop()

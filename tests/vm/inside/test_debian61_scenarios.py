@@ -12,7 +12,6 @@ import contextlib
 import json
 import pwd
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -108,7 +107,6 @@ def run(request, validator):
             if not s.after:
                 s.after = s.ns.counters()
         results = {name: path.run() for name, path in paths.items()}
-        ov_server = [p for p in (server,)]  # noqa: F841  (servers stopped above or by their timeout)
         records = t.stop(timeout=120)
         yield sc, records, backend, paths, results
     finally:
