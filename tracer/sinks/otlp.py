@@ -84,7 +84,8 @@ def otlp_header(text: str, *, percent_encoded: bool = False) -> tuple[str, str]:
     if percent_encoded:
         value = unquote(value)
     if not sep or not _TOKEN.match(name):
-        raise ValueError(f"{name or text[:20]!r} is not NAME=VALUE with an HTTP header name")
+        raise ValueError(f"{name!r} is not NAME=VALUE with an HTTP header name" if name
+                         else "a header is not NAME=VALUE with an HTTP header name (no name)")
     if name.lower() in _OWN_HEADERS:
         raise ValueError(f"{name}: rsttrace sets this header itself")
     if any(c in value for c in "\r\n\0"):
@@ -297,8 +298,8 @@ def log_record(rec: dict, traced_ports: frozenset[int] = frozenset(), observed_n
 
 
 def resource_attributes() -> list[dict[str, Any]]:
-    # service.instance.id tells apart the rsttrace processes of one host (one per netns, one per
-    # container runtime's pod network): a random UUID per process, as the conventions ask.
+    # service.instance.id tells apart the rsttrace processes of one host (one per --netns, say):
+    # a random UUID per process, as the conventions ask.
     attrs = {"service.name": "rsttrace", "service.version": __version__, "service.instance.id": str(uuid.uuid4()),
              "host.name": socket.gethostname(), "os.type": "linux"}
     return [{"key": k, "value": any_value(v)} for k, v in attrs.items()]
