@@ -299,16 +299,16 @@ def kernel_headers() -> str | None:
     return None
 
 
-_OTLP_SINK: OtlpReceiver | None = None
+_OTLP_RECEIVER: OtlpReceiver | None = None
 
 
-def otlp_sink() -> OtlpReceiver:
+def otlp_receiver() -> OtlpReceiver:
     """The receiver of every --otlp run: on loopback, counting what it gets (its CPU is this
     process's, not the tracer's)."""
-    global _OTLP_SINK
-    if _OTLP_SINK is None:
-        _OTLP_SINK = OtlpReceiver(keep=False)
-    return _OTLP_SINK
+    global _OTLP_RECEIVER
+    if _OTLP_RECEIVER is None:
+        _OTLP_RECEIVER = OtlpReceiver(keep=False)
+    return _OTLP_RECEIVER
 
 
 def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict | None]:
@@ -324,7 +324,7 @@ def tool_argv(tool: str, ports: list[int], output: str) -> tuple[list[str], dict
     if tool == "rsttrace_stdlib_json":  # JSON by the standard library, as without orjson (tracer/sinks/jsonenc.py)
         return rsttrace, {**os.environ, "RSTTRACE_JSON": "stdlib"}
     if tool == "rsttrace_otlp":         # every record also sent over OTLP/HTTP (tracer/sinks/otlp.py)
-        return rsttrace + ["--otlp", otlp_sink().url], None
+        return rsttrace + ["--otlp", otlp_receiver().url], None
     if tool == "rsttrace_app_errors":   # failed syscalls and accept() calls (bpf/app.bpf.c, its syscall hooks)
         return rsttrace + ["--app-errors"], None
     if tool == "rsttrace_storm":        # the kernel aggregates from the first event on (tracer/storm.py)
